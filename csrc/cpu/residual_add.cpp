@@ -1,0 +1,130 @@
+// residual_add on the CPU: out = act(x + alpha * fx), one read of each input and one
+// write, parallel over flat storage when both inputs share a dense layout (NCHW,
+// channels_last, ...), and a strided TensorIterator loop otherwise.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "simd.h"
+
+namespace dtkernels {
+namespace cpu {
+namespace {
+
+template <typename T>
+DTK_INLINE void add_act(const T* DTK_RESTRICT x, const T* DTK_RESTRICT fx,
+                        T* DTK_RESTRICT out, int64_t n, acc_t<T> alpha, bool act) {
+  using A = acc_t<T>;
+  if (act) {
+    for (int64_t i = 0; i < n; ++i) out[i] = T(relu(A(x[i]) + alpha * A(fx[i])));
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = T(A(x[i]) + alpha * A(fx[i]));
+  }
+}
+
+// grad_in = scale * grad where out > 0, else 0 (ATen's threshold_backward).
+template <typename T>
+DTK_INLINE void masked_scale(const T* DTK_RESTRICT g, const T* DTK_RESTRICT out,
+                             T* DTK_RESTRICT gin, int64_t n, acc_t<T> scale) {
+  using A = acc_t<T>;
+  for (int64_t i = 0; i < n; ++i) gin[i] = A(out[i]) > A(0) ? T(scale * A(g[i])) : T(0);
+}
+
+#define DTK_RA_CLONES(T)                                                           \
+  DTK_CLONES void add_act_k(const T* x, const T* fx, T* out, int64_t n,            \
+                            acc_t<T> alpha, bool act) {                            \
+    add_act<T>(x, fx, out, n, alpha, act);                                         \
+  }                                                                                \
+  DTK_CLONES void masked_scale_k(const T* g, const T* out, T* gin, int64_t n,      \
+                                 acc_t<T> scale) {                                 \
+    masked_scale<T>(g, out, gin, n, scale);                                        \
+  }
+DTK_RA_CLONES(float)
+DTK_RA_CLONES(double)
+DTK_RA_CLONES(c10::Half)
+DTK_RA_CLONES(c10::BFloat16)
+#undef DTK_RA_CLONES
+
+// Runs `flat(a, b, out, n)` over matching dense layouts, or `strided` element by
+// element through a TensorIterator for everything else.
+template <typename T, typename Flat, typename Elem>
+void binary_map(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, Flat flat,
+                Elem elem) {
+  if (same_dense_layout(a, b) && same_dense_layout(a, out)) {
+    const T* pa = a.const_data_ptr<T>();
+    const T* pb = b.const_data_ptr<T>();
+    T* po = out.mutable_data_ptr<T>();
+    at::parallel_for(0, a.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      flat(pa + begin, pb + begin, po + begin, end - begin);
+    });
+    return;
+  }
+  auto iter = at::TensorIteratorConfig()
+                  .add_output(out)
+                  .add_const_input(a)
+                  .add_const_input(b)
+                  .check_all_same_dtype(true)
+                  .resize_outputs(false)
+                  .build();
+  iter.for_each([&](char** data, const int64_t* strides, int64_t n0, int64_t n1) {
+    for (int64_t j = 0; j < n1; ++j) {
+      char* o = data[0] + j * strides[3];
+      const char* pa = data[1] + j * strides[4];
+      const char* pb = data[2] + j * strides[5];
+      for (int64_t i = 0; i < n0; ++i) {
+        *reinterpret_cast<T*>(o + i * strides[0]) =
+            elem(*reinterpret_cast<const T*>(pa + i * strides[1]),
+                 *reinterpret_cast<const T*>(pb + i * strides[2]));
+      }
+    }
+  }, kGrain);
+}
+
+at::Tensor residual_add(const at::Tensor& x, const at::Tensor& fx, double alpha, bool act) {
+  check_same_shape_dtype_device(x, "x", fx, "fx", "residual_add");
+  at::Tensor out = new_empty_like(x);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "residual_add", [&] {
+    using A = acc_t<scalar_t>;
+    const A a = static_cast<A>(alpha);
+    binary_map<scalar_t>(
+        x, fx, out,
+        [&](const scalar_t* px, const scalar_t* pf, scalar_t* po, int64_t n) {
+          add_act_k(px, pf, po, n, a, act);
+        },
+        [&](scalar_t vx, scalar_t vf) {
+          A v = A(vx) + a * A(vf);
+          return scalar_t(act ? relu(v) : v);
+        });
+  });
+  return out;
+}
+
+at::Tensor residual_add_backward(const at::Tensor& grad_out, const at::Tensor& out, double scale) {
+  check_same_shape_dtype_device(grad_out, "grad_out", out, "out", "residual_add_backward");
+  at::Tensor grad_in = new_empty_like(out);
+  if (grad_in.numel() == 0) return grad_in;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "residual_add_backward", [&] {
+    using A = acc_t<scalar_t>;
+    const A s = static_cast<A>(scale);
+    binary_map<scalar_t>(
+        grad_out, out, grad_in,
+        [&](const scalar_t* pg, const scalar_t* po, scalar_t* pi, int64_t n) {
+          masked_scale_k(pg, po, pi, n, s);
+        },
+        [&](scalar_t g, scalar_t o) { return A(o) > A(0) ? scalar_t(s * A(g)) : scalar_t(0); });
+  });
+  return grad_in;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace dtkernels
+
+TORCH_LIBRARY_IMPL(dtkernels, CPU, m) {
+  m.impl("_residual_add", &dtkernels::cpu::residual_add);
+  m.impl("_residual_add_backward", &dtkernels::cpu::residual_add_backward);
+}

@@ -1,0 +1,79 @@
+// The schemas of every dtkernels operator, declared once.
+//
+// Public ops (no underscore) are what users, autograd and torch.compile see; their
+// CPU/CUDA implementations are registered from Python (dtkernels/ops/<op>.py),
+// which picks a kernel through the backend registry. Native kernels (leading
+// underscore) are implemented in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include "common.h"
+
+#ifdef DTK_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+TORCH_LIBRARY(dtkernels, m) {
+  // residual_add: act(x + alpha * fx); backward: scale * grad where out > 0.
+  m.def("residual_add(Tensor x, Tensor fx, float alpha=1., bool relu=True) -> Tensor");
+  m.def("residual_add_backward(Tensor grad_out, Tensor out, float scale=1.) -> Tensor");
+  m.def("_residual_add(Tensor x, Tensor fx, float alpha, bool relu) -> Tensor");
+  m.def("_residual_add_backward(Tensor grad_out, Tensor out, float scale) -> Tensor");
+}
+
+namespace {
+
+const char* cpu_isa() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2)";
+  return "x86-64 (SSE2)";
+#else
+  return "unknown";
+#endif
+}
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+  d["torch_built_with"] = TORCH_VERSION;
+#if defined(__clang__)
+  d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  d["compiler"] = "unknown";
+#endif
+#ifdef _OPENMP
+  d["openmp"] = _OPENMP;
+#else
+  d["openmp"] = pybind11::none();
+#endif
+#if defined(DTK_NO_CLONES)
+  d["cpu_dispatch"] = "none (DTK_NO_CLONES)";
+#elif defined(__x86_64__)
+  d["cpu_dispatch"] = "target_clones: x86-64-v4, x86-64-v3, default";
+#else
+  d["cpu_dispatch"] = "none";
+#endif
+  d["cpu_isa_selected"] = cpu_isa();
+#ifdef DTK_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_runtime_built_with"] = CUDART_VERSION;
+#else
+  d["cuda"] = false;
+  d["cuda_runtime_built_with"] = pybind11::none();
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dtkernels native kernels (operators live in torch.ops.dtkernels)";
+  m.def("build_info", &build_info, "How this native library was compiled.");
+  m.def("_set_poison", [](bool on) { dtkernels::poison_flag().store(on); },
+        "Debug: fill native kernel outputs with NaN / -77 before writing them.");
+  m.def("_poison", []() { return dtkernels::poison_flag().load(); });
+}

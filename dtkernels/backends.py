@@ -1,0 +1,228 @@
+"""The backend registry: which kernel serves each operator on each backend.
+
+Every public operator (``torch.ops.dtkernels.<op>``) is registered here once with
+its kernels: the native op (C++ on CPU tensors, CUDA C++ on CUDA tensors), the
+Triton launcher, and the pure-PyTorch reference. The operator's CPU and CUDA
+implementations are a single generic function that asks this registry for the
+kernel of the current backend, so a backend is an entry here, not an ``if`` chain
+in every op.
+
+The current backend is process-wide (like ``torch.backends`` flags): set it with
+``use_backend(name)`` (a context manager) or the ``DTKERNELS_BACKEND`` variable.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+
+_current = os.environ.get("DTKERNELS_BACKEND", "auto").strip().lower() or "auto"
+
+
+@dataclass(frozen=True)
+class OpKernels:
+    native: str | None  # name in torch.ops.dtkernels; serves "cpu" and "cuda"
+    triton: str | None  # "module:function" in dtkernels.triton, imported on first use
+    reference: Callable | None
+    auto_cuda: tuple[str, ...]  # what "auto" tries on CUDA tensors, fastest first
+
+
+_REGISTRY: dict[str, OpKernels] = {}
+
+
+def register(op: str, *, native: str | None = None, triton: str | None = None,
+             reference: Callable | None = None, auto_cuda: tuple[str, ...] = ("cuda", "triton"),
+             check: Callable | None = None) -> None:
+    """Registers the kernels of public op ``dtkernels::<op>`` and its CPU/CUDA impls.
+
+    ``check(*args)`` validates the op's arguments before any kernel runs (the fake
+    kernel should call it too, so torch.compile reports bad input at trace time).
+    ``auto_cuda`` is the order "auto" tries on CUDA tensors: set it from the GPU
+    benchmarks (benchmarks/results/), fastest first.
+    """
+    if op in _REGISTRY:
+        raise RuntimeError(f"dtkernels: op {op!r} registered twice")
+    _REGISTRY[op] = OpKernels(native, triton, reference, tuple(auto_cuda))
+    schema = getattr(torch.ops.dtkernels, op).default._schema
+    names = [a.name for a in schema.arguments]
+    defaults = [a.default_value if a.has_default_value() else None for a in schema.arguments]
+
+    def impl(*args, **kwargs):
+        # The dispatcher hands Python kernels the arguments as the caller wrote them
+        # (defaults left out); kernels take the full schema, positionally.
+        if len(args) < len(names):
+            args = args + tuple(kwargs.get(n, d) for n, d in zip(names[len(args):], defaults[len(args):]))
+        if check is not None:
+            check(*args)
+        device = _device_of(args)
+        fn = kernel(op, device)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                return fn(*args)
+        return fn(*args)
+
+    impl.__name__ = f"{op}_dispatch"
+    torch.library.register_kernel(f"dtkernels::{op}", ("cpu", "cuda"), impl)
+
+
+def _device_of(args) -> torch.device:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, (list, tuple)):
+            for t in a:
+                if isinstance(t, torch.Tensor):
+                    return t.device
+    raise RuntimeError("dtkernels: an operator was called without tensor arguments")
+
+
+# --- what this build and machine can run -------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def cuda_kernels_built() -> bool:
+    from . import _C
+
+    return bool(_C.build_info()["cuda"])
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends() -> tuple[str, ...]:
+    """The backends this build and machine can run (besides "auto")."""
+    out = ["cpu"]
+    if cuda_kernels_built() and torch.cuda.is_available():
+        out.append("cuda")
+    if triton_installed() and (torch.cuda.is_available() or triton_interpreting()):
+        out.append("triton")
+    out.append("reference")
+    return tuple(out)
+
+
+def _why_unavailable(name: str) -> str:
+    if name == "cuda":
+        if not cuda_kernels_built():
+            return ("dtkernels was built without its CUDA kernels (build with a CUDA-enabled torch "
+                    "and nvcc on PATH, or FORCE_CUDA=1)")
+        return "no CUDA device is available"
+    if name == "triton":
+        if not triton_installed():
+            return "triton is not installed (pip install triton)"
+        return ("there is no CUDA device; to run Triton kernels on CPU tensors set "
+                "TRITON_INTERPRET=1 before importing triton")
+    return "it is not available"
+
+
+def _validate(name: str) -> str:
+    if not isinstance(name, str) or name.strip().lower() not in BACKENDS:
+        raise ValueError(f"dtkernels: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    name = name.strip().lower()
+    if name != "auto" and name not in available_backends():
+        raise RuntimeError(f"dtkernels: backend {name!r} cannot run here: {_why_unavailable(name)}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend ops use now ("auto" unless set)."""
+    return _current
+
+
+class use_backend(contextlib.ContextDecorator):
+    """Context manager (or decorator) that makes dtkernels ops use backend ``name``.
+
+    "auto": CPU tensors use the C++ kernels, CUDA tensors whichever of CUDA C++ and
+    Triton the benchmarks showed faster for the op. "cpu", "cuda", "triton" and
+    "reference" force one kernel family; asking for one that cannot run here is an
+    error, never a silent fallback.
+    """
+
+    def __init__(self, name: str):
+        self.name = _validate(name)
+        self._prev: list[str] = []
+
+    def __enter__(self):
+        global _current
+        self._prev.append(_current)
+        _current = self.name
+        return self
+
+    def __exit__(self, *exc):
+        global _current
+        _current = self._prev.pop()
+        return False
+
+
+@contextlib.contextmanager
+def _scope(name: str) -> Iterator[None]:
+    """Restores a backend already validated (backward runs with the forward's)."""
+    global _current
+    prev, _current = _current, name
+    try:
+        yield
+    finally:
+        _current = prev
+
+
+# --- choosing a kernel ----------------------------------------------------------------
+
+def _resolve(op: str, device: torch.device) -> str:
+    name = _current
+    if name not in BACKENDS:  # a bad DTKERNELS_BACKEND surfaces at the first op
+        name = _validate(name)
+    if name != "auto":
+        return name
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        k = _REGISTRY[op]
+        avail = available_backends()
+        for cand in k.auto_cuda:
+            if cand in avail and getattr(k, "native" if cand == "cuda" else cand) is not None:
+                return cand
+    return "reference"
+
+
+def kernel(op: str, device: torch.device) -> Callable:
+    """The kernel that runs ``op`` on tensors of ``device`` under the current backend."""
+    k = _REGISTRY[op]
+    name = _resolve(op, device)
+    if name == "cpu" and device.type != "cpu":
+        raise RuntimeError(f"dtkernels: backend 'cpu' runs CPU tensors only, got a tensor on {device}")
+    if name == "cuda" and device.type != "cuda":
+        raise RuntimeError(f"dtkernels: backend 'cuda' runs CUDA tensors only, got a tensor on {device}")
+    if name in ("cuda", "triton") and name not in available_backends():
+        raise RuntimeError(f"dtkernels: backend {name!r} cannot run here: {_why_unavailable(name)}")
+    if name == "triton" and device.type == "cpu" and not triton_interpreting():
+        raise RuntimeError("dtkernels: backend 'triton' runs CPU tensors only under the Triton "
+                           "interpreter (set TRITON_INTERPRET=1 before importing triton)")
+    if name in ("cpu", "cuda"):
+        if k.native is None:
+            raise NotImplementedError(f"dtkernels: {op} has no native ({name}) kernel")
+        return getattr(torch.ops.dtkernels, k.native)
+    if name == "triton":
+        if k.triton is None:
+            raise NotImplementedError(f"dtkernels: {op} has no Triton kernel")
+        return _triton_kernel(k.triton)
+    if k.reference is None:
+        raise NotImplementedError(f"dtkernels: {op} has no reference kernel")
+    return k.reference
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernel(spec: str) -> Callable:
+    module, fn = spec.split(":")
+    return getattr(importlib.import_module(f"dtkernels.triton.{module}"), fn)

@@ -1,0 +1,21 @@
+"""Modules over the dtkernels ops, drop-in for their torch.nn counterparts."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from . import ops
+
+
+class ResidualAdd(nn.Module):
+    """``act(x + alpha * fx)``: the ResNet block's closing ``relu(x + F(x))``."""
+
+    def __init__(self, alpha: float = 1.0, activation: str | None = "relu"):
+        super().__init__()
+        ops._common.check_activation("ResidualAdd", activation)
+        self.alpha, self.activation = float(alpha), activation
+
+    def forward(self, x: Tensor, fx: Tensor) -> Tensor:
+        return ops.residual_add(x, fx, alpha=self.alpha, activation=self.activation)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, activation={self.activation!r}"

@@ -1,0 +1,5 @@
+"""Public operators. Importing a module here registers its op's kernels, fake
+(meta) implementation and autograd formula with torch.library."""
+from .residual_add import residual_add
+
+__all__ = ["residual_add"]

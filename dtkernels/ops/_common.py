@@ -1,0 +1,46 @@
+"""Argument checks and small helpers shared by the public ops."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def check_same(op: str, an: str, a: Tensor, bn: str, b: Tensor, *, shape: bool = True) -> None:
+    if shape and a.shape != b.shape:
+        raise ValueError(f"{op}: {an} and {bn} must have the same shape, got "
+                         f"{list(a.shape)} and {list(b.shape)}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"{op}: {an} and {bn} must have the same dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise RuntimeError(f"{op}: {an} and {bn} must be on the same device, got {a.device} and {b.device}")
+
+
+def check_activation(op: str, activation) -> bool:
+    """True for "relu", False for None; anything else is a ValueError."""
+    if activation is None:
+        return False
+    if activation == "relu":
+        return True
+    raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
+
+
+def check_real(op: str, name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(v).__name__}")
+    return float(v)
+
+
+def like(result: Tensor, layout_of: Tensor) -> Tensor:
+    """`result` in the layout the native kernels give (torch.empty_like(layout_of)):
+    the reference backend must agree with the fake kernel's strides."""
+    out = torch.empty_like(layout_of, dtype=result.dtype)
+    return out.copy_(result)

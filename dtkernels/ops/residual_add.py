@@ -1,0 +1,111 @@
+"""residual_add(x, fx, *, alpha=1.0, activation="relu") = act(x + alpha * fx).
+
+One pass instead of eager's two (add, then relu), one output allocation instead of
+two. Backward keeps only the output: the ReLU mask is ``out > 0``, and with
+alpha == 1 one gradient tensor serves both addends.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends, reference
+from ._common import check_activation, check_real, check_same, check_tensor, like
+
+OP = "residual_add"
+
+
+def _check(x, fx, alpha=1.0, relu=True):
+    check_tensor(OP, "x", x)
+    check_tensor(OP, "fx", fx)
+    check_same(OP, "x", x, "fx", fx)
+
+
+def _check_backward(grad_out, out, scale=1.0):
+    check_tensor(OP + "_backward", "grad_out", grad_out)
+    check_same(OP + "_backward", "grad_out", grad_out, "out", out)
+
+
+def _reference(x, fx, alpha, relu):
+    return like(reference.residual_add(x, fx, alpha, "relu" if relu else None), x)
+
+
+def _reference_backward(grad_out, out, scale):
+    return like(reference.residual_add_backward(grad_out, out, scale), out)
+
+
+backends.register(OP, native="_residual_add", triton="residual_add:residual_add",
+                  reference=_reference, auto_cuda=("cuda", "triton"), check=_check)
+backends.register(OP + "_backward", native="_residual_add_backward",
+                  triton="residual_add:residual_add_backward", reference=_reference_backward,
+                  auto_cuda=("cuda", "triton"), check=_check_backward)
+
+
+@torch.library.register_fake("dtkernels::residual_add")
+def _fake(x, fx, alpha=1.0, relu=True):
+    _check(x, fx)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("dtkernels::residual_add_backward")
+def _fake_backward(grad_out, out, scale=1.0):
+    _check_backward(grad_out, out)
+    return torch.empty_like(out)
+
+
+def _setup(ctx, inputs, output):
+    _, _, alpha, relu = inputs
+    ctx.alpha, ctx.relu = alpha, relu
+    ctx.backend = backends.get_backend()
+    if relu:
+        ctx.save_for_backward(output)  # the mask is output > 0; the inputs are not kept
+
+
+def _backward(ctx, grad):
+    need_x, need_fx = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx = gfx = None
+    if not ctx.relu:
+        gx = grad if need_x else None
+        if need_fx:
+            gfx = grad if ctx.alpha == 1.0 else grad * ctx.alpha
+        return gx, gfx, None, None
+    (out,) = ctx.saved_tensors
+    bwd = torch.ops.dtkernels.residual_add_backward
+    with backends._scope(ctx.backend):
+        if need_x or (need_fx and ctx.alpha == 1.0):
+            gx = bwd(grad, out, 1.0)
+        if need_fx:
+            gfx = gx if ctx.alpha == 1.0 else bwd(grad, out, ctx.alpha)
+    return (gx if need_x else None), gfx, None, None
+
+
+def _setup_backward(ctx, inputs, output):
+    _, out, scale = inputs
+    ctx.scale = scale
+    ctx.backend = backends.get_backend()
+    ctx.save_for_backward(out)
+
+
+def _backward_backward(ctx, gg):
+    # d/d(grad_out) of scale * grad_out * [out > 0] is the same mask; the mask is
+    # piecewise constant in out, so out gets no gradient.
+    (out,) = ctx.saved_tensors
+    with backends._scope(ctx.backend):
+        return torch.ops.dtkernels.residual_add_backward(gg, out, ctx.scale), None, None
+
+
+torch.library.register_autograd("dtkernels::residual_add", _backward, setup_context=_setup)
+torch.library.register_autograd("dtkernels::residual_add_backward", _backward_backward,
+                                setup_context=_setup_backward)
+
+
+def residual_add(x: Tensor, fx: Tensor, *, alpha: float = 1.0, activation: str | None = "relu") -> Tensor:
+    """``act(x + alpha * fx)``, fused: ResNet's ``relu(x + F(x))`` in one pass.
+
+    x and fx must have the same shape, dtype and device (no broadcasting). The
+    output keeps x's memory format. ``activation`` is "relu" or None.
+    """
+    relu = check_activation(OP, activation)
+    alpha = check_real(OP, "alpha", alpha)
+    _check(x, fx)
+    return torch.ops.dtkernels.residual_add(x, fx, alpha, relu)

@@ -1,0 +1,52 @@
+"""Test helpers shared by the test suite, the demo and the GPU check: one dtype-keyed
+tolerance table behind one assert, random inputs (never zeros), output poisoning."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+# (rtol, atol) per dtype, for results that round once in the output dtype.
+TOLERANCES = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1.6e-2, 1e-2),
+}
+
+
+def assert_close(actual, expected, *, dtype=None, msg: str = "", **kw) -> None:
+    """torch.testing.assert_close with the table's tolerance; NaNs must match."""
+    dtype = dtype or expected.dtype
+    rtol, atol = TOLERANCES.get(dtype, (0.0, 0.0))
+    kw.setdefault("rtol", rtol)
+    kw.setdefault("atol", atol)
+    kw.setdefault("equal_nan", True)
+    torch.testing.assert_close(actual, expected.to(actual.dtype) if expected.dtype != actual.dtype else expected,
+                               msg=(lambda m: f"{msg}\n{m}") if msg else None, **kw)
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", memory_format=None, requires_grad=False,
+         generator=None) -> torch.Tensor:
+    """Standard-normal data (never zeros), optionally channels_last."""
+    t = torch.randn(*shape, dtype=torch.float32, device="cpu", generator=generator).to(dtype=dtype, device=device)
+    if memory_format is not None:
+        t = t.contiguous(memory_format=memory_format)
+    return t.requires_grad_(requires_grad)
+
+
+def poison_outputs(on: bool = True):
+    """Context manager: kernels fill their outputs with NaN (-77 for integers)
+    before writing, so an element a kernel forgets to write shows."""
+    from . import _C
+
+    @contextlib.contextmanager
+    def cm():
+        prev = _C._poison()
+        _C._set_poison(on)
+        try:
+            yield
+        finally:
+            _C._set_poison(prev)
+
+    return cm()

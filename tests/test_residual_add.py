@@ -1,0 +1,203 @@
+"""residual_add against dtkernels.reference on every backend that runs here."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dtkernels as dtk
+from dtkernels import reference as ref
+from dtkernels.testing import assert_close, rand
+
+CL = torch.channels_last
+SHAPES = [(2, 3, 5, 7), (3, 17, 9, 11), (5, 123, 123), (1, 1, 1, 1), (7,), (2, 8, 16, 16)]
+# channels_last is 4-D only
+LAYOUTS = [pytest.param(s, f, id="x".join(map(str, s)) + ("-cl" if f else ""))
+           for s in SHAPES for f in ([None, CL] if len(s) == 4 else [None])]
+
+
+def _ref_fwd_bwd(x, fx, g, alpha, activation):
+    xr = x.detach().double().requires_grad_()
+    fr = fx.detach().double().requires_grad_()
+    out = ref.residual_add(xr, fr, alpha, activation)
+    gx, gf = torch.autograd.grad(out, (xr, fr), g.double())
+    return out, gx, gf
+
+
+@pytest.mark.parametrize("shape,memory_format", LAYOUTS)
+@pytest.mark.parametrize("alpha,activation", [(1.0, "relu"), (0.5, "relu"), (1.0, None), (-2.0, None)],
+                         ids=["a1-relu", "a.5-relu", "a1-none", "a-2-none"])
+def test_forward_backward(backend_dtype, shape, memory_format, alpha, activation):
+    _, device, dtype = backend_dtype
+    x = rand(*shape, dtype=dtype, device=device, memory_format=memory_format, requires_grad=True)
+    fx = rand(*shape, dtype=dtype, device=device, memory_format=memory_format, requires_grad=True)
+    g = rand(*shape, dtype=dtype, device=device)
+    out = dtk.residual_add(x, fx, alpha=alpha, activation=activation)
+    gx, gf = torch.autograd.grad(out, (x, fx), g)
+    r, rgx, rgf = _ref_fwd_bwd(x, fx, g, alpha, activation)
+    assert out.dtype == dtype and out.shape == x.shape
+    if memory_format is CL:
+        assert out.is_contiguous(memory_format=CL), "output must keep channels_last"
+    assert_close(out, r, dtype=dtype)
+    assert_close(gx, rgx, dtype=dtype)
+    assert_close(gf, rgf, dtype=dtype)
+
+
+@pytest.mark.parametrize("case", ["slice", "transpose", "mixed-formats", "expanded"])
+def test_strided_inputs(backend, case):
+    _, device = backend
+    base = rand(4, 6, 10, 12, device=device)
+    other = rand(4, 6, 10, 12, device=device)
+    if case == "slice":
+        x, fx = base[:, :, ::2, 1:7], other[:, :, 1::2, :6]
+    elif case == "transpose":
+        x, fx = base.transpose(2, 3), other.transpose(2, 3).contiguous()
+    elif case == "mixed-formats":
+        x, fx = base, other.contiguous(memory_format=CL)
+    else:  # a broadcast view that has the full shape
+        x, fx = base, other[:1].expand(4, -1, -1, -1)
+    x.requires_grad_(), fx.requires_grad_() if fx.is_leaf else None
+    out = dtk.residual_add(x, fx, alpha=0.75)
+    assert_close(out, ref.residual_add(x.detach(), fx.detach(), 0.75))
+    assert out.stride() == torch.empty_like(x).stride(), "output takes x's layout"
+    g = rand(*out.shape, device=device).transpose(0, 1).contiguous().transpose(0, 1)  # odd-strided grad
+    (gx,) = torch.autograd.grad(out, (x,), g)
+    assert_close(gx, g * (out > 0))
+
+
+def test_inputs_not_modified(backend_dtype):
+    _, device, dtype = backend_dtype
+    x = rand(3, 4, 5, 6, dtype=dtype, device=device, requires_grad=True)
+    fx = rand(3, 4, 5, 6, dtype=dtype, device=device, requires_grad=True)
+    g = rand(3, 4, 5, 6, dtype=dtype, device=device)
+    before = [t.detach().clone() for t in (x, fx, g)]
+    out = dtk.residual_add(x, fx, alpha=0.5)
+    out.backward(g)
+    for b, t in zip(before, (x, fx, g)):
+        assert torch.equal(b, t.detach())
+
+
+def test_nan_and_inf(backend):
+    _, device = backend
+    x = torch.tensor([float("nan"), 1.0, -float("inf"), float("inf"), -1.0, 0.0], device=device)
+    fx = torch.tensor([1.0, float("nan"), 1.0, -1.0, 0.5, -0.0], device=device)
+    assert_close(dtk.residual_add(x, fx), ref.residual_add(x, fx))
+    assert_close(dtk.residual_add(x, fx, activation=None), ref.residual_add(x, fx, activation=None))
+
+
+def test_empty(backend):
+    _, device = backend
+    x = rand(0, 3, 4, 4, device=device, requires_grad=True)
+    out = dtk.residual_add(x, x.detach().clone())
+    assert out.shape == (0, 3, 4, 4)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_saves_only_the_output():
+    """Backward keeps the output (for the ReLU mask), not the inputs."""
+    x = rand(2, 3, 8, 8, requires_grad=True)
+    fx = rand(2, 3, 8, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = dtk.residual_add(x, fx)
+    assert len(saved) == 1 and saved[0].data_ptr() == out.data_ptr()
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        dtk.residual_add(x, fx, activation=None, alpha=3.0)
+    assert saved == []
+
+
+def test_alpha_one_shares_the_gradient():
+    x = rand(2, 3, 8, 8, requires_grad=True)
+    fx = rand(2, 3, 8, 8, requires_grad=True)
+    gx, gf = torch.autograd.grad(dtk.residual_add(x, fx), (x, fx), rand(2, 3, 8, 8))
+    assert gx.data_ptr() == gf.data_ptr(), "one gradient tensor serves both addends"
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_opcheck(backend, relu):
+    _, device = backend
+    samples = [
+        (rand(2, 3, 5, 7, device=device, requires_grad=True), rand(2, 3, 5, 7, device=device), 0.5),
+        (rand(2, 3, 5, 7, device=device, memory_format=CL), rand(2, 3, 5, 7, device=device, memory_format=CL), 1.0),
+        (rand(3, 9, device=device, requires_grad=True), rand(3, 9, device=device, requires_grad=True), -1.5),
+    ]
+    for x, fx, alpha in samples:
+        torch.library.opcheck(torch.ops.dtkernels.residual_add.default, (x, fx, alpha, relu))
+        y = torch.ops.dtkernels.residual_add(x.detach(), fx.detach(), alpha, relu)
+        torch.library.opcheck(torch.ops.dtkernels.residual_add_backward.default, (rand(*y.shape, device=device), y, alpha))
+
+
+def test_gradcheck_float64(backend):
+    name, device = backend
+    if device.type != "cpu":
+        pytest.skip("float64 is claimed on the CPU only")
+    x = rand(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    fx = rand(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    for alpha, act in [(1.0, "relu"), (0.3, "relu"), (-1.5, None)]:
+        f = lambda a, b: dtk.residual_add(a, b, alpha=alpha, activation=act)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, fx))
+        assert torch.autograd.gradgradcheck(f, (x, fx))
+
+
+def test_meta_and_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.empty(2, 3, 8, 8, device="meta").contiguous(memory_format=CL)
+    out = dtk.residual_add(x, x)
+    assert out.device.type == "meta" and out.shape == x.shape and out.is_contiguous(memory_format=CL)
+    with FakeTensorMode():
+        a = torch.empty(4, 5, 6, 7)
+        out = dtk.residual_add(a, a, alpha=2.0)
+        assert out.shape == a.shape
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph(backend):
+    name, device = backend
+    torch._dynamo.reset()
+
+    def block(x, fx, w):
+        return dtk.residual_add(x * w, fx, alpha=0.5).sum(dim=1)
+
+    compiled = torch.compile(block, fullgraph=True)
+    x = rand(2, 4, 6, 6, device=device, requires_grad=True)
+    fx = rand(2, 4, 6, 6, device=device, requires_grad=True)
+    w = rand(1, 4, 1, 1, device=device, requires_grad=True)
+    out = compiled(x, fx, w)
+    g = rand(*out.shape, device=device)
+    grads = torch.autograd.grad(out, (x, fx, w), g)
+    ref_out = block(x, fx, w)
+    ref_grads = torch.autograd.grad(ref_out, (x, fx, w), g)
+    assert_close(out, ref_out)
+    for a, b in zip(grads, ref_grads):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_errors():
+    x = rand(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="same shape"):
+        dtk.residual_add(x, rand(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="same shape"):
+        dtk.residual_add(x, rand(1, 3, 4, 4))  # no broadcasting
+    with pytest.raises(ValueError, match="same dtype"):
+        dtk.residual_add(x, x.double())
+    with pytest.raises(ValueError, match="activation must be None or 'relu'"):
+        dtk.residual_add(x, x, activation="gelu")
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
+        dtk.residual_add(x.long(), x.long())
+    with pytest.raises(TypeError, match="must be a Tensor"):
+        dtk.residual_add(x, 1.0)
+    with pytest.raises(TypeError, match="alpha must be a real number"):
+        dtk.residual_add(x, x, alpha=torch.tensor(2.0))
+    with pytest.raises(RuntimeError, match="same shape"):  # the native kernel checks too
+        torch.ops.dtkernels._residual_add(x, rand(2, 3, 4, 5), 1.0, True)
+
+
+def test_module():
+    m = dtk.nn.ResidualAdd(alpha=0.5)
+    x, fx = rand(2, 3, 4, 4), rand(2, 3, 4, 4)
+    assert_close(m(x, fx), ref.residual_add(x, fx, 0.5))
+    assert "alpha=0.5" in repr(m)
+    with pytest.raises(ValueError):
+        dtk.nn.ResidualAdd(activation="tanh")
