@@ -42,7 +42,8 @@ def test_forward_backward(backend_dtype, shape, memory_format, alpha, activation
     assert_close(gf, rgf, dtype=dtype)
 
 
-@pytest.mark.parametrize("case", ["slice", "transpose", "mixed-formats", "expanded"])
+@pytest.mark.sanitize
+@pytest.mark.parametrize("case", ["slice", "transpose", "mixed-formats", "expanded", "misaligned"])
 def test_strided_inputs(backend, case):
     _, device = backend
     base = rand(4, 6, 10, 12, device=device)
@@ -53,8 +54,11 @@ def test_strided_inputs(backend, case):
         x, fx = base.transpose(2, 3), other.transpose(2, 3).contiguous()
     elif case == "mixed-formats":
         x, fx = base, other.contiguous(memory_format=CL)
-    else:  # a broadcast view that has the full shape
+    elif case == "expanded":  # a broadcast view that has the full shape
         x, fx = base, other[:1].expand(4, -1, -1, -1)
+    else:  # dense, but one element off 16-byte alignment: the kernels' scalar paths
+        x = torch.cat([base.flatten(), base.flatten()[:1]])[1:].view(4, 6, 10, 12)
+        fx = torch.cat([other.flatten()[:1], other.flatten()])[1:].view(4, 6, 10, 12)
     x.requires_grad_(), fx.requires_grad_() if fx.is_leaf else None
     out = dtk.residual_add(x, fx, alpha=0.75)
     assert_close(out, ref.residual_add(x.detach(), fx.detach(), 0.75))
@@ -84,6 +88,7 @@ def test_nan_and_inf(backend):
     assert_close(dtk.residual_add(x, fx, activation=None), ref.residual_add(x, fx, activation=None))
 
 
+@pytest.mark.sanitize
 def test_empty(backend):
     _, device = backend
     x = rand(0, 3, 4, 4, device=device, requires_grad=True)

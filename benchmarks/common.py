@@ -1,0 +1,197 @@
+"""One benchmark harness for pytest-benchmark (make bench), the demo (make demo) and
+the GPU check (scripts/gpu_check.sh).
+
+A Case names an op, a shape and a dtype, builds its inputs outside the timed region,
+and gives three kinds of callables: the PyTorch baseline (built from
+dtkernels.reference, the same oracle the tests use), the dtkernels candidate (run
+under each backend in turn), and extras such as ``x.clone()`` that measure the
+machine's copy bandwidth in the same run. Timings are interleaved rounds, median.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+import dtkernels as dtk
+
+Inputs = dict[str, Any]
+
+
+@dataclass
+class Case:
+    op: str
+    name: str                     # "fwd", "fwd+bwd", ...
+    shape: str                    # label, e.g. "16x64x128x128"
+    dtype: torch.dtype
+    make: Callable[[torch.device], Inputs]
+    baseline: Callable[[Inputs], Any]
+    candidate: Callable[[Inputs], Any]
+    extras: dict[str, Callable[[Inputs], Any]] = field(default_factory=dict)
+    bytes: int | None = None      # fewest bytes the op must move (reads + writes)
+    target: float | None = None   # the issue's speed-up target over the baseline (reported, never asserted)
+    note: str = ""
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.name}-{self.shape}-{str(self.dtype).replace('torch.', '')}"
+
+    @property
+    def group(self) -> str:
+        return f"{self.op} {self.name} {self.shape} {str(self.dtype).replace('torch.', '')}"
+
+
+def impls_for(case: Case, device: torch.device, backends: list[str]) -> dict[str, Callable[[Inputs], Any]]:
+    """Name -> callable: "torch", "dtk-<backend>" for each backend, then extras."""
+    out = {"torch": case.baseline}
+    for b in backends:
+        out[f"dtk-{b}"] = _under(b, case.candidate)
+    out.update(case.extras)
+    return out
+
+
+def _under(backend: str, fn):
+    def run(inputs):
+        with dtk.use_backend(backend):
+            return fn(inputs)
+    return run
+
+
+def gpu_backends() -> list[str]:
+    return [b for b in ("triton", "cuda") if b in dtk.available_backends()]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_case(case: Case, device: torch.device, backends: list[str]) -> None:
+    """The candidate must match the baseline on the case's own (random) inputs."""
+    inputs = case.make(device)
+    expected = _flatten(case.baseline(inputs))
+    for b in backends:
+        got = _flatten(_under(b, case.candidate)(inputs))
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            dtk.testing.assert_close(g, e, msg=f"{case.id} on {b}")
+
+
+def _flatten(r) -> list[torch.Tensor]:
+    if isinstance(r, torch.Tensor):
+        return [r]
+    return [t for x in r for t in _flatten(x)] if isinstance(r, (list, tuple)) else []
+
+
+def time_case(case: Case, device: torch.device, backends: list[str], rounds: int = 15,
+              warmup: int = 2, gpu_inner: int = 10) -> dict[str, dict[str, float]]:
+    """Interleaved timing of every impl of a case: per impl the median (and p20/p80)
+    milliseconds of one call. On a GPU each sample is CUDA events around
+    `gpu_inner` calls rotated over several input sets, so L2 does not flatter."""
+    impls = impls_for(case, device, backends)
+    sets = [case.make(device) for _ in range(4 if device.type == "cuda" else 1)]
+    for fn in impls.values():  # warm-up: JIT, autotune, allocator
+        for _ in range(warmup):
+            for s in sets:
+                fn(s)
+    sync(device)
+    samples: dict[str, list[float]] = {k: [] for k in impls}
+    names = list(impls)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
+        for name in order:
+            fn = impls[name]
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for i in range(gpu_inner):
+                    fn(sets[i % len(sets)])
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end) / gpu_inner)
+            else:
+                t0 = time.perf_counter()
+                fn(sets[0])
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: _stats(v) for k, v in samples.items()}
+
+
+def _stats(v: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(v, n=5) if len(v) >= 5 else [min(v)] * 4
+    return {"median_ms": statistics.median(v), "p20_ms": q[0], "p80_ms": q[3], "rounds": len(v)}
+
+
+def rows_for(case: Case, device: torch.device, stats: dict[str, dict[str, float]]) -> list[dict]:
+    """Table rows: speed-up over the baseline, GB/s, and fraction of the clone's GB/s."""
+    base = stats["torch"]["median_ms"]
+    clone = stats.get("clone", {}).get("median_ms")
+    rows = []
+    for impl, s in stats.items():
+        gbs = case.bytes / s["median_ms"] / 1e6 if case.bytes else None
+        rows.append({
+            "op": case.op, "case": case.name, "shape": case.shape,
+            "dtype": str(case.dtype).replace("torch.", ""), "device": device.type, "impl": impl,
+            **{k: round(v, 4) for k, v in s.items()},
+            "speedup_vs_torch": round(base / s["median_ms"], 3),
+            "gb_per_s": round(gbs, 1) if gbs else None,
+            "frac_of_clone_bw": round(clone / s["median_ms"], 3) if clone and case.bytes else None,
+            "target": case.target if impl.startswith("dtk-") else None,
+        })
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| op | case | shape | dtype | impl | median ms | p20–p80 ms | × torch | target | GB/s | of clone BW |"
+    out = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join([
+            r["op"], r["case"], r["shape"], r["dtype"], r["impl"], f"{r['median_ms']:.3f}",
+            f"{r['p20_ms']:.3f}–{r['p80_ms']:.3f}", f"{r['speedup_vs_torch']:.2f}",
+            f"≥{r['target']}" if r.get("target") else "", f"{r['gb_per_s']:.0f}" if r.get("gb_per_s") else "",
+            f"{r['frac_of_clone_bw']:.2f}" if r.get("frac_of_clone_bw") else "",
+        ]) + " |")
+    return "\n".join(out)
+
+
+def load_cases() -> list[Case]:
+    """Every benchmarks/bench_<op>.py's CASES, in file order."""
+    import importlib
+    import pathlib
+    import sys
+
+    here = pathlib.Path(__file__).parent
+    sys.path.insert(0, str(here))
+    cases: list[Case] = []
+    for f in sorted(here.glob("bench_*.py")):
+        cases += importlib.import_module(f.stem).CASES
+    return cases
+
+
+def run_pytest_benchmark(benchmark, case: Case, impl: str, device: torch.device) -> None:
+    """Body of every pytest-benchmark test: warm-up outside, sync inside the timing."""
+    import pytest
+
+    if device.type not in case.devices:
+        pytest.skip(f"{case.id} is not run on {device.type}")
+    backends = ["cpu"] if device.type == "cpu" else gpu_backends()
+    impls = impls_for(case, device, backends)
+    if impl not in impls:
+        pytest.skip(f"{impl} does not run on {device.type} here")
+    fn, inputs = impls[impl], case.make(device)
+    for _ in range(2):
+        fn(inputs)
+    sync(device)
+
+    def once():
+        fn(inputs)
+        sync(device)
+
+    benchmark.group = case.group
+    benchmark.extra_info.update({"op": case.op, "case": case.name, "shape": case.shape, "impl": impl,
+                                 "dtype": str(case.dtype), "device": device.type, "bytes": case.bytes,
+                                 "target": case.target})
+    benchmark.pedantic(once, rounds=7 if device.type == "cpu" else 50, iterations=1, warmup_rounds=1)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# GPU check for an NVIDIA machine (made for one H100; ~6 minutes):
+#   build for this GPU's arch only, run the Triton and CUDA tests against the
+#   reference, compute-sanitizer memcheck on a small subset, then quick benchmarks.
+# Results land in $OUT (default ./out): summary.md, info.txt, build.log, tests.log,
+# sanitizer.log, gpu_bench.md, gpu_bench.json. Commit gpu_bench.md to benchmarks/results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+summary="$OUT/summary.md"
+echo "# dtkernels GPU check $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" > "$summary"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$summary" 2>&1
+rc_all=0
+step() {  # step NAME TIMEOUT_S LOG CMD...
+  local name=$1 t=$2 log=$3; shift 3
+  local t0=$(date +%s)
+  echo "== $name ($(date +%T))"
+  timeout "$t" "$@" > "$log" 2>&1
+  local rc=$?
+  tail -n 25 "$log"
+  echo "- $name: rc=$rc, $(( $(date +%s) - t0 )) s" | tee -a "$summary"
+  [ $rc -eq 0 ] || rc_all=1
+  return $rc
+}
+
+step build 300 "$OUT/build.log" $PY setup.py -q build_ext --inplace || { cat "$summary"; exit 1; }
+$PY -m dtkernels info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
+
+xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 6"
+step tests 300 "$OUT/tests.log" env DTK_GPU_ONLY=1 $PY -m pytest tests -q -m "cuda or triton" $xdist -p no:cacheprovider
+
+if command -v compute-sanitizer >/dev/null; then
+  # The tests marked `sanitize`: small, odd and misaligned shapes through every kernel.
+  step sanitizer 240 "$OUT/sanitizer.log" env DTK_GPU_ONLY=1 compute-sanitizer --tool memcheck \
+    --error-exitcode 3 $PY -m pytest tests -q -m "sanitize and (cuda or triton)" -p no:cacheprovider
+else
+  echo "- sanitizer: compute-sanitizer not found" >> "$summary"
+fi
+
+step bench 240 "$OUT/bench.log" $PY benchmarks/demo.py --device cuda --quick --rounds 15 \
+  --json "$OUT/gpu_bench.json" --md "$OUT/gpu_bench.md"
+rm -f "$OUT/bench.log"  # its table is gpu_bench.md
+cat "$summary"
+exit $rc_all

@@ -1,0 +1,109 @@
+"""The backend registry, build info and packaging facts."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dtkernels as dtk
+from dtkernels import backends
+from dtkernels.testing import rand
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_ops_are_dispatcher_ops():
+    names = dtk.build_info()["ops"]
+    for op in ("residual_add", "residual_add_backward", "_residual_add", "_residual_add_backward"):
+        assert op in names
+        assert isinstance(getattr(torch.ops.dtkernels, op).default, torch._ops.OpOverload)
+
+
+def test_available_backends():
+    avail = dtk.available_backends()
+    assert "cpu" in avail and "reference" in avail
+    assert ("cuda" in avail) == (torch.cuda.is_available() and backends.cuda_kernels_built())
+
+
+def test_unknown_backend_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        dtk.use_backend("tpu")
+
+
+def test_use_backend_nests_and_restores():
+    assert dtk.get_backend() == "auto"
+    with dtk.use_backend("reference"):
+        assert dtk.get_backend() == "reference"
+        with dtk.use_backend("cpu"):
+            assert dtk.get_backend() == "cpu"
+        assert dtk.get_backend() == "reference"
+    assert dtk.get_backend() == "auto"
+
+    @dtk.use_backend("reference")
+    def f():
+        return dtk.get_backend()
+
+    assert f() == "reference" and dtk.get_backend() == "auto"
+
+
+@pytest.mark.skipif(backends.cuda_kernels_built(), reason="this build has CUDA kernels")
+def test_cuda_backend_unavailable_is_an_error_not_a_fallback():
+    with pytest.raises(RuntimeError, match="built without its CUDA kernels"):
+        dtk.use_backend("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="Triton can run here")
+def test_triton_on_cpu_needs_the_interpreter():
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        dtk.use_backend("triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cpu_backend_refuses_cuda_tensors():
+    x = rand(2, 3, device="cuda")
+    with dtk.use_backend("cpu"), pytest.raises(RuntimeError, match="runs CPU tensors only"):
+        dtk.residual_add(x, x)
+
+
+def test_auto_uses_the_cpu_kernel_on_cpu_tensors():
+    assert backends.kernel("residual_add", torch.device("cpu")) is torch.ops.dtkernels._residual_add
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    e = {**os.environ, **env}
+    e.pop("TRITON_INTERPRET", None) if "TRITON_INTERPRET" not in env else None
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, cwd=ROOT)
+
+
+def test_environment_variable_sets_the_backend():
+    p = _run("import dtkernels as d, torch; x = torch.randn(3); print(d.get_backend(), d.residual_add(x, x).shape)",
+             DTKERNELS_BACKEND="reference")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[0] == "reference"
+
+
+def test_bad_environment_variable_is_a_clear_error():
+    p = _run("import dtkernels as d, torch; x = torch.randn(3); d.residual_add(x, x)", DTKERNELS_BACKEND="gpu")
+    assert p.returncode != 0 and "unknown backend 'gpu'" in p.stderr
+
+
+def test_importing_dtkernels_does_not_import_triton():
+    p = _run("import sys, dtkernels; print('triton' in sys.modules)")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "False"
+
+
+def test_build_info_and_cli():
+    info = dtk.build_info()
+    for key in ("version", "torch_built_with", "torch_runtime", "compiler", "openmp", "cuda",
+                "cuda_arch_flags", "triton", "available_backends", "cpu_isa_selected"):
+        assert key in info, key
+    assert info["openmp"], "the CPU kernels must be built with OpenMP (at::parallel_for)"
+    p = subprocess.run([sys.executable, "-m", "dtkernels", "info"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert "torch_built_with" in p.stdout and "available_backends" in p.stdout
