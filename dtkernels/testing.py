@@ -50,3 +50,25 @@ def poison_outputs(on: bool = True):
             _C._set_poison(prev)
 
     return cm()
+
+
+def compile_triton(kernel, signature: dict, constexprs: dict, *, arch: int = 90, num_warps: int = 4,
+                   aligned: bool = True):
+    """Compile a @triton.jit kernel (autotuned or not) to a cubin for sm_<arch>, with
+    no GPU present. Catches type and lowering errors that the interpreter, which
+    runs the kernel as NumPy, lets through. `signature` maps each runtime argument
+    to a Triton type ("*fp16", "i32", "fp32", ...). With `aligned`, pointers and
+    integers are taken as multiples of 16, as real launches specialise them when
+    they are; compile once without it too to cover the unaligned specialisation."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = fn.fn  # Autotuner / Heuristics wrap the JITFunction
+    sig = {name: ("constexpr" if name in constexprs else signature[name]) for name in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if aligned and (sig[name].startswith("*") or sig[name] in ("i32", "i64"))}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})

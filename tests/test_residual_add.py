@@ -8,6 +8,8 @@ import dtkernels as dtk
 from dtkernels import reference as ref
 from dtkernels.testing import assert_close, rand
 
+from conftest import INTERPRET
+
 CL = torch.channels_last
 SHAPES = [(2, 3, 5, 7), (3, 17, 9, 11), (5, 123, 123), (1, 1, 1, 1), (7,), (2, 8, 16, 16)]
 # channels_last is 4-D only
@@ -206,3 +208,23 @@ def test_module():
     assert "alpha=0.5" in repr(m)
     with pytest.raises(ValueError):
         dtk.nn.ResidualAdd(activation="tanh")
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles the real kernels; the interpreter replaces them")
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "fp64"])
+def test_triton_kernels_compile_for_sm90(dtype):
+    """The Triton kernels lower to sm_90 code with no GPU here (the interpreter
+    alone would not catch type or lowering errors)."""
+    pytest.importorskip("triton")
+    from dtkernels.testing import compile_triton
+    from dtkernels.triton import residual_add as k
+
+    p = f"*{dtype}"
+    for relu, aligned in [(True, True), (False, False)]:
+        c = compile_triton(k._residual_add_kernel, {"x_ptr": p, "fx_ptr": p, "out_ptr": p, "n": "i64", "alpha": "fp32"},
+                           {"RELU": relu, "FP64": dtype == "fp64", "BLOCK": 2048}, aligned=aligned)
+        assert "cubin" in c.asm
+    c = compile_triton(k._residual_add_backward_kernel, {"g_ptr": p, "y_ptr": p, "gin_ptr": p, "n": "i64", "scale": "fp32"},
+                       {"FP64": dtype == "fp64", "BLOCK": 2048})
+    if dtype != "fp64":  # 16-byte vector accesses when aligned
+        assert "ld.global.v4" in c.asm["ptx"] or "ld.global.v2" in c.asm["ptx"]
