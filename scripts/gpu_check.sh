@@ -30,11 +30,12 @@ step build 300 "$OUT/build.log" $PY setup.py -q build_ext --inplace || { cat "$s
 $PY -m dtkernels info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
 
 xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 6"
-step tests 300 "$OUT/tests.log" env DTK_GPU_ONLY=1 $PY -m pytest tests -q -m "cuda or triton" $xdist -p no:cacheprovider
+# Correctness runs need no autotuning (DTK_TRITON_AUTOTUNE=0); the bench step tunes.
+step tests 300 "$OUT/tests.log" env DTK_GPU_ONLY=1 DTK_TRITON_AUTOTUNE=0 $PY -m pytest tests -q -m "cuda or triton" $xdist -p no:cacheprovider
 
 if command -v compute-sanitizer >/dev/null; then
   # The tests marked `sanitize`: small, odd and misaligned shapes through every kernel.
-  step sanitizer 240 "$OUT/sanitizer.log" env DTK_GPU_ONLY=1 compute-sanitizer --tool memcheck \
+  step sanitizer 240 "$OUT/sanitizer.log" env DTK_GPU_ONLY=1 DTK_TRITON_AUTOTUNE=0 compute-sanitizer --tool memcheck \
     --error-exitcode 3 $PY -m pytest tests -q -m "sanitize and (cuda or triton)" -p no:cacheprovider
 else
   echo "- sanitizer: compute-sanitizer not found" >> "$summary"

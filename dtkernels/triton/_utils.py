@@ -8,14 +8,17 @@ import triton
 
 # Read when the kernels are defined, as triton.jit itself does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# DTK_TRITON_AUTOTUNE=0 keeps only the first config of each list: the GPU test run
+# uses it so that correctness checks do not spend minutes autotuning every shape.
+AUTOTUNE = os.environ.get("DTK_TRITON_AUTOTUNE", "1") != "0"
 
 
 def configs(full: list, interpreted: list | None = None) -> list:
-    """Autotune configs: the full list on a GPU, one small config under the
-    interpreter (every config would be run, slowly, on the CPU)."""
+    """Autotune configs: the full list on a GPU (first = the safe default), one
+    small config under the interpreter (each config would run, slowly, on the CPU)."""
     if INTERPRET:
         return interpreted if interpreted is not None else full[:1]
-    return full
+    return full if AUTOTUNE else full[:1]
 
 
 def poisoning() -> bool:
