@@ -19,3 +19,20 @@ class ResidualAdd(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, activation={self.activation!r}"
+
+
+class ConcatSkip(nn.Module):
+    """``cat([up(x), skip], 1)``: the U-Net decoder's upsample-and-concatenate, in one
+    pass. ``upsample`` is None, "nearest" or "bilinear" (align_corners=False)."""
+
+    def __init__(self, upsample: str | None = "nearest", scale_factor: int = 2):
+        super().__init__()
+        ops._common.check_upsample("ConcatSkip", upsample)
+        self.upsample = upsample
+        self.scale_factor = ops._common.check_scale_factor("ConcatSkip", scale_factor)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return ops.concat_skip(x, skip, upsample=self.upsample, scale_factor=self.scale_factor)
+
+    def extra_repr(self) -> str:
+        return f"upsample={self.upsample!r}, scale_factor={self.scale_factor}"

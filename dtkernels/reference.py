@@ -4,6 +4,7 @@ arguments and use only ATen ops, so they run on any device and dtype."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -17,3 +18,31 @@ def residual_add_backward(grad_out: Tensor, out: Tensor, scale: float = 1.0) -> 
     """scale * grad_out where out > 0, else 0: the ReLU mask rebuilt from the output."""
     g = grad_out if scale == 1.0 else grad_out * scale
     return torch.where(out > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+
+
+def _interpolate_kwargs(upsample: str) -> dict:
+    return {"mode": upsample, "align_corners": False} if upsample == "bilinear" else {"mode": upsample}
+
+
+def concat_skip(x: Tensor, skip: Tensor, upsample: str | None = None, scale_factor: int = 2) -> Tensor:
+    """cat([up(x), skip], 1) as eager PyTorch writes it: F.interpolate, then torch.cat."""
+    if upsample is None:
+        up = x
+    elif x.numel() == 0:  # F.interpolate refuses empty tensors; any mode repeats nothing
+        up = x.repeat_interleave(scale_factor, 2).repeat_interleave(scale_factor, 3)
+    else:
+        up = F.interpolate(x, scale_factor=scale_factor, **_interpolate_kwargs(upsample))
+    return torch.cat([up, skip], 1)
+
+
+def concat_skip_backward(grad_up: Tensor, upsample: str | None, scale_factor: int) -> Tensor:
+    """The upsample's adjoint, by ATen's own backward kernels: x's gradient from the
+    x-part (N, Cx, H*s, W*s) of the output gradient."""
+    n, c, h, w = grad_up.shape
+    s = scale_factor
+    if upsample is None or grad_up.numel() == 0:
+        return grad_up.clone() if upsample is None else grad_up.new_empty(n, c, h // s, w // s)
+    args = ([h, w], [n, c, h // s, w // s])
+    if upsample == "nearest":
+        return torch.ops.aten.upsample_nearest2d_backward(grad_up, *args, float(s), float(s))
+    return torch.ops.aten.upsample_bilinear2d_backward(grad_up, *args, False, float(s), float(s))

@@ -41,7 +41,7 @@ inline unsigned grid_for(int64_t work, int threads, int blocks_per_sm = 4) {
   return static_cast<unsigned>(g < 1 ? 1 : g);
 }
 
-inline bool aligned_to(const void* p, size_t bytes) {
+__host__ __device__ inline bool aligned_to(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 

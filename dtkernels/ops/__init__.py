@@ -1,5 +1,6 @@
 """Public operators. Importing a module here registers its op's kernels, fake
 (meta) implementation and autograd formula with torch.library."""
 from .residual_add import residual_add
+from .concat_skip import concat_skip
 
-__all__ = ["residual_add"]
+__all__ = ["residual_add", "concat_skip"]
