@@ -37,22 +37,54 @@ Strided4<T> strided4(const at::Tensor& t) {
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// Where element (n, c, h, w) of a dense output walked as rows x cols lives: NCHW
-// rows are (n, c, h) and columns w; channels_last rows are pixels, columns c.
+// Where element (n, c, h, w) of a dense output walked as rows x cols of V-element
+// packs lives: NCHW rows are (n, c, h) and columns w; channels_last rows are pixels,
+// columns c. Both split a row index r the same way, n = r / outer, t = r / inner,
+// mid = t % mid, r - t * inner. Outputs under 2^31 elements (nearly all) use
+// FastDivmod: 64-bit divisions would cost more than the 16 bytes a pack moves.
 struct Walk {
-  int64_t rows, cols, c, h, w;
-  __device__ __forceinline__ void locate(int64_t r, int64_t k, bool cl, int64_t& n, int64_t& ch, int64_t& hh,
-                                         int64_t& ww) const {
-    if (cl) {
-      n = r / (h * w);
-      hh = r / w % h;
-      ww = r % w;
-      ch = k;
+  int64_t rows, cols, c, h, w, per_row;
+  bool cl, small;
+  FastDivmod d_row, d_outer, d_inner, d_mid;
+
+  Walk(const at::Tensor& out, bool channels_last, int v)
+      : c(out.size(1)), h(out.size(2)), w(out.size(3)), cl(channels_last) {
+    const int64_t n = out.size(0);
+    rows = cl ? n * h * w : n * c * h;
+    cols = cl ? c : w;
+    per_row = cols / v;
+    small = out.numel() < (int64_t(1) << 31);
+    if (small) {
+      d_row = FastDivmod(static_cast<uint32_t>(per_row));
+      d_outer = FastDivmod(static_cast<uint32_t>(cl ? h * w : c * h));
+      d_inner = FastDivmod(static_cast<uint32_t>(cl ? w : h));
+      d_mid = FastDivmod(static_cast<uint32_t>(cl ? h : c));
+    }
+  }
+
+  // Pack q's row r and first column k, and the (n, c, h, w) of that element.
+  __device__ __forceinline__ void locate(int64_t q, int v, int64_t& r, int64_t& k, int64_t& n, int64_t& ch,
+                                         int64_t& hh, int64_t& ww) const {
+    int64_t mid, inner;
+    if (small) {
+      const uint32_t q32 = static_cast<uint32_t>(q), r32 = d_row.div(q32);
+      const uint32_t t = d_inner.div(r32);
+      r = r32;
+      k = static_cast<int64_t>(q32 - r32 * d_row.d) * v;
+      n = d_outer.div(r32);
+      mid = d_mid.mod(t);
+      inner = r32 - t * d_inner.d;
     } else {
-      n = r / (c * h);
-      ch = r / h % c;
-      hh = r % h;
-      ww = k;
+      const int64_t in = cl ? w : h, t = (r = q / per_row) / in;
+      k = (q - r * per_row) * v;
+      n = r / (cl ? h * w : c * h);
+      mid = t % (cl ? h : c);
+      inner = r - t * in;
+    }
+    if (cl) {
+      ch = k, hh = mid, ww = inner;
+    } else {
+      ch = mid, hh = inner, ww = k;
     }
   }
 };
@@ -71,13 +103,11 @@ __device__ __forceinline__ void load_pack(const T* src, int64_t stride, Pack<T, 
 // elements (along W for NCHW, along C for channels_last) and stores them at once.
 template <typename T, int V, bool CL, typename F>
 __global__ void pack_kernel(T* __restrict__ out, Walk o, F f) {
-  const int64_t per_row = o.cols / V;
-  const int64_t packs = o.rows * per_row;
+  const int64_t packs = o.rows * o.per_row;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < packs; q += stride) {
-    const int64_t r = q / per_row, k0 = q % per_row * V;
-    int64_t n, c, h, w;
-    o.locate(r, k0, CL, n, c, h, w);
+    int64_t r, k0, n, c, h, w;
+    o.locate(q, V, r, k0, n, c, h, w);
     reinterpret_cast<Pack<T, V>*>(out + r * o.cols)[k0 / V] = f.template pack<V, CL>(n, c, h, w, o);
   }
 }
@@ -215,14 +245,13 @@ struct Adjoint {
 template <template <typename, int> class Op, typename T, typename... Args>
 void launch(at::Tensor& out, Upsample mode, Args... args) {
   const bool cl = out.is_contiguous(at::MemoryFormat::ChannelsLast) && !out.is_contiguous();
-  const int64_t n = out.size(0), c = out.size(1), h = out.size(2), w = out.size(3);
-  const Walk o = cl ? Walk{n * h * w, c, c, h, w} : Walk{n * c * h, w, c, h, w};
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto go = [&](auto v, auto m) {
     constexpr int V = decltype(v)::value, M = decltype(m)::value;
     const Op<T, M> f{args...};
+    const Walk o(out, cl, V);
     auto kernel = cl ? pack_kernel<T, V, true, Op<T, M>> : pack_kernel<T, V, false, Op<T, M>>;
-    kernel<<<grid_for(o.rows * (o.cols / V), kThreads), kThreads, 0, stream>>>(out.mutable_data_ptr<T>(), o, f);
+    kernel<<<grid_for(o.rows * o.per_row, kThreads), kThreads, 0, stream>>>(out.mutable_data_ptr<T>(), o, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   auto with_mode = [&](auto v) {
@@ -233,7 +262,7 @@ void launch(at::Tensor& out, Upsample mode, Args... args) {
     }
   };
   constexpr int kPack = 16 / sizeof(T);
-  if (o.cols % kPack == 0) with_mode(std::integral_constant<int, kPack>{});
+  if ((cl ? out.size(1) : out.size(3)) % kPack == 0) with_mode(std::integral_constant<int, kPack>{});
   else with_mode(std::integral_constant<int, 1>{});
 }
 
