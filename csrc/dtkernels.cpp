@@ -29,6 +29,18 @@ TORCH_LIBRARY(dtkernels, m) {
   m.def("concat_skip_backward(Tensor grad_up, str? upsample, int scale_factor) -> Tensor");
   m.def("_concat_skip(Tensor x, Tensor skip, str? upsample, int scale_factor) -> Tensor");
   m.def("_concat_skip_backward(Tensor grad_up, str? upsample, int scale_factor) -> Tensor");
+
+  // dense_block: a DenseNet-BC block (dtkernels.nn.DenseBlock) writing every layer's
+  // features into one preallocated buffer, which is also its output. weights: per
+  // layer [norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias,
+  // conv2.weight]; running: per layer [norm1 mean, var, norm2 mean, var] in eval
+  // mode, empty in training mode. Besides the output it returns what backward needs:
+  // each layer's bottleneck (conv1 output) and, in training, the batch statistics
+  // (mean and biased var of the buffer's channels, then of each bottleneck).
+  m.def("dense_block(Tensor x, Tensor[] weights, Tensor[] running, int growth_rate, bool training, "
+        "float eps) -> (Tensor, Tensor[], Tensor[])");
+  m.def("dense_block_backward(Tensor grad_out, Tensor out, Tensor[] bottlenecks, Tensor[] stats, "
+        "Tensor[] weights, Tensor[] running, int growth_rate, bool training, float eps) -> (Tensor, Tensor[])");
 }
 
 namespace {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def residual_add(x: Tensor, fx: Tensor, alpha: float = 1.0, activation: str | None = "relu") -> Tensor:
@@ -46,3 +46,41 @@ def concat_skip_backward(grad_up: Tensor, upsample: str | None, scale_factor: in
     if upsample == "nearest":
         return torch.ops.aten.upsample_nearest2d_backward(grad_up, *args, float(s), float(s))
     return torch.ops.aten.upsample_bilinear2d_backward(grad_up, *args, False, float(s), float(s))
+
+
+class TorchvisionDenseLayer(nn.Module):
+    """torchvision.models.densenet._DenseLayer (drop_rate=0, memory_efficient=False),
+    transcribed: every layer concatenates all earlier features, and autograd keeps
+    the concatenation, both BN-ReLU outputs and the bottleneck."""
+
+    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+
+    def forward(self, prev_features: list[Tensor]) -> Tensor:
+        concated_features = torch.cat(prev_features, 1)
+        bottleneck_output = self.conv1(self.relu1(self.norm1(concated_features)))
+        return self.conv2(self.relu2(self.norm2(bottleneck_output)))
+
+
+class TorchvisionDenseBlock(nn.ModuleDict):
+    """torchvision.models.densenet._DenseBlock, transcribed (torchvision is not a
+    dependency): the oracle and baseline of dtkernels.nn.DenseBlock, with the same
+    module names and state_dict keys."""
+
+    def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int):
+        super().__init__()
+        for i in range(num_layers):
+            layer = TorchvisionDenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size)
+            self.add_module("denselayer%d" % (i + 1), layer)
+
+    def forward(self, init_features: Tensor) -> Tensor:
+        features = [init_features]
+        for _, layer in self.items():
+            features.append(layer(features))
+        return torch.cat(features, 1)
