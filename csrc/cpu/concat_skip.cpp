@@ -2,15 +2,17 @@
 // input once and writes each output byte once (a fresh 128 MiB output costs more in
 // page faults than the copy itself, so nothing is zero-filled or staged). Parallel
 // over output rows (NCHW) or output pixels (channels_last), so both cores fault in
-// their half of the output.
+// their half of the output. Bilinear computes what ATen's generic CPU kernel does
+// (rows, then columns, one fma each), so float32 matches it bit for bit; ATen's
+// vectorised channels_last / small-image path rounds differently, by an ulp.
 //
 // Backward: only the upsample needs a kernel (the concat's adjoint is views). It is
 // a gather: each x pixel sums, in a fixed order, the output pixels that read it, so
 // it is deterministic and needs no atomics or zero-fill. The order and rounding are
-// ATen's CPU kernels': nearest sums its s x s block row by row in float; bilinear
+// ATen's CPU kernels': nearest sums its s x s block row by row in opmath; bilinear
 // accumulates fma(h_lambda * w_lambda, g, acc) over output rows, then columns,
-// then corners (00, 01, 10, 11), zero-weight corners included, so results match
-// ATen bit for bit in float32.
+// then corners (00, 01, 10, 11), zero-weight corners included, so float32 results
+// match ATen's backward bit for bit in every layout.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -75,7 +75,8 @@ struct Walk {
       mid = d_mid.mod(t);
       inner = r32 - t * d_inner.d;
     } else {
-      const int64_t in = cl ? w : h, t = (r = q / per_row) / in;
+      r = q / per_row;
+      const int64_t in = cl ? w : h, t = r / in;
       k = (q - r * per_row) * v;
       n = r / (cl ? h * w : c * h);
       mid = t % (cl ? h : c);
@@ -119,11 +120,12 @@ struct Concat {
   int64_t cx, hi, wi;
   int s;
   acc_t<T> scale;
+  FastDivmod ds;  // nearest's source index h / s, per element
 
   __device__ __forceinline__ T up(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
     using A = acc_t<T>;
     if constexpr (MODE == 0) return *x.at(n, c, h, w);
-    if constexpr (MODE == 1) return *x.at(n, c, h / s, w / s);
+    if constexpr (MODE == 1) return *x.at(n, c, ds.div(static_cast<uint32_t>(h)), ds.div(static_cast<uint32_t>(w)));
     int64_t h0, h1, w0, w1;
     A hl0, hl1, wl0, wl1;
     linear_source<A>(h, scale, hi, o.h, h0, h1, hl0, hl1);
@@ -146,7 +148,8 @@ struct Concat {
       src = x.at(n, c, h, w);
       st = x.s3;
     } else if (CL && MODE != 2 && c + V <= cx) {  // V channels of one x pixel
-      src = MODE == 1 ? x.at(n, c, h / s, w / s) : x.at(n, c, h, w);
+      src = MODE == 1 ? x.at(n, c, ds.div(static_cast<uint32_t>(h)), ds.div(static_cast<uint32_t>(w)))
+                      : x.at(n, c, h, w);
       st = x.s1;
     }
     Pack<T, V> p;
@@ -273,11 +276,13 @@ at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, std::optiona
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = new_concat_skip_output(x, skip);
   if (out.numel() == 0) return out;
+  TORCH_CHECK(out.size(2) < (int64_t(1) << 31) && out.size(3) < (int64_t(1) << 31),
+              "concat_skip: H and W must each be below 2^31 on CUDA, got ", out.sizes());
   const int s = mode == Upsample::None ? 1 : static_cast<int>(scale_factor);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_skip_cuda", [&] {
     using A = acc_t<scalar_t>;
     launch<Concat, scalar_t>(out, mode, strided4<scalar_t>(x), strided4<scalar_t>(skip), x.size(1), x.size(2),
-                             x.size(3), s, static_cast<A>(1.0 / s));
+                             x.size(3), s, static_cast<A>(1.0 / s), FastDivmod(static_cast<uint32_t>(s)));
   });
   return out;
 }

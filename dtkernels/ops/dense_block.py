@@ -17,12 +17,16 @@ Saved for backward: the buffer (once: it is the output), each layer's bottleneck
 batch statistics (training) and the weights. Nothing else: BN1-ReLU of the prefix
 and BN2-ReLU of the bottleneck are recomputed in backward from those, with the
 forward's statistics (train) or the running ones (eval), so running statistics are
-updated once, by the module, from the statistics this op returns.
+updated once, by the module, from the statistics this op returns. (Recomputing the
+1x1 convolution too would cut saved memory from 0.22x to 0.05x of torchvision's at
+the issue's shape, for one more convolution per layer; the bottleneck is kept.)
 
 Backward: one gradient buffer, a copy of the output's gradient; walking the layers
 backwards, layer i's gradient is complete in its slice when it is reached, and its
 input gradient is added in place into the prefix slice: no per-layer concatenation
-or split, no O(L^2) copies.
+or split, no copy of the prefix. BN1 is recomputed from the prefix view as a dense
+x_hat, and ATen's batch-norm backward runs on x_hat (mean 0, invstd 1, weight
+scaled by invstd), which is exact and avoids ATen's slow strided path.
 
 The ops are ATen compositions (convolutions, batch-norm backward) and run on any
 device; they are registered for CPU and CUDA directly, not through the backend
@@ -34,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import check_tensor, suggest_memory_format
+from ._common import check_tensor, new_empty_poisoned, suggest_memory_format
 
 OP = "dense_block"
 PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
@@ -102,7 +106,7 @@ def _forward(x, weights, running, growth_rate, training, eps):
     n, c0, h, w = x.shape
     layers, g = len(weights) // PER_LAYER, growth_rate
     fmt = _format(x)
-    out = torch.empty((n, c0 + layers * g, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+    out = new_empty_poisoned((n, c0 + layers * g, h, w), x, fmt)  # every channel is written below
     out[:, :c0].copy_(x)
     bottlenecks, stats = [], []
     if training:
@@ -147,6 +151,27 @@ def _bn_relu_backward(grad: Tensor, y: Tensor, x: Tensor, weight: Tensor, mean: 
                                                      False, eps, [True, True, True])
 
 
+def _normalized(x: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    """x_hat = (x - mean) * invstd, dense, from a (channel-sliced) view."""
+    return torch.addcmul((-mean * invstd).view(1, -1, 1, 1), x, invstd.view(1, -1, 1, 1))
+
+
+def _bn_relu_backward_normalized(grad: Tensor, y: Tensor, xhat: Tensor, weight: Tensor, invstd: Tensor,
+                                 training: bool):
+    """Gradients of y = relu(xhat * weight + bias), xhat = (x - mean) * invstd, w.r.t.
+    x, weight and bias from the recomputed dense xhat, so the prefix is never copied.
+    Training: ATen's batch-norm backward run on xhat as if its mean were 0 and its
+    invstd 1, with weight * invstd, is exactly the batch-statistics gradient. Eval:
+    the statistics are constants, x's gradient a per-channel scale."""
+    grad = torch.ops.aten.threshold_backward(grad, y, 0)
+    if training:
+        ones = xhat.new_ones(xhat.shape[1])
+        return torch.ops.aten.native_batch_norm_backward(grad, xhat, weight * invstd, None, None, ones * 0, ones,
+                                                         True, 0.0, [True, True, True])
+    dims = (0, 2, 3)
+    return grad * (weight * invstd).view(1, -1, 1, 1), (grad * xhat).sum(dims), grad.sum(dims)
+
+
 def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, padding: int):
     gi, gw, _ = torch.ops.aten.convolution_backward(grad, inp, weight, None, [1, 1], [padding, padding], [1, 1],
                                                     False, [0, 0], 1, [True, True, False])
@@ -172,8 +197,7 @@ def _backward(grad_out, out, bottlenecks, stats, weights, running, growth_rate, 
         ci = c0 + i * g
         n1w, n1b, c1w, n2w, n2b, c2w = _layer(weights, i)
         if training:
-            m1, is1, rm1, rv1 = mean1[:ci], invstd1[:ci], None, None
-            m2, is2, rm2, rv2 = mean2[i], invstd2[i], None, None
+            m1, is1, m2, is2, rm2, rv2 = mean1[:ci], invstd1[:ci], mean2[i], invstd2[i], None, None
         else:
             rm1, rv1, rm2, rv2 = running[4 * i:4 * i + 4]
             m1, is1, m2, is2 = rm1, _invstd(rv1, eps), rm2, _invstd(rv2, eps)
@@ -182,14 +206,14 @@ def _backward(grad_out, out, bottlenecks, stats, weights, running, growth_rate, 
         ga2, gw2 = _conv_backward(gbuf[:, ci:ci + g], a2, c2w, 1)
         gz, gn2w, gn2b = _bn_relu_backward(ga2, a2, z, n2w, m2, is2, rm2, rv2, training, eps)
         del a2, ga2
-        # A dense copy of the prefix: ATen's batch-norm backward is several times
-        # slower on a channel-sliced view than this copy costs.
-        prefix = out[:, :ci].contiguous(memory_format=fmt)
-        a1 = _bn_relu(prefix, m1, is1, n1w, n1b)  # recomputed, not saved
+        # BN1 is recomputed from the prefix view as a dense x_hat (ATen's batch-norm
+        # backward is several times slower on a channel-sliced view), then ReLU.
+        xhat = _normalized(out[:, :ci], m1, is1)
+        a1 = torch.addcmul(n1b.view(1, -1, 1, 1), xhat, n1w.view(1, -1, 1, 1)).relu_()
         ga1, gw1 = _conv_backward(gz, a1, c1w, 0)
         del gz
-        gp, gn1w, gn1b = _bn_relu_backward(ga1, a1, prefix, n1w, m1, is1, rm1, rv1, training, eps)
-        del a1, ga1
+        gp, gn1w, gn1b = _bn_relu_backward_normalized(ga1, a1, xhat, n1w, is1, training)
+        del a1, ga1, xhat
         gbuf[:, :ci].add_(gp)
         layer = [gn1w, gn1b, gw1, gn2w, gn2b, gw2]
         grads[PER_LAYER * i:PER_LAYER * (i + 1)] = [_like(gr, wt) for gr, wt in zip(layer, _layer(weights, i))]

@@ -44,8 +44,19 @@ def _tile(R, COLS, C, H, W, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.c
     return n, c, h, w, r * COLS + k, mask
 
 
+# Triton compiles a variant per pattern of integer arguments equal to 1 or divisible
+# by 16. Only the ones that make accesses contiguous and aligned are specialised:
+# the row length (16-byte stores) and the unit strides; sizes and outer strides
+# would multiply compilations (minutes of a GPU test run) for no speed.
+_NO_SPEC = ["R", "C", "CX", "H", "W", "HI", "WI", "HO", "WO", "xs0", "xs2", "ss0", "ss2", "gs0", "gs2"]
+
+
+def _jit(fn):
+    return triton.jit(fn, do_not_specialize=[a for a in _NO_SPEC if a in fn.__code__.co_varnames])
+
+
 @triton.autotune(configs=_CONFIGS, key=["R", "COLS", "CL", "MODE", "S"])
-@triton.jit
+@_jit
 def _concat_skip_kernel(x_ptr, skip_ptr, out_ptr, R, COLS, C, CX, H, W, HI, WI,
                         xs0, xs1, xs2, xs3, ss0, ss1, ss2, ss3,
                         CL: tl.constexpr, MODE: tl.constexpr, S: tl.constexpr, FP64: tl.constexpr,
@@ -84,7 +95,7 @@ def _reads(o, i, n_in, n_out, S: tl.constexpr, FP64: tl.constexpr):
 
 
 @triton.autotune(configs=_CONFIGS, key=["R", "COLS", "CL", "MODE", "S"])
-@triton.jit
+@_jit
 def _concat_skip_backward_kernel(g_ptr, gx_ptr, R, COLS, C, H, W, HO, WO, gs0, gs1, gs2, gs3,
                                  CL: tl.constexpr, MODE: tl.constexpr, S: tl.constexpr, FP64: tl.constexpr,
                                  BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
