@@ -35,6 +35,8 @@ class Case:
     target: float | None = None   # the speed-up target over the baseline (reported, never asserted)
     note: str = ""
     devices: tuple[str, ...] = ("cpu", "cuda")
+    tol: dict[str, float] | None = None  # assert_close overrides for check_case (deep compositions)
+    info: Callable[[Inputs], dict[str, Any]] | None = None  # figures besides time (e.g. memory), reported
 
     @property
     def id(self) -> str:
@@ -78,7 +80,7 @@ def check_case(case: Case, device: torch.device, backends: list[str]) -> None:
         got = _flatten(_under(b, case.candidate)(inputs))
         assert len(got) == len(expected)
         for g, e in zip(got, expected):
-            dtk.testing.assert_close(g, e, msg=f"{case.id} on {b}")
+            dtk.testing.assert_close(g, e, msg=f"{case.id} on {b}", **(case.tol or {}))
 
 
 def _flatten(r) -> list[torch.Tensor]:
@@ -194,4 +196,6 @@ def run_pytest_benchmark(benchmark, case: Case, impl: str, device: torch.device)
     benchmark.extra_info.update({"op": case.op, "case": case.name, "shape": case.shape, "impl": impl,
                                  "dtype": str(case.dtype), "device": device.type, "bytes": case.bytes,
                                  "target": case.target})
+    if case.info is not None:
+        benchmark.extra_info.update(case.info(inputs))
     benchmark.pedantic(once, rounds=7 if device.type == "cpu" else 50, iterations=1, warmup_rounds=1)

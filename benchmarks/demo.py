@@ -89,11 +89,16 @@ def main(argv=None) -> int:
               + (f"  (target {c.target}x)" if c.target else ""), flush=True)
     table = markdown(rows)
     print("\n" + table)
+    figures = {c.group: c.info(c.make(device)) for c in cases if c.info is not None}
+    figures_md = "".join(f"- {g}: " + ", ".join(f"{k} {v}" for k, v in f.items()) + "\n" for g, f in figures.items())
+    if figures:
+        print("\nOther figures:\n" + figures_md, end="")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"machine": info, "rows": rows, "figures": figures}, indent=1))
     if args.md:
         head = "\n".join(f"- {k}: {v}" for k, v in info.items())
-        Path(args.md).write_text(f"# dtkernels benchmark ({device.type})\n\n{head}\n\n{table}\n")
+        more = f"\n{figures_md}" if figures else ""
+        Path(args.md).write_text(f"# dtkernels benchmark ({device.type})\n\n{head}\n\n{table}\n{more}")
     return 1 if failed else 0
 
 

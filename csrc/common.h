@@ -4,7 +4,10 @@
 #include <ATen/ATen.h>
 
 #include <atomic>
+#include <cmath>
 #include <limits>
+#include <optional>
+#include <string>
 
 namespace dtkernels {
 
@@ -65,6 +68,94 @@ inline void check_same_shape_dtype_device(const at::Tensor& a, const char* an,
               b.scalar_type());
   TORCH_CHECK(a.device() == b.device(), op, ": ", an, " and ", bn,
               " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+// ---- Upsampling (concat_skip; reusable by any op that upsamples) ----------------
+
+enum class Upsample { None, Nearest, Bilinear };
+
+// The schema's `str? upsample`: None, "nearest" or "bilinear".
+inline Upsample parse_upsample(const std::optional<c10::string_view>& mode, const char* op) {
+  if (!mode.has_value()) return Upsample::None;
+  if (*mode == "nearest") return Upsample::Nearest;
+  if (*mode == "bilinear") return Upsample::Bilinear;
+  TORCH_CHECK_VALUE(false, op, ": upsample must be None, 'nearest' or 'bilinear', got '",
+                    std::string(*mode), "'");
+}
+
+// Fused multiply-add and floor for the host and the device, in float or double.
+C10_HOST_DEVICE inline float fma_op(float a, float b, float c) { return fmaf(a, b, c); }
+C10_HOST_DEVICE inline double fma_op(double a, double b, double c) { return ::fma(a, b, c); }
+C10_HOST_DEVICE inline float floor_op(float v) { return floorf(v); }
+C10_HOST_DEVICE inline double floor_op(double v) { return ::floor(v); }
+
+// Source rows/columns of output index `d` for bilinear, align_corners=False, exactly
+// as ATen's CPU kernel computes them (compute_source_index_and_lambda) in its opmath
+// type A (float, or double for double): `scale` is A(1.0 / scale_factor), the source
+// position one fused multiply-add, clamped at 0; equal sizes map each index onto
+// itself with weights (1, 0). Host and device share it, so every backend reads the
+// same pixels with the same weights.
+template <typename A>
+C10_HOST_DEVICE inline void linear_source(int64_t d, A scale, int64_t n_in, int64_t n_out, int64_t& i0,
+                                          int64_t& i1, A& l0, A& l1) {
+  if (n_in == n_out) {
+    i0 = i1 = d;
+    l0 = A(1);
+    l1 = A(0);
+    return;
+  }
+  A src = fma_op(scale, static_cast<A>(d) + A(0.5), A(-0.5));
+  src = src < A(0) ? A(0) : src;
+  i0 = static_cast<int64_t>(floor_op(src));
+  i0 = i0 < n_in - 1 ? i0 : n_in - 1;
+  A lam = src - static_cast<A>(i0);
+  lam = lam < A(0) ? A(0) : (lam > A(1) ? A(1) : lam);
+  i1 = i0 + (i0 < n_in - 1 ? 1 : 0);
+  l1 = lam;
+  l0 = A(1) - lam;
+}
+
+// ATen's rule for the memory format of torch.cat: channels_last only when every
+// input suggests it, NCHW otherwise (so mixed inputs give NCHW).
+inline at::MemoryFormat cat_memory_format(const at::Tensor& a, const at::Tensor& b) {
+  const auto fa = a.suggest_memory_format(), fb = b.suggest_memory_format();
+  return fa == fb ? fa : at::MemoryFormat::Contiguous;
+}
+
+// concat_skip's input contract (the Python layer checks the same with friendlier
+// types; this keeps direct calls of the native ops safe).
+inline void check_concat_skip(const at::Tensor& x, const at::Tensor& skip, Upsample mode,
+                              int64_t scale, const char* op) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && skip.dim() == 4, op, ": x and skip must be 4-D (N, C, H, W), got ",
+                    x.dim(), "-D and ", skip.dim(), "-D");
+  TORCH_CHECK_VALUE(x.scalar_type() == skip.scalar_type(), op, ": x and skip must have the same dtype, got ",
+                    x.scalar_type(), " and ", skip.scalar_type());
+  TORCH_CHECK(x.device() == skip.device(), op, ": x and skip must be on the same device, got ",
+              x.device(), " and ", skip.device());
+  TORCH_CHECK_VALUE(x.size(0) == skip.size(0), op, ": x and skip must have the same batch size, got ",
+                    x.size(0), " and ", skip.size(0));
+  const int64_t s = mode == Upsample::None ? 1 : scale;
+  TORCH_CHECK_VALUE(mode == Upsample::None || scale >= 1, op, ": scale_factor must be a positive integer, got ", scale);
+  TORCH_CHECK_VALUE(x.size(2) * s == skip.size(2) && x.size(3) * s == skip.size(3), op,
+                    ": x's spatial size ", x.sizes().slice(2), mode == Upsample::None ? "" : " times scale_factor ",
+                    mode == Upsample::None ? "" : std::to_string(scale), " must equal skip's ", skip.sizes().slice(2));
+}
+
+// concat_skip's output, (N, Cx + Cs, skip's H and W) in torch.cat's memory format.
+inline at::Tensor new_concat_skip_output(const at::Tensor& x, const at::Tensor& skip) {
+  return new_empty({x.size(0), x.size(1) + skip.size(1), skip.size(2), skip.size(3)}, skip.options(),
+                   cat_memory_format(x, skip));
+}
+
+// The upsample adjoint's checks and output: grad_up (N, C, H*s, W*s) gives x's
+// gradient (N, C, H, W) in grad_up's suggested format (as ATen's upsample backward).
+inline at::Tensor new_upsample_grad(const at::Tensor& grad_up, Upsample mode, int64_t scale, const char* op) {
+  const int64_t s = mode == Upsample::None ? 1 : scale;
+  TORCH_CHECK_VALUE(grad_up.dim() == 4, op, ": grad_up must be 4-D, got ", grad_up.dim(), "-D");
+  TORCH_CHECK_VALUE(s >= 1 && grad_up.size(2) % s == 0 && grad_up.size(3) % s == 0, op, ": grad_up's spatial size ",
+                    grad_up.sizes().slice(2), " must be a multiple of scale_factor ", scale);
+  return new_empty({grad_up.size(0), grad_up.size(1), grad_up.size(2) / s, grad_up.size(3) / s}, grad_up.options(),
+                   grad_up.suggest_memory_format());
 }
 
 }  // namespace dtkernels

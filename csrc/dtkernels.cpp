@@ -20,6 +20,27 @@ TORCH_LIBRARY(dtkernels, m) {
   m.def("residual_add_backward(Tensor grad_out, Tensor out, float scale=1.) -> Tensor");
   m.def("_residual_add(Tensor x, Tensor fx, float alpha, bool relu) -> Tensor");
   m.def("_residual_add_backward(Tensor grad_out, Tensor out, float scale) -> Tensor");
+
+  // concat_skip: cat([up(x), skip], 1), up = None (identity), "nearest" or "bilinear"
+  // (align_corners=False) by the integer scale_factor. Its backward is views except
+  // for the upsample's adjoint, concat_skip_backward: grad_up is the x-part of the
+  // output gradient (N, Cx, H*s, W*s), the result x's gradient (N, Cx, H, W).
+  m.def("concat_skip(Tensor x, Tensor skip, str? upsample=None, int scale_factor=2) -> Tensor");
+  m.def("concat_skip_backward(Tensor grad_up, str? upsample, int scale_factor) -> Tensor");
+  m.def("_concat_skip(Tensor x, Tensor skip, str? upsample, int scale_factor) -> Tensor");
+  m.def("_concat_skip_backward(Tensor grad_up, str? upsample, int scale_factor) -> Tensor");
+
+  // dense_block: a DenseNet-BC block (dtkernels.nn.DenseBlock) writing every layer's
+  // features into one preallocated buffer, which is also its output. weights: per
+  // layer [norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias,
+  // conv2.weight]; running: per layer [norm1 mean, var, norm2 mean, var] in eval
+  // mode, empty in training mode. Besides the output it returns what backward needs:
+  // each layer's bottleneck (conv1 output) and, in training, the batch statistics
+  // (mean and biased var of the buffer's channels, then of each bottleneck).
+  m.def("dense_block(Tensor x, Tensor[] weights, Tensor[] running, int growth_rate, bool training, "
+        "float eps) -> (Tensor, Tensor[], Tensor[])");
+  m.def("dense_block_backward(Tensor grad_out, Tensor out, Tensor[] bottlenecks, Tensor[] stats, "
+        "Tensor[] weights, Tensor[] running, int growth_rate, bool training, float eps) -> (Tensor, Tensor[])");
 }
 
 namespace {

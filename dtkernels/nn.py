@@ -1,6 +1,7 @@
 """Modules over the dtkernels ops, drop-in for their torch.nn counterparts."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from . import ops
@@ -19,3 +20,96 @@ class ResidualAdd(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, activation={self.activation!r}"
+
+
+class ConcatSkip(nn.Module):
+    """``cat([up(x), skip], 1)``: the U-Net decoder's upsample-and-concatenate, in one
+    pass. ``upsample`` is None, "nearest" or "bilinear" (align_corners=False)."""
+
+    def __init__(self, upsample: str | None = "nearest", scale_factor: int = 2):
+        super().__init__()
+        ops._common.check_upsample("ConcatSkip", upsample)
+        self.upsample = upsample
+        self.scale_factor = ops._common.check_scale_factor("ConcatSkip", scale_factor)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return ops.concat_skip(x, skip, upsample=self.upsample, scale_factor=self.scale_factor)
+
+    def extra_repr(self) -> str:
+        return f"upsample={self.upsample!r}, scale_factor={self.scale_factor}"
+
+
+class _DenseLayer(nn.Module):
+    """One DenseNet-BC layer's parameters, under torchvision's _DenseLayer names
+    (norm1, relu1, conv1, norm2, relu2, conv2) so state_dicts load both ways.
+    DenseBlock runs the layers; a layer on its own has no forward."""
+
+    def __init__(self, in_channels: int, growth_rate: int, bn_size: int):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_channels, bn_size * growth_rate, kernel_size=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, padding=1, bias=False)
+
+    def weights(self) -> list[Tensor]:
+        return [self.norm1.weight, self.norm1.bias, self.conv1.weight,
+                self.norm2.weight, self.norm2.bias, self.conv2.weight]
+
+
+class DenseBlock(nn.Module):
+    """DenseNet-BC dense block: each layer is BN-ReLU-1x1 conv (to bn_size * growth_rate
+    channels) then BN-ReLU-3x3 conv (to growth_rate); the output is the input and every
+    layer's features, concatenated on channels (in_channels + num_layers * growth_rate).
+
+    Drop-in for torchvision's _DenseBlock (drop_rate=0): the same children
+    (denselayer1..N) and state_dict keys. Memory-lean: every layer writes its new
+    features straight into its slice of one preallocated buffer (the output), nothing
+    is re-concatenated, and backward recomputes each layer's BN-ReLUs instead of
+    keeping them, so autograd saves the output, the 1x1 bottlenecks and per-channel
+    statistics: memory linear in depth (see dtkernels/ops/dense_block.py). Training
+    mode normalises with batch statistics and updates running statistics once per
+    forward, as BatchNorm2d does; eval mode uses the running statistics.
+    """
+
+    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bn_size: int = 4):
+        super().__init__()
+        if num_layers < 1 or in_channels < 1 or growth_rate < 1 or bn_size < 1:
+            raise ValueError("DenseBlock: num_layers, in_channels, growth_rate and bn_size must be positive")
+        self.num_layers, self.in_channels, self.growth_rate, self.bn_size = num_layers, in_channels, growth_rate, bn_size
+        for i in range(num_layers):
+            self.add_module(f"denselayer{i + 1}", _DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size))
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels + self.num_layers * self.growth_rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        layers = list(self.children())
+        weights = [t for layer in layers for t in layer.weights()]
+        norms = [(layer.norm1, layer.norm2) for layer in layers]
+        running = [] if self.training else [t for n1, n2 in norms for t in (n1.running_mean, n1.running_var,
+                                                                             n2.running_mean, n2.running_var)]
+        out, stats = ops.dense_block.dense_block(x, weights, running, self.growth_rate, self.training,
+                                                 layers[0].norm1.eps)
+        if self.training:
+            self._update_running_stats(norms, stats)
+        return out
+
+    @torch.no_grad()
+    def _update_running_stats(self, norms, stats) -> None:
+        # What BatchNorm2d does in training: running = (1 - f) * running + f * batch
+        # (the unbiased variance), f = momentum, or 1 / batches seen for momentum=None.
+        mean1, var1, _, mean2, var2, _ = (t.detach() for t in stats)
+        for i, (n1, n2) in enumerate(norms):
+            c = self.in_channels + i * self.growth_rate
+            for bn, mean, var in ((n1, mean1[:c], var1[:c]), (n2, mean2[i], var2[i])):
+                bn.num_batches_tracked.add_(1)
+                f = (1.0 / bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+                bn.running_mean.mul_(1 - f).add_(mean * f)
+                bn.running_var.mul_(1 - f).add_(var * f)
+
+    def extra_repr(self) -> str:
+        return (f"num_layers={self.num_layers}, in_channels={self.in_channels}, growth_rate={self.growth_rate}, "
+                f"bn_size={self.bn_size}")

@@ -72,3 +72,24 @@ def compile_triton(kernel, signature: dict, constexprs: dict, *, arch: int = 90,
              if aligned and (sig[name].startswith("*") or sig[name] in ("i32", "i64"))}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def saved_tensor_bytes(fn, exclude=()):
+    """Runs fn() and counts what autograd saves for backward meanwhile, through
+    torch.autograd.graph.saved_tensors_hooks: the bytes of the distinct storages
+    (a tensor saved by several nodes, or views of one buffer, count once; a view
+    counts its whole storage, which is what stays alive), leaving out storages of
+    `exclude` (parameters and buffers, which exist anyway). Returns (bytes,
+    {storage data_ptr: bytes}, fn's result)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.nbytes() and st.data_ptr() not in skip:
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(storages.values()), storages, result

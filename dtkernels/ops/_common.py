@@ -44,3 +44,46 @@ def like(result: Tensor, layout_of: Tensor) -> Tensor:
     the reference backend must agree with the fake kernel's strides."""
     out = torch.empty_like(layout_of, dtype=result.dtype)
     return out.copy_(result)
+
+
+UPSAMPLE_MODES = (None, "nearest", "bilinear")
+
+
+def check_upsample(op: str, upsample) -> None:
+    if upsample not in UPSAMPLE_MODES:
+        raise ValueError(f"{op}: upsample must be None, 'nearest' or 'bilinear', got {upsample!r}")
+
+
+def check_scale_factor(op: str, v) -> int:
+    """A positive integer (an integral float such as 2.0 is accepted)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+        raise TypeError(f"{op}: scale_factor must be a positive integer, got {v!r}")
+    if v < 1:
+        raise ValueError(f"{op}: scale_factor must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def suggest_memory_format(t: Tensor) -> torch.memory_format:
+    """ATen's Tensor::suggest_memory_format (the fake kernels must agree with C++)."""
+    from torch._prims_common import suggest_memory_format
+
+    return suggest_memory_format(t)
+
+
+def cat_memory_format(a: Tensor, b: Tensor) -> torch.memory_format:
+    """torch.cat's output format: channels_last only when both inputs suggest it."""
+    fa, fb = suggest_memory_format(a), suggest_memory_format(b)
+    return fa if fa == fb else torch.contiguous_format
+
+
+def empty_in(shape, like: Tensor, memory_format: torch.memory_format) -> Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+
+
+def new_empty_poisoned(shape, like: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """empty_in, filled with NaN when the test suite poisons outputs (as the native
+    kernels' new_empty): for Python-composed ops whose every element must be written."""
+    from .. import _C
+
+    t = empty_in(shape, like, memory_format)
+    return t.fill_(float("nan")) if _C._poison() and t.numel() else t

@@ -5,6 +5,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # Read when the kernels are defined, as triton.jit itself does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -52,3 +53,27 @@ def as_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def is_fp64(t: torch.Tensor) -> bool:
     return t.dtype == torch.float64
+
+
+@triton.jit
+def linear_source(d, n_in, S: tl.constexpr, FP64: tl.constexpr):
+    """Bilinear (align_corners=False) source indices and weights of output index
+    `d` at integer scale S, as ATen's CPU kernel and csrc/common.h linear_source
+    compute them: scale = 1/S rounded to the compute type, one fused multiply-add,
+    clamped at 0; S == 1 maps each index onto itself with weights (1, 0)."""
+    if S == 1:
+        i0 = d
+        i1 = d
+        l1 = tl.zeros(d.shape, tl.float64 if FP64 else tl.float32)
+        l0 = l1 + 1.0
+    else:
+        if FP64:
+            src = tl.fma(tl.full(d.shape, 1.0, tl.float64) / S, d.to(tl.float64) + 0.5, -0.5)
+        else:
+            src = tl.fma(tl.full(d.shape, 1.0 / S, tl.float32), d.to(tl.float32) + 0.5, -0.5)
+        src = tl.maximum(src, 0.0)
+        i0 = tl.minimum(tl.floor(src).to(d.dtype), n_in - 1)
+        l1 = tl.minimum(tl.maximum(src - i0.to(src.dtype), 0.0), 1.0)
+        l0 = 1.0 - l1
+        i1 = tl.where(i0 < n_in - 1, i0 + 1, i0)
+    return i0, i1, l0, l1

@@ -1,0 +1,357 @@
+"""concat_skip against dtkernels.reference (eager F.interpolate + torch.cat) on every
+backend that runs here. Outputs are poisoned (conftest), so an element a kernel
+forgets to write shows up as NaN."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dtkernels as dtk
+from dtkernels import reference as ref
+from dtkernels.testing import assert_close, rand
+
+from conftest import HAS_GPU, INTERPRET
+
+CL = torch.channels_last
+NCHW = torch.contiguous_format
+MODES = [(None, 1), ("nearest", 1), ("nearest", 2), ("nearest", 3), ("bilinear", 1), ("bilinear", 2),
+         ("bilinear", 3)]
+MODE_IDS = ["none", "nearest1", "nearest2", "nearest3", "bilinear1", "bilinear2", "bilinear3"]
+# (x format, skip format): both NCHW, both channels_last, mixed (the output is NCHW).
+FORMATS = [pytest.param((NCHW, NCHW), id="nchw"), pytest.param((CL, CL), id="cl"),
+           pytest.param((CL, NCHW), id="mixed")]
+
+
+def _inputs(n, cx, cs, h, w, s, *, dtype=torch.float32, device="cpu", formats=(NCHW, NCHW), grad=True):
+    x = rand(n, cx, h, w, dtype=dtype, device=device, memory_format=formats[0], requires_grad=grad)
+    skip = rand(n, cs, h * s, w * s, dtype=dtype, device=device, memory_format=formats[1], requires_grad=grad)
+    return x, skip
+
+
+def _ref_fwd_bwd(x, skip, g, mode, s):
+    """The oracle in float64 (ATen's CPU kernels), for the same inputs."""
+    xr = x.detach().cpu().double().requires_grad_()
+    sr = skip.detach().cpu().double().requires_grad_()
+    out = ref.concat_skip(xr, sr, mode, s)
+    gx, gs = torch.autograd.grad(out, (xr, sr), g.detach().cpu().double())
+    return out, gx, gs
+
+
+def _expect_layout(out, x, skip):
+    both_cl = all(t.is_contiguous(memory_format=CL) and not t.is_contiguous() for t in (x, skip))
+    fmt = CL if both_cl else NCHW
+    assert out.is_contiguous(memory_format=fmt), f"expected {fmt}, got strides {out.stride()}"
+
+
+def _check(x, skip, mode, s, g=None):
+    out = dtk.concat_skip(x, skip, upsample=mode, scale_factor=s)
+    g = rand(*out.shape, dtype=out.dtype, device=out.device) if g is None else g
+    gx, gs = torch.autograd.grad(out, (x, skip), g)
+    r, rgx, rgs = _ref_fwd_bwd(x, skip, g, mode, s)
+    dtype = x.dtype
+    assert out.dtype == dtype and out.shape == r.shape
+    assert gx.shape == x.shape and gs.shape == skip.shape
+    assert_close(out, r.to(out.device), dtype=dtype)
+    assert_close(gx, rgx.to(out.device), dtype=dtype)
+    assert_close(gs, rgs.to(out.device), dtype=dtype)
+    return out
+
+
+@pytest.mark.parametrize("formats", FORMATS)
+@pytest.mark.parametrize("mode,s", MODES, ids=MODE_IDS)
+def test_forward_backward(backend_dtype, mode, s, formats):
+    _, device, dtype = backend_dtype
+    x, skip = _inputs(2, 3, 5, 3, 5, s, dtype=dtype, device=device, formats=formats)
+    out = _check(x, skip, mode, s)
+    _expect_layout(out, x, skip)
+
+
+@pytest.mark.skipif(INTERPRET, reason="larger shapes: too slow for the Triton interpreter")
+@pytest.mark.parametrize("formats", FORMATS)
+@pytest.mark.parametrize("mode,s", [(None, 1), ("nearest", 2), ("bilinear", 2), ("nearest", 3)],
+                         ids=["none", "nearest2", "bilinear2", "nearest3"])
+def test_larger_odd_shapes(backend, mode, s, formats):
+    """Enough rows and pixels to split across threads/blocks mid-plane, odd W and C
+    (no 16-byte packs), and channel counts that straddle a pack."""
+    _, device = backend
+    for n, cx, cs, h, w in [(3, 17, 9, 13, 21), (2, 8, 24, 16, 16), (1, 1, 1, 33, 1)]:
+        x, skip = _inputs(n, cx, cs, h, w, s, device=device, formats=formats)
+        _expect_layout(_check(x, skip, mode, s), x, skip)
+
+
+@pytest.mark.parametrize("mode,s", [("nearest", 2), ("nearest", 3), ("bilinear", 1), ("bilinear", 2), ("bilinear", 3)],
+                         ids=["nearest2", "nearest3", "bilinear1", "bilinear2", "bilinear3"])
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "cl"])
+def test_bit_exact_with_aten_float32(backend, mode, s, fmt):
+    """float32 forward equals ATen's generic CPU kernel bit for bit (ATen's own
+    channels_last and small-image paths round differently, by an ulp), and the
+    backward equals ATen's CPU backward in every layout: same terms, same order,
+    same fused multiply-adds, NaN and inf included."""
+    name, device = backend
+    if name == "reference":
+        pytest.skip("the reference is ATen itself")
+    if name == "triton" and not HAS_GPU:
+        pytest.skip("the Triton interpreter rounds tl.fma twice (NumPy has no fma)")
+    x = rand(2, 4, 40, 50)  # H_out + W_out > 128: ATen's generic (not vectorised) path
+    x[0, 1, 7, 9], x[1, 3, 20, 0] = float("inf"), float("nan")
+    up = F.interpolate(x, scale_factor=s, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+    g = rand(*up.shape)
+    g[0, 0, 0, 0], g[1, 2, 31, 37] = float("inf"), float("nan")
+    xr = x.clone().requires_grad_()
+    expected_gx = torch.autograd.grad(
+        F.interpolate(xr.contiguous(memory_format=fmt), scale_factor=s, mode=mode,
+                      **({"align_corners": False} if mode == "bilinear" else {})),
+        xr, g.contiguous(memory_format=fmt))[0]
+    xd = x.to(device).contiguous(memory_format=fmt).requires_grad_()
+    skip = torch.empty(2, 0, *up.shape[2:], device=device).contiguous(memory_format=fmt)
+    out = dtk.concat_skip(xd, skip, upsample=mode, scale_factor=s)
+    (gx,) = torch.autograd.grad(out, (xd,), g.to(device).contiguous(memory_format=fmt))
+    torch.testing.assert_close(out.cpu(), up, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(gx.cpu(), expected_gx, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.sanitize
+@pytest.mark.parametrize("case", ["channel-slices", "transposed", "expanded", "misaligned", "odd-grad"])
+@pytest.mark.parametrize("mode", [None, "nearest", "bilinear"])
+def test_strided_inputs(backend, case, mode):
+    """Views that are neither NCHW nor channels_last, or not 16-byte aligned."""
+    _, device = backend
+    s = 1 if mode is None else 2
+    n, cx, cs, h, w = 2, 3, 4, 3, 4
+    g = None
+    if case == "channel-slices":  # a DenseNet-style prefix of a bigger buffer, each format
+        x = rand(n, cx + 2, h, w, device=device)[:, 1:1 + cx]
+        skip = rand(n, cs + 3, h * s, w * s, device=device, memory_format=CL)[:, 2:2 + cs]
+    elif case == "transposed":
+        x = rand(n, cx, w, h, device=device).transpose(2, 3)
+        skip = rand(n, cs, w * s, h * s, device=device).transpose(2, 3)
+    elif case == "expanded":
+        x = rand(1, cx, h, w, device=device).expand(n, -1, -1, -1)
+        skip = rand(n, cs, h * s, w * s, device=device, memory_format=CL)
+    elif case == "misaligned":
+        x = rand(n * cx * h * w + 1, device=device)[1:].view(n, cx, h, w)
+        skip = rand(n * cs * h * s * w * s + 1, device=device)[1:].view(n, cs, h * s, w * s)
+    else:
+        x, skip = _inputs(n, cx, cs, h, w, s, device=device, grad=False)
+        g = rand(n, cx + cs, w * s, h * s, device=device).transpose(2, 3)
+    x = x.detach().requires_grad_()
+    skip = skip.detach().requires_grad_()
+    _check(x, skip, mode, s, g)
+
+
+def test_scale_factor_is_ignored_without_upsample(backend):
+    _, device = backend
+    x, skip = _inputs(2, 3, 4, 5, 6, 1, device=device, grad=False)
+    assert torch.equal(dtk.concat_skip(x, skip, scale_factor=7), torch.cat([x, skip], 1))
+
+
+@pytest.mark.sanitize
+@pytest.mark.parametrize("mode", [None, "nearest", "bilinear"])
+def test_empty(backend, mode):
+    _, device = backend
+    s = 1 if mode is None else 2
+    for n, cx, cs in [(0, 3, 4), (2, 0, 4), (2, 3, 0)]:
+        x, skip = _inputs(n, cx, cs, 3, 4, s, device=device)
+        out = dtk.concat_skip(x, skip, upsample=mode, scale_factor=s)
+        assert out.shape == (n, cx + cs, 3 * s, 4 * s)
+        gx, gs = torch.autograd.grad(out, (x, skip), torch.ones_like(out))
+        assert gx.shape == x.shape and gs.shape == skip.shape
+        if gx.numel() and mode != "bilinear":
+            assert torch.equal(gx, torch.full_like(gx, float(s * s)))
+
+
+def test_inputs_not_modified(backend_dtype):
+    _, device, dtype = backend_dtype
+    for mode in (None, "nearest", "bilinear"):
+        s = 1 if mode is None else 2
+        x, skip = _inputs(2, 3, 4, 3, 5, s, dtype=dtype, device=device)
+        out = dtk.concat_skip(x, skip, upsample=mode)
+        g = rand(*out.shape, dtype=dtype, device=device)
+        before = [t.detach().clone() for t in (x, skip, g)]
+        out.backward(g)
+        for b, t in zip(before, (x, skip, g)):
+            assert torch.equal(b, t.detach())
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_backward_is_deterministic(backend, mode):
+    _, device = backend
+    x, skip = _inputs(2, 6, 3, 7, 9, 3, device=device, formats=(CL, CL))
+    out = dtk.concat_skip(x, skip, upsample=mode, scale_factor=3)
+    g = rand(*out.shape, device=device)
+    first = torch.autograd.grad(out, (x, skip), g, retain_graph=True)
+    second = torch.autograd.grad(out, (x, skip), g)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_saves_nothing_and_gradients_are_views():
+    """Backward keeps no tensor; skip's gradient (and x's without upsample) is a
+    view of the output gradient, no kernel and no copy."""
+    for mode, s in [(None, 1), ("nearest", 2)]:
+        x, skip = _inputs(2, 3, 4, 5, 6, s)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = dtk.concat_skip(x, skip, upsample=mode, scale_factor=s)
+        assert saved == []
+        g = rand(*out.shape)
+        gx, gs = torch.autograd.grad(out, (x, skip), g)
+        assert gs.untyped_storage().data_ptr() == g.untyped_storage().data_ptr()
+        assert (gx.untyped_storage().data_ptr() == g.untyped_storage().data_ptr()) == (mode is None)
+
+
+@pytest.mark.parametrize("mode", [None, "nearest", "bilinear"])
+def test_opcheck(backend, mode):
+    _, device = backend
+    s = 1 if mode is None else 2
+    samples = [
+        _inputs(2, 3, 4, 3, 5, s, device=device),
+        _inputs(2, 3, 4, 3, 5, s, device=device, formats=(CL, CL)),
+        _inputs(1, 2, 3, 2, 2, s, device=device, formats=(CL, NCHW)),
+    ]
+    for x, skip in samples:
+        for sample in ((x, skip), (x.detach(), skip.detach())):
+            torch.library.opcheck(torch.ops.dtkernels.concat_skip.default, (*sample, mode, s))
+        torch.library.opcheck(torch.ops.dtkernels._concat_skip.default, (x.detach(), skip.detach(), mode, s))
+        g = rand(2, 3, 6, 10, device=device, memory_format=CL if x.is_contiguous(memory_format=CL) else None)
+        for gg in (g, g.detach().requires_grad_()):
+            torch.library.opcheck(torch.ops.dtkernels.concat_skip_backward.default, (gg, mode, s))
+        torch.library.opcheck(torch.ops.dtkernels._concat_skip_backward.default, (g.detach(), mode, s))
+
+
+def test_gradcheck_float64(backend):
+    name, device = backend
+    if device.type != "cpu":
+        pytest.skip("float64 is claimed on the CPU only")
+    if name == "triton":
+        pytest.skip("gradcheck runs the kernels ~1000 times: too slow for the interpreter "
+                    "(test_forward_backward checks the Triton gradients against float64)")
+    for mode, s in [(None, 1), ("nearest", 2), ("bilinear", 2), ("bilinear", 3)]:
+        x, skip = _inputs(2, 2, 3, 3, 4, s, dtype=torch.float64)
+        f = lambda a, b: dtk.concat_skip(a, b, upsample=mode, scale_factor=s)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, skip))
+        assert torch.autograd.gradgradcheck(f, (x, skip))
+
+
+def test_meta_and_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.empty(2, 3, 4, 5, device="meta").contiguous(memory_format=CL)
+    skip = torch.empty(2, 6, 8, 10, device="meta").contiguous(memory_format=CL)
+    out = dtk.concat_skip(x, skip, upsample="bilinear")
+    assert out.device.type == "meta" and out.shape == (2, 9, 8, 10) and out.is_contiguous(memory_format=CL)
+    with FakeTensorMode():
+        a, b = torch.empty(4, 5, 6, 7), torch.empty(4, 2, 18, 21)
+        assert dtk.concat_skip(a, b, upsample="nearest", scale_factor=3).shape == (4, 7, 18, 21)
+        g = torch.empty(4, 5, 18, 21)
+        assert torch.ops.dtkernels.concat_skip_backward(g, "nearest", 3).shape == (4, 5, 6, 7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [None, "bilinear"])
+def test_torch_compile_fullgraph(backend, mode):
+    _, device = backend
+    torch._dynamo.reset()
+
+    def decoder(x, skip, w):
+        return dtk.concat_skip(x * w, skip, upsample=mode).relu().sum(dim=1)
+
+    compiled = torch.compile(decoder, fullgraph=True)
+    s = 1 if mode is None else 2
+    x, skip = _inputs(2, 4, 3, 5, 6, s, device=device, formats=(CL, CL))
+    w = rand(1, 4, 1, 1, device=device, requires_grad=True)
+    out = compiled(x, skip, w)
+    g = rand(*out.shape, device=device)
+    grads = torch.autograd.grad(out, (x, skip, w), g)
+    ref_out = decoder(x, skip, w)
+    ref_grads = torch.autograd.grad(ref_out, (x, skip, w), g)
+    assert_close(out, ref_out)
+    for a, b in zip(grads, ref_grads):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_errors():
+    x, skip = _inputs(2, 3, 4, 5, 6, 2, grad=False)
+    cs = dtk.concat_skip
+    with pytest.raises(ValueError, match="4-D"):
+        cs(x[0], skip[0], upsample="nearest")
+    with pytest.raises(ValueError, match="same dtype"):
+        cs(x, skip.double(), upsample="nearest")
+    with pytest.raises(ValueError, match="same batch size, got 2 and 1"):
+        cs(x, skip[:1], upsample="nearest")
+    with pytest.raises(ValueError, match=r"x's spatial size \[5, 6\] times scale_factor 3 must equal skip's \[10, 12\]"):
+        cs(x, skip, upsample="nearest", scale_factor=3)
+    with pytest.raises(ValueError, match=r"x's spatial size \[5, 6\] must equal skip's \[10, 12\]"):
+        cs(x, skip)
+    with pytest.raises(ValueError, match="upsample must be None, 'nearest' or 'bilinear'"):
+        cs(x, skip, upsample="bicubic")
+    with pytest.raises(ValueError, match="scale_factor must be a positive integer"):
+        cs(x, skip, upsample="nearest", scale_factor=0)
+    for bad in (1.5, True, "2"):
+        with pytest.raises(TypeError, match="scale_factor must be a positive integer"):
+            cs(x, skip, upsample="nearest", scale_factor=bad)
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
+        cs(x.long(), skip.long(), upsample="nearest")
+    with pytest.raises(TypeError, match="must be a Tensor"):
+        cs(x, 1.0)
+    assert cs(x, skip, upsample="nearest", scale_factor=2.0).shape == (2, 7, 10, 12)
+    # The native kernels check too (direct calls bypass the Python checks).
+    with pytest.raises(ValueError, match="same batch size"):
+        torch.ops.dtkernels._concat_skip(x, skip[:1], "nearest", 2)
+    with pytest.raises(ValueError, match="must equal skip's"):
+        torch.ops.dtkernels._concat_skip(x, skip, "bilinear", 3)
+    with pytest.raises(ValueError, match="upsample must be None, 'nearest' or 'bilinear'"):
+        torch.ops.dtkernels._concat_skip(x, skip, "area", 2)
+    with pytest.raises(ValueError, match="multiple of scale_factor"):
+        torch.ops.dtkernels._concat_skip_backward(rand(2, 3, 5, 6), "nearest", 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_device_mismatch_is_an_error():
+    x, skip = _inputs(2, 3, 4, 5, 6, 2, grad=False)
+    with pytest.raises(RuntimeError, match="same device"):
+        dtk.concat_skip(x.cuda(), skip, upsample="nearest")
+
+
+def test_ops_are_registered():
+    for op in ("concat_skip", "concat_skip_backward", "_concat_skip", "_concat_skip_backward"):
+        assert isinstance(getattr(torch.ops.dtkernels, op).default, torch._ops.OpOverload)
+    from dtkernels import backends
+
+    assert backends.kernel("concat_skip", torch.device("cpu")) is torch.ops.dtkernels._concat_skip
+
+
+def test_module():
+    m = dtk.nn.ConcatSkip(upsample="bilinear", scale_factor=3)
+    x, skip = _inputs(2, 3, 4, 2, 3, 3, grad=False)
+    assert_close(m(x, skip), ref.concat_skip(x, skip, "bilinear", 3))
+    assert "upsample='bilinear', scale_factor=3" in repr(m)
+    with pytest.raises(ValueError):
+        dtk.nn.ConcatSkip(upsample="area")
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles the real kernels; the interpreter replaces them")
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_triton_kernels_compile_for_sm90(dtype):
+    """Every Triton kernel (each mode, both layouts) lowers to sm_90 code here."""
+    pytest.importorskip("triton")
+    from dtkernels.testing import compile_triton
+    from dtkernels.triton import concat_skip as k
+
+    p = f"*{dtype}"
+    ints = {name: "i64" for name in ("R", "COLS", "C", "CX", "H", "W", "HI", "WI", "HO", "WO")}
+    strides = {f"{t}s{i}": "i64" for t in "xsg" for i in range(4)}
+    fwd = {"x_ptr": p, "skip_ptr": p, "out_ptr": p, **ints, **strides}
+    bwd = {"g_ptr": p, "gx_ptr": p, **ints, **strides}
+    for mode, s in [(0, 1), (1, 2), (2, 2), (2, 3)]:
+        for cl in (False, True):
+            const = {"CL": cl, "MODE": mode, "S": s, "FP64": False, "BLOCK": 2048, "BLOCK_C": 64 if cl else 128}
+            for kernel, sig in ((k._concat_skip_kernel, fwd), (k._concat_skip_backward_kernel, bwd)):
+                c = compile_triton(kernel, sig, const, aligned=not (mode == 2 and cl))
+                assert "cubin" in c.asm
+    if dtype == "fp32":  # the skip rows are copied with 16-byte accesses
+        c = compile_triton(k._concat_skip_kernel, fwd, {"CL": False, "MODE": 0, "S": 1, "FP64": False,
+                                                        "BLOCK": 2048, "BLOCK_C": 128})
+        assert "st.global.v4" in c.asm["ptx"]
