@@ -45,6 +45,19 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def _figures_md(figures: dict[str, dict]) -> str:
+    return "".join(f"- {g}: " + ", ".join(f"{k} {v}" for k, v in f.items()) + "\n" for g, f in figures.items())
+
+
+def write(args, info: dict, device: torch.device, rows: list[dict], figures: dict) -> None:
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "rows": rows, "figures": figures}, indent=1))
+    if args.md:
+        head = "\n".join(f"- {k}: {v}" for k, v in info.items())
+        more = f"\n{_figures_md(figures)}" if figures else ""
+        Path(args.md).write_text(f"# dtkernels benchmark ({device.type})\n\n{head}\n\n{markdown(rows)}\n{more}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -78,27 +91,26 @@ def main(argv=None) -> int:
             print(f"  {op:16s} MISMATCH\n{e}")
 
     print("\nSpeed (median of interleaved rounds; × torch > 1 means faster than eager PyTorch):")
-    rows = []
+    rows: list[dict] = []
+    figures: dict[str, dict] = {}
     for c in cases:
-        stats = time_case(c, device, backends, rounds=args.rounds)
-        rows += rows_for(c, device, stats)
-        best = max((r for r in rows if r["impl"].startswith("dtk-") and r["case"] == c.name
-                    and r["shape"] == c.shape and r["op"] == c.op and r["dtype"] == str(c.dtype)[6:]),
-                   key=lambda r: r["speedup_vs_torch"])
+        try:
+            stats = time_case(c, device, backends, rounds=args.rounds)
+        except Exception as e:  # one broken case must not hide the others' numbers
+            failed += 1
+            print(f"  {c.group:48s} FAILED: {type(e).__name__}: {e}", flush=True)
+            continue
+        new = rows_for(c, device, stats)
+        rows += new
+        best = max((r for r in new if r["impl"].startswith("dtk-")), key=lambda r: r["speedup_vs_torch"])
         print(f"  {c.group:48s} {best['impl']:11s} {best['speedup_vs_torch']:5.2f}x torch"
               + (f"  (target {c.target}x)" if c.target else ""), flush=True)
-    table = markdown(rows)
-    print("\n" + table)
-    figures = {c.group: c.info(c.make(device)) for c in cases if c.info is not None}
-    figures_md = "".join(f"- {g}: " + ", ".join(f"{k} {v}" for k, v in f.items()) + "\n" for g, f in figures.items())
+        if c.info is not None:
+            figures[c.group] = c.info(c.make(device))
+        write(args, info, device, rows, figures)  # after every case: a timeout keeps what was measured
+    print("\n" + markdown(rows))
     if figures:
-        print("\nOther figures:\n" + figures_md, end="")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "rows": rows, "figures": figures}, indent=1))
-    if args.md:
-        head = "\n".join(f"- {k}: {v}" for k, v in info.items())
-        more = f"\n{figures_md}" if figures else ""
-        Path(args.md).write_text(f"# dtkernels benchmark ({device.type})\n\n{head}\n\n{table}\n{more}")
+        print("\nOther figures:\n" + _figures_md(figures), end="")
     return 1 if failed else 0
 
 
