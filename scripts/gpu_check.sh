@@ -3,7 +3,8 @@
 #   build for this GPU's arch only, run the Triton and CUDA tests against the
 #   reference, compute-sanitizer memcheck on a small subset, then quick benchmarks.
 # Results land in $OUT (default ./out): summary.md, info.txt, build.log, tests.log,
-# sanitizer.log, gpu_bench.md, gpu_bench.json. Commit gpu_bench.md to benchmarks/results/.
+# sanitizer.log, bench.log, gpu_bench.md, gpu_bench.json (8 files). Commit gpu_bench.md to
+# benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -44,6 +45,5 @@ fi
 # Every case (results are written after each one, so a timeout keeps what was measured).
 step bench ${BENCH_TIMEOUT:-200} "$OUT/bench.log" $PY benchmarks/demo.py --device cuda --rounds ${BENCH_ROUNDS:-10} \
   --json "$OUT/gpu_bench.json" --md "$OUT/gpu_bench.md"
-rm -f "$OUT/bench.log"  # its table is gpu_bench.md
 cat "$summary"
 exit $rc_all
