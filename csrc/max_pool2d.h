@@ -121,6 +121,24 @@ inline PoolOutputs new_pool_outputs(const at::Tensor& input, const Pool2d& g, bo
   return o;
 }
 
+// A validated forward call: geometry, fresh outputs, and the input in the layout the
+// kernels read (a copy only for odd layouts). Call under the device's guard.
+struct PoolForward {
+  Pool2d g;
+  PoolOutputs res;
+  at::Tensor x;
+};
+
+inline PoolForward prepare_forward(const at::Tensor& input, at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p,
+                                   at::IntArrayRef d, bool ceil_mode, bool channels_last, bool want_indices,
+                                   bool want_offsets) {
+  PoolForward f;
+  f.g = pool2d_geometry(input, k, s, p, d, ceil_mode, channels_last);
+  f.res = new_pool_outputs(input, f.g, want_indices, want_offsets);
+  if (f.res.out.numel() != 0) f.x = input.contiguous(pool_format(f.g));
+  return f;
+}
+
 // Validates a backward call and returns its geometry (from the input's sizes).
 inline Pool2d pool2d_backward_geometry(const at::Tensor& grad_out, const at::Tensor& offsets, at::IntArrayRef input_size,
                                        at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d,
@@ -156,6 +174,27 @@ inline Pool2d pool2d_backward_geometry(const at::Tensor& grad_out, const at::Ten
               offsets_dtype(g.taps()), " for a ", g.kh, "x", g.kw, " window, got ", offsets.scalar_type());
   TORCH_CHECK(offsets.device() == grad_out.device(), "max_pool2d_backward: offsets and grad_out must be on the same device");
   return g;
+}
+
+// A validated backward call: geometry, the fresh grad_input, and grad_out and offsets
+// in the layout the kernels read. Call under the device's guard.
+struct PoolBackward {
+  Pool2d g;
+  at::Tensor grad_input, grad_out, offsets;
+};
+
+inline PoolBackward prepare_backward(const at::Tensor& grad_out, const at::Tensor& offsets,
+                                     at::IntArrayRef input_size, at::IntArrayRef k, at::IntArrayRef s,
+                                     at::IntArrayRef p, at::IntArrayRef d, bool channels_last) {
+  PoolBackward b;
+  b.g = pool2d_backward_geometry(grad_out, offsets, input_size, k, s, p, d, channels_last);
+  const auto fmt = pool_format(b.g);
+  b.grad_input = new_empty(input_size, grad_out.options(), fmt);
+  if (b.grad_input.numel() != 0) {
+    b.grad_out = grad_out.contiguous(fmt);
+    b.offsets = offsets.contiguous(fmt);
+  }
+  return b;
 }
 
 }  // namespace dtkernels

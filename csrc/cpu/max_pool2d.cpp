@@ -106,14 +106,23 @@ DTK_INLINE int64_t row_windows(const Pool2d& g, int64_t ih, int64_t* oh, int64_t
 
 // ---- vector loops (inlined into each ISA clone) -------------------------------------
 
-// The fold of `ntaps` taps into outputs [o0, o0 + U vectors), ATen's rule: a value
-// replaces the running max when it is greater or NaN. The running max and its
-// code live in registers across all taps (the fixed-size block vectorises fully);
-// tap k's values for output o are taps[k][o].
+// A window's taps: tap k's values for outputs 0, 1, ... are base[shift + rel[k] + o],
+// and the tap records code[k] when it wins.
+template <typename S>
+struct Taps {
+  const S* base;
+  int64_t shift;
+  const int64_t* rel;
+  const int32_t* code;
+  int64_t n;
+};
+
+// The fold of the taps into outputs [o0, o0 + U vectors), ATen's rule: a value
+// replaces the running max when it is greater or NaN. The running max and its code
+// live in registers across all taps (the fixed-size block vectorises fully).
 template <bool TRACK, int U, typename S, typename T>
-DTK_INLINE void pool_block(const S* const* DTK_RESTRICT taps, const int32_t* DTK_RESTRICT codes, int64_t ntaps,
-                           const int32_t* DTK_RESTRICT init, int32_t c0, int64_t o0, T* DTK_RESTRICT out,
-                           int32_t* DTK_RESTRICT t) {
+DTK_INLINE void pool_block(const Taps<S>& tp, const int32_t* DTK_RESTRICT init, int32_t c0, int64_t o0,
+                           T* DTK_RESTRICT out, int32_t* DTK_RESTRICT t) {
   using A = acc_t<T>;
   using L = Lanes<A>;
   constexpr int N = L::N;
@@ -123,9 +132,10 @@ DTK_INLINE void pool_block(const S* const* DTK_RESTRICT taps, const int32_t* DTK
     mm[u] = typename L::V{} - std::numeric_limits<A>::infinity();
     if (TRACK) tt[u] = loadu<typename L::I>(init + o0 + u * N) + c0;
   }
-  for (int64_t k = 0; k < ntaps; ++k) {
-    const S* v = taps[k] + o0;
-    const int32_t c = codes[k];
+  const S* base = tp.base + tp.shift + o0;
+  for (int64_t k = 0; k < tp.n; ++k) {
+    const S* v = base + tp.rel[k];
+    const int32_t c = TRACK ? tp.code[k] : 0;
     for (int u = 0; u < U; ++u) {
       const typename L::V x = vload(v + u * N);
       const typename L::M upd = (x > mm[u]) | (x != x);
@@ -139,18 +149,17 @@ DTK_INLINE void pool_block(const S* const* DTK_RESTRICT taps, const int32_t* DTK
   }
 }
 
-// The same for one output, when a span is shorter than a block.
+// The same for one output, when a span is shorter than a vector.
 template <bool TRACK, typename S, typename T>
-DTK_INLINE void pool_one(const S* const* taps, const int32_t* codes, int64_t ntaps, const int32_t* init, int32_t c0,
-                         int64_t o, T* out, int32_t* t) {
+DTK_INLINE void pool_one(const Taps<S>& tp, const int32_t* init, int32_t c0, int64_t o, T* out, int32_t* t) {
   using A = acc_t<T>;
   A mm = -std::numeric_limits<A>::infinity();
-  int32_t tt = c0 + init[o];
-  for (int64_t k = 0; k < ntaps; ++k) {
-    const A x = static_cast<A>(taps[k][o]);
+  int32_t tt = TRACK ? c0 + init[o] : 0;
+  for (int64_t k = 0; k < tp.n; ++k) {
+    const A x = static_cast<A>(tp.base[tp.shift + tp.rel[k] + o]);
     if (x > mm || x != x) {
       mm = x;
-      tt = codes[k];
+      if (TRACK) tt = tp.code[k];
     }
   }
   out[o] = static_cast<T>(mm);
@@ -160,28 +169,28 @@ DTK_INLINE void pool_one(const S* const* taps, const int32_t* codes, int64_t nta
 // Outputs [0, n) in blocks of U vectors, the last block overlapping its predecessor
 // (recomputing an output is harmless).
 template <bool TRACK, int U, typename S, typename T>
-DTK_INLINE void pool_blocks(const S* const* taps, const int32_t* codes, int64_t ntaps, const int32_t* init,
-                            int32_t c0, int64_t n, T* out, int32_t* t) {
+DTK_INLINE void pool_blocks(const Taps<S>& tp, const int32_t* init, int32_t c0, int64_t n, T* out, int32_t* t) {
   constexpr int64_t B = U * Lanes<acc_t<T>>::N;
   for (int64_t o0 = 0;; o0 += B) {
     if (o0 + B > n) o0 = n - B;
-    pool_block<TRACK, U>(taps, codes, ntaps, init, c0, o0, out, t);
+    pool_block<TRACK, U>(tp, init, c0, o0, out, t);
     if (o0 + B == n) break;
   }
 }
 
-// Outputs [0, n): four vectors at a time (each tap's pointer and code loaded once for
-// all four), one vector, or one element when n is shorter than a vector.
+// Outputs [0, n): up to eight vectors at a time (one pass over each tap's run), or
+// one element at a time when n is shorter than a vector.
 template <bool TRACK, typename S, typename T>
-DTK_INLINE void pool_span(const S* const* taps, const int32_t* codes, int64_t ntaps, const int32_t* init, int32_t c0,
-                          int64_t n, T* out, int32_t* t) {
+DTK_INLINE void pool_span(const Taps<S>& tp, const int32_t* init, int32_t c0, int64_t n, T* out, int32_t* t) {
   constexpr int64_t N = Lanes<acc_t<T>>::N;
-  if (n >= 4 * N) {
-    pool_blocks<TRACK, 4>(taps, codes, ntaps, init, c0, n, out, t);
+  if (n >= 8 * N && n % (8 * N) == 0) {
+    pool_blocks<TRACK, 8>(tp, init, c0, n, out, t);
+  } else if (n >= 4 * N) {
+    pool_blocks<TRACK, 4>(tp, init, c0, n, out, t);
   } else if (n >= N) {
-    pool_blocks<TRACK, 1>(taps, codes, ntaps, init, c0, n, out, t);
+    pool_blocks<TRACK, 1>(tp, init, c0, n, out, t);
   } else {
-    for (int64_t o = 0; o < n; ++o) pool_one<TRACK>(taps, codes, ntaps, init, c0, o, out, t);
+    for (int64_t o = 0; o < n; ++o) pool_one<TRACK>(tp, init, c0, o, out, t);
   }
 }
 
@@ -287,9 +296,8 @@ DTK_INLINE void forward_split(const Plan& p, const T* in, const FwdOut& o, int64
   const Pool2d& g = p.g;
   const int64_t n = p.row_out, slot = p.len * g.sw * p.B;
   std::vector<A> rows(slot * g.kh, -std::numeric_limits<A>::infinity());
-  std::vector<int64_t> tag(g.kh, -1), need(g.kh);
-  std::vector<const A*> taps(g.taps());
-  std::vector<int32_t> codes(g.taps()), t(TRACK ? n : 0);
+  std::vector<int64_t> tag(g.kh, -1), need(g.kh), rel(g.taps());
+  std::vector<int32_t> code(g.taps()), t(TRACK ? n : 0);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t plane = r / g.Ho, oh = r % g.Ho;
     const int64_t i0 = Pool2d::first_tap(oh, g.sh, g.ph, g.dh);
@@ -311,46 +319,70 @@ DTK_INLINE void forward_split(const Plan& p, const T* in, const FwdOut& o, int64
       }
       const int32_t ci = static_cast<int32_t>((i0 + k) * p.ci);
       for (int64_t j = 0; j < g.kw; ++j) {
-        taps[ntaps] = rows.data() + s * slot + p.at[j];
-        codes[ntaps++] = ci + static_cast<int32_t>(j) * p.cj;
+        rel[ntaps] = s * slot + p.at[j];
+        code[ntaps++] = ci + static_cast<int32_t>(j) * p.cj;
       }
     }
-    pool_span<TRACK>(taps.data(), codes.data(), ntaps, p.init_j.data(), static_cast<int32_t>(i0 * p.ci), n,
-                     static_cast<T*>(o.out) + r * n, t.data());
+    const Taps<A> tp{rows.data(), 0, rel.data(), code.data(), ntaps};
+    pool_span<TRACK>(tp, p.init_j.data(), static_cast<int32_t>(i0 * p.ci), n, static_cast<T*>(o.out) + r * n,
+                     t.data());
     store_codes<TRACK>(p, o, t.data(), r * n, oh, p.col.data(), n);
   }
 }
 
 // channels_last output rows [r0, r1), row r = n * Ho + oh, read in place: each tap is
-// a contiguous run of C >= kDirectC channels.
+// a contiguous run of C >= kDirectC channels. Taps are offsets from the window's
+// first pixel; the interior of a row shares one table, border windows filter it.
 template <typename T, bool TRACK>
 DTK_INLINE void forward_direct(const Plan& p, const T* in, const FwdOut& o, int64_t r0, int64_t r1) {
   const Pool2d& g = p.g;
   const int64_t C = g.C;
-  std::vector<const T*> taps(g.taps());
-  std::vector<int32_t> codes(g.taps()), zeros(C, 0), t(TRACK ? C : 0);
+  std::vector<int64_t> rel(g.taps()), brel(g.taps()), pre(g.kh);
+  std::vector<int32_t> code(g.taps()), bcode(g.taps()), zeros(C, 0), t(TRACK ? C : 0);
+  std::vector<int32_t> tap_j(g.taps());
+  // the interior: windows whose columns all lie inside the input
+  const int64_t ow_lo = std::min(g.Wo, (g.pw + g.sw - 1) / g.sw);
+  const int64_t ow_hi = std::max(ow_lo, std::min(g.Wo, div_floor(g.W - 1 + g.pw - (g.kw - 1) * g.dw, g.sw) + 1));
+  const int64_t ahead = static_cast<int64_t>(sizeof(T)) * C * g.sw;  // bytes a window moves right by
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t img = r / g.Ho, oh = r % g.Ho;
     const int64_t i0 = Pool2d::first_tap(oh, g.sh, g.ph, g.dh);
-    for (int64_t ow = 0; ow < g.Wo; ++ow) {
-      {  // prefetch the input columns window ow + kAhead adds
-        const int64_t last = (ow + kAhead) * g.sw - g.pw + (g.kw - 1) * g.dw;
-        for (int64_t i = i0, ih = oh * g.sh - g.ph + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh)
-          for (int64_t iw = std::max<int64_t>(0, last - g.sw + 1); iw <= last && iw < g.W; ++iw) {
-            const char* px = reinterpret_cast<const char*>(in + ((img * g.H + ih) * g.W + iw) * C);
-            for (int64_t b = 0; b < C * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(px + b);
-          }
+    int64_t ntaps = 0, nr = 0;
+    for (int64_t i = i0, ih = oh * g.sh - g.ph + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh) {
+      pre[nr++] = ((img * g.H + ih) * g.W + (g.kw - 1) * g.dw) * C;  // the row's last tap of window 0
+      for (int64_t j = 0; j < g.kw; ++j) {
+        rel[ntaps] = ((img * g.H + ih) * g.W + j * g.dw) * C;
+        tap_j[ntaps] = static_cast<int32_t>(j);
+        code[ntaps++] = static_cast<int32_t>(i * p.ci + j * p.cj);
       }
-      const int64_t j0 = Pool2d::first_tap(ow, g.sw, g.pw, g.dw);
-      int64_t ntaps = 0;
-      for (int64_t i = i0, ih = oh * g.sh - g.ph + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh)
-        for (int64_t j = j0, iw = ow * g.sw - g.pw + j0 * g.dw; j < g.kw && iw < g.W; ++j, iw += g.dw) {
-          taps[ntaps] = in + ((img * g.H + ih) * g.W + iw) * C;
-          codes[ntaps++] = static_cast<int32_t>(i * p.ci + j * p.cj);
+    }
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      const int64_t w0 = ow * g.sw - g.pw;  // the window's first column (maybe in the padding)
+      // Prefetch what window ow + kAhead adds (the hardware prefetchers lose track of
+      // the interleaved rows): its last tap column in each row, and the sw-1 before it.
+      for (int64_t k = 0; k < nr; ++k) {
+        const int64_t col = w0 + kAhead * g.sw;
+        if (col + (g.kw - 1) * g.dw < g.W) {
+          const char* px = reinterpret_cast<const char*>(in + pre[k] + col * C) - (g.sw - 1) * C * sizeof(T);
+          for (int64_t b = 0; b < ahead; b += 64) __builtin_prefetch(px + b);
         }
+      }
+      Taps<T> tp{in, w0 * C, rel.data(), code.data(), ntaps};
+      const int64_t j0 = Pool2d::first_tap(ow, g.sw, g.pw, g.dw);
+      if (ow < ow_lo || ow >= ow_hi) {  // border: only the taps inside the input
+        int64_t nb = 0;
+        for (int64_t k = 0; k < ntaps; ++k) {
+          const int64_t iw = w0 + tap_j[k] * g.dw;
+          if (iw >= 0 && iw < g.W) {
+            brel[nb] = rel[k];
+            bcode[nb++] = code[k];
+          }
+        }
+        tp = Taps<T>{in, w0 * C, brel.data(), bcode.data(), nb};
+      }
       const int64_t q = (r * g.Wo + ow) * C;
-      pool_span<TRACK>(taps.data(), codes.data(), ntaps, zeros.data(), static_cast<int32_t>(i0 * p.ci + j0 * p.cj),
-                       C, static_cast<T*>(o.out) + q, t.data());
+      pool_span<TRACK>(tp, zeros.data(), static_cast<int32_t>(i0 * p.ci + j0 * p.cj), C,
+                       static_cast<T*>(o.out) + q, t.data());
       store_codes<TRACK>(p, o, t.data(), q, oh, p.col.data() + ow * C, C);
     }
   }
@@ -418,10 +450,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
                                                           at::IntArrayRef dilation, bool ceil_mode,
                                                           bool channels_last, bool return_indices,
                                                           bool return_offsets) {
-  const Pool2d g = pool2d_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, channels_last);
-  PoolOutputs res = new_pool_outputs(input, g, return_indices, return_offsets);
+  PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, channels_last,
+                                  return_indices, return_offsets);
+  const Pool2d& g = f.g;
+  PoolOutputs& res = f.res;
   if (res.out.numel() == 0) return {res.out, res.indices, res.offsets};
-  const at::Tensor x = input.contiguous(pool_format(g));  // a copy only for odd layouts
   // Indices alone: record each tap's flat-index offset directly when it fits int32.
   const bool delta_codes = return_indices && !return_offsets &&
                            (g.kh - 1) * g.dh * g.W + (g.kw - 1) * g.dw <= std::numeric_limits<int32_t>::max();
@@ -430,8 +463,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
                  static_cast<int>(res.offsets.element_size()),
                  return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr};
   const int64_t rows = planes(g) * g.Ho;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d", [&] {
-    const scalar_t* in = x.const_data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "max_pool2d", [&] {
+    const scalar_t* in = f.x.const_data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_rows(p.row_out * g.taps()),
                      [&](int64_t r0, int64_t r1) { forward_k(p, in, o, r0, r1); });
   });
@@ -441,26 +474,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
 at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& offsets, at::IntArrayRef input_size,
                                at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, bool channels_last) {
-  const Pool2d g = pool2d_backward_geometry(grad_out, offsets, input_size, kernel_size, stride, padding, dilation,
-                                            channels_last);
-  const auto fmt = pool_format(g);
-  at::Tensor gi = new_empty(input_size, grad_out.options(), fmt);
-  if (gi.numel() == 0) return gi;
-  const at::Tensor go = grad_out.contiguous(fmt);
-  const at::Tensor off = offsets.contiguous(fmt);
+  PoolBackward b = prepare_backward(grad_out, offsets, input_size, kernel_size, stride, padding, dilation,
+                                    channels_last);
+  const Pool2d& g = b.g;
+  if (b.grad_input.numel() == 0) return b.grad_input;
   const Plan p = make_plan(g, false);
   const int64_t rows = planes(g) * g.H;
   // work per input row: the output rows reaching it times their width
   const int64_t per_row = p.row_out * g.kw * std::max<int64_t>(1, g.kh / g.sh);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "max_pool2d_backward", [&] {
-    const scalar_t* pg = go.const_data_ptr<scalar_t>();
-    scalar_t* pi = gi.mutable_data_ptr<scalar_t>();
-    const void* po = off.const_data_ptr();
-    const int ob = static_cast<int>(off.element_size());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.grad_out.scalar_type(), "max_pool2d_backward", [&] {
+    const scalar_t* pg = b.grad_out.const_data_ptr<scalar_t>();
+    scalar_t* pi = b.grad_input.mutable_data_ptr<scalar_t>();
+    const void* po = b.offsets.const_data_ptr();
+    const int ob = static_cast<int>(b.offsets.element_size());
     at::parallel_for(0, rows, grain_rows(per_row),
                      [&](int64_t r0, int64_t r1) { backward_k(p, pg, po, ob, pi, r0, r1); });
   });
-  return gi;
+  return b.grad_input;
 }
 
 }  // namespace
