@@ -19,3 +19,11 @@ class ResidualAdd(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, activation={self.activation!r}"
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` (same arguments, attributes and repr) on dtkernels.max_pool2d."""
+
+    def forward(self, input: Tensor):
+        return ops.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                              ceil_mode=self.ceil_mode, return_indices=self.return_indices)

@@ -44,3 +44,26 @@ def like(result: Tensor, layout_of: Tensor) -> Tensor:
     the reference backend must agree with the fake kernel's strides."""
     out = torch.empty_like(layout_of, dtype=result.dtype)
     return out.copy_(result)
+
+
+def int_pair(op: str, name: str, v, *, omitted_ok: bool = False, wording: str = "must either be") -> tuple | None:
+    """torch.nn.functional's int-or-pair argument as a pair of ints (one int, or a
+    sequence of one or two). None or an empty sequence gives None when omitted_ok."""
+    if omitted_ok and (v is None or (isinstance(v, (tuple, list)) and len(v) == 0)):
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, tuple, list, torch.Size)):
+        raise TypeError(f"{op}: {name} must be an int or a tuple of ints, got {type(v).__name__}")
+    if isinstance(v, int):
+        return v, v
+    if any(isinstance(e, bool) or not isinstance(e, int) for e in v):
+        raise TypeError(f"{op}: {name} must be an int or a tuple of ints, got {v!r}")
+    if len(v) not in (1, 2):
+        omit = "omitted, " if omitted_ok else ""
+        raise RuntimeError(f"{op}: {name} {wording} {omit}a single int, or a tuple of two ints")
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+def empty_in_format(shape, like: Tensor, *, dtype=None, channels_last: bool = False) -> Tensor:
+    """torch.empty on like's device, NCHW or channels_last (what the native kernels return)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
