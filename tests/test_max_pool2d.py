@@ -112,7 +112,8 @@ def test_random_configs_match_aten(backend, memory_format):
     F.max_pool2d itself: values and indices bit-exact; float32 gradients bit-exact too
     where ATen's backward is defined (it sums in the same order)."""
     _, device = backend
-    for n, (shape, k, s, p, d, cm) in enumerate(_aten_cases(8 if INTERPRET else 60, seed=1)):
+    few = INTERPRET or backend[0] == "triton"  # each geometry is a Triton compile
+    for n, (shape, k, s, p, d, cm) in enumerate(_aten_cases(8 if few else 60, seed=1)):
         x = _data(shape, torch.float32, "cpu", memory_format, seed=n)
         a_out, a_idx = F.max_pool2d(x, k, s, p, d, cm, return_indices=True)
         xd = x.detach().to(device).requires_grad_()

@@ -8,12 +8,15 @@ import triton
 
 # Read when the kernels are defined, as triton.jit itself does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# DTK_TRITON_AUTOTUNE=0: one config, no tuning (the test suite checks results, not
+# speed, and kernels with constexpr geometry would otherwise compile every config).
+AUTOTUNE = os.environ.get("DTK_TRITON_AUTOTUNE", "1") != "0"
 
 
 def configs(full: list, interpreted: list | None = None) -> list:
     """Autotune configs: the full list on a GPU, one small config under the
-    interpreter (every config would be run, slowly, on the CPU)."""
-    if INTERPRET:
+    interpreter (every config would be run, slowly, on the CPU) or without tuning."""
+    if INTERPRET or not AUTOTUNE:
         return interpreted if interpreted is not None else full[:1]
     return full
 
