@@ -1,8 +1,7 @@
 // max_pool2d on CUDA, NCHW and NHWC (channels_last), on the current stream.
 //
-// Forward: one thread per output (NCHW) or per output pixel and pack of channels
-// (NHWC, 16-byte loads when C allows): the same kernel, NCHW being rows of one-element
-// pixels. Taps are scanned row-major with ATen's rule
+// Forward: four outputs of a row per thread (NCHW), or one output pixel and a pack of
+// channels (NHWC, 16-byte loads when C allows). Taps are scanned row-major with ATen's rule
 // (a value replaces the running max when greater or NaN), from -inf at the window's
 // first tap past the padding. Writes the values, and when asked the window offsets
 // (the tap i*kw + j, for backward) and ATen's int64 indices.
@@ -41,6 +40,15 @@ Geo device_geo(const Pool2d& g) {
 __device__ __forceinline__ int first_tap(int o, int s, int p, int d) {
   const int lead = p - o * s;
   return lead > 0 ? (lead + d - 1) / d : 0;
+}
+
+// ATen's rule: a value replaces the running max when it is greater, or NaN.
+template <typename A>
+__device__ __forceinline__ void fold(A a, int t, A& m, int& tap) {
+  if (a > m || a != a) {
+    m = a;
+    tap = t;
+  }
 }
 
 template <typename O>
@@ -95,13 +103,7 @@ __global__ void max_pool2d_kernel(const T* __restrict__ x, T* __restrict__ out, 
       for (int j = j0, iw = w0 + j0 * g.dw; j < g.kw && iw < g.W; ++j, iw += g.dw) {
         const P v = *reinterpret_cast<const P*>(xp + (static_cast<int64_t>(ih) * g.W + iw) * B);
 #pragma unroll
-        for (int k = 0; k < N; ++k) {
-          const A a = static_cast<A>(v.v[k]);
-          if (a > m[k] || a != a) {  // ATen's rule: greater, or NaN
-            m[k] = a;
-            tap[k] = i * g.kw + j;
-          }
-        }
+        for (int k = 0; k < N; ++k) fold(static_cast<A>(v.v[k]), i * g.kw + j, m[k], tap[k]);
       }
     P res;
 #pragma unroll
@@ -110,6 +112,49 @@ __global__ void max_pool2d_kernel(const T* __restrict__ x, T* __restrict__ out, 
     *reinterpret_cast<P*>(out + o) = res;
 #pragma unroll
     for (int k = 0; k < N; ++k) store_results(idx, off, o + k, tap[k], h0, w0, g);
+  }
+}
+
+// NCHW with V outputs of a row per thread: V independent loads in flight per tap
+// (strided by sw, so not one vector load) and the index arithmetic shared.
+template <typename T, typename O, int V>
+__global__ void max_pool2d_rows_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __restrict__ idx,
+                                       O* __restrict__ off, Geo g, int64_t n) {
+  using A = acc_t<T>;
+  const int groups = (g.Wo + V - 1) / V;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n; q += stride) {
+    const int ow0 = static_cast<int>(q % groups) * V;
+    const int64_t r = q / groups;  // plane * Ho + oh
+    const int oh = static_cast<int>(r % g.Ho);
+    const T* xp = x + (r / g.Ho) * g.H * g.W;
+    const int h0 = oh * g.sh - g.ph, i0 = first_tap(oh, g.sh, g.ph, g.dh);
+    const int nv = min(V, g.Wo - ow0);
+    A m[V];
+    int tap[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      m[v] = -std::numeric_limits<A>::infinity();
+      tap[v] = i0 * g.kw + first_tap(ow0 + v, g.sw, g.pw, g.dw);
+    }
+    const int w0 = ow0 * g.sw - g.pw;
+    for (int i = i0, ih = h0 + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh) {
+      const T* row = xp + static_cast<int64_t>(ih) * g.W;
+      for (int j = 0; j < g.kw; ++j) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const int iw = w0 + v * g.sw + j * g.dw;
+          if (v < nv && iw >= 0 && iw < g.W) fold(static_cast<A>(row[iw]), i * g.kw + j, m[v], tap[v]);
+        }
+      }
+    }
+    const int64_t o = r * g.Wo + ow0;
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+      if (v < nv) {
+        out[o + v] = static_cast<T>(m[v]);
+        store_results(idx, off, o + v, tap[v], h0, w0 + v * g.sw, g);
+      }
   }
 }
 
@@ -202,10 +247,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
     with_offset_type(res.offsets.element_size(), [&](auto o_type) {
       using O = decltype(o_type);
       O* off = return_offsets ? static_cast<O*>(res.offsets.data_ptr()) : nullptr;
-      launch_layout<T, O>(channels_last, g.C, res.out.numel(), xp, op, [&](auto n_, auto nhwc_, unsigned grid, int64_t n) {
-        max_pool2d_kernel<T, O, decltype(n_)::value, decltype(nhwc_)::value>
-            <<<grid, kThreads, 0, stream>>>(xp, op, idx, off, g, n);
-      });
+      if (!channels_last) {
+        constexpr int V = 4;
+        const int64_t n = res.out.numel() / g.Wo * ((g.Wo + V - 1) / V);
+        max_pool2d_rows_kernel<T, O, V><<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n);
+      } else {
+        launch_layout<T, O>(true, g.C, res.out.numel(), xp, op, [&](auto n_, auto nhwc_, unsigned grid, int64_t n) {
+          max_pool2d_kernel<T, O, decltype(n_)::value, decltype(nhwc_)::value>
+              <<<grid, kThreads, 0, stream>>>(xp, op, idx, off, g, n);
+        });
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
