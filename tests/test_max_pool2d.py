@@ -23,6 +23,7 @@ NAN, INF = float("nan"), float("inf")
 # stride, padding, dilation, ceil_mode, overlapping and gapped windows.
 CASES = [
     pytest.param((2, None, 0, 1, False), id="k2"),
+    pytest.param((2, 2, 0, 1, True), id="k2-ceil"),
     pytest.param((3, 2, 1, 1, False), id="k3s2p1"),
     pytest.param((3, 1, 1, 1, False), id="k3s1p1"),
     pytest.param(((2, 3), (1, 2), (1, 0), (2, 1), False), id="pairs-dil"),

@@ -229,6 +229,18 @@ DTK_INLINE void gather_add(A* DTK_RESTRICT acc, const T* DTK_RESTRICT g, const O
   for (int64_t o = 0; o < n; ++o) acc[o] += static_cast<int32_t>(off[o]) == tap ? static_cast<A>(g[o]) : A(0);
 }
 
+// row[2o + j] = g[o] where off[o] is tap0 + j, else 0 (j = 0, 1): columns tiled by
+// 2-wide, stride-2 windows, written once.
+template <typename T, typename O>
+DTK_INLINE void unpool_pairs(T* DTK_RESTRICT row, const T* DTK_RESTRICT g, const O* DTK_RESTRICT off, int64_t n,
+                             int32_t tap0) {
+  for (int64_t o = 0; o < n; ++o) {
+    const int32_t t = static_cast<int32_t>(off[o]);
+    row[2 * o] = t == tap0 ? g[o] : T(0);
+    row[2 * o + 1] = t == tap0 + 1 ? g[o] : T(0);
+  }
+}
+
 // Residue split of one input row: pixel t*sw + c goes to D_c[lpad + t]. Positions
 // past the row are never written (the forward's -inf stays there).
 template <typename T, typename A>
@@ -396,12 +408,20 @@ DTK_INLINE void backward_rows(const Plan& p, const T* go, const O* off, T* gi, i
   const int64_t n = p.row_out;
   std::vector<A> d(p.len * g.sw * p.B);
   std::vector<int64_t> oh(g.kh), ti(g.kh);
+  // MaxPool2d(2)'s columns (no ceil_mode window hanging over the right edge)
+  const bool pairs = p.B == 1 && g.kw == 2 && g.sw == 2 && g.dw == 1 && g.pw == 0 && 2 * g.Wo <= g.W;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t plane = r / g.H, ih = r % g.H;
     T* dst = gi + r * p.row_in;
     const int64_t nw = row_windows(g, ih, oh.data(), ti.data());
     if (nw == 0) {  // no window reaches this row (stride > kernel)
       fill(dst, p.row_in, T(0));
+      continue;
+    }
+    if (nw == 1 && pairs) {  // 2x2-stride-2 windows tile the row: one pass, each element once
+      const int64_t q = (plane * g.Ho + oh[0]) * n;
+      unpool_pairs(dst, go + q, off + q, n, static_cast<int32_t>(ti[0] * 2));
+      fill(dst + 2 * n, g.W - 2 * n, T(0));
       continue;
     }
     fill(d.data(), static_cast<int64_t>(d.size()), A(0));
