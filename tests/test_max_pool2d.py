@@ -311,6 +311,26 @@ def test_large_windows_fall_back_to_wider_offsets():
     assert torch.equal(gi, _grad_ref(x, torch.ones_like(out), ((200, 200), 1), False).float())
 
 
+@pytest.mark.parametrize("dtype,memory_format,shape", [
+    (torch.float32, None, (1, 33, 256, 1022)),   # odd output width: unaligned rows too
+    (torch.float16, CL, (1, 128, 256, 512)),
+    (torch.bfloat16, None, (1, 64, 512, 512)),
+    (torch.float64, CL, (1, 16, 256, 1024)),
+], ids=["f32", "f16-cl", "bf16", "f64-cl"])
+def test_large_outputs(backend, dtype, memory_format, shape):
+    """Outputs of 8 MiB and more take the CPU kernels' non-temporal stores."""
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("the CPU kernels' streaming stores")
+    x = _data(shape, dtype, device, memory_format)
+    out, idx = dtk.max_pool2d(x, 2, return_indices=True)
+    assert out.nbytes >= 8 << 20
+    a_out, a_idx = F.max_pool2d(x, 2, return_indices=True)
+    _same(out, a_out)
+    assert torch.equal(idx, a_idx)
+    _same(dtk.max_pool2d(x, 3, 2, 1), F.max_pool2d(x, 3, 2, 1))
+
+
 @pytest.mark.sanitize
 def test_max_unpool2d_roundtrip(backend):
     _, device = backend

@@ -35,6 +35,9 @@ namespace {
 
 // channels_last with at least this many channels reads taps in place (no split).
 constexpr int64_t kDirectC = 32;
+// Outputs this large are stored non-temporally: they would not stay in cache anyway,
+// and skipping the read-for-ownership saves a sixth of a k2s2 forward's traffic.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
 constexpr int64_t kAhead = 6;  // output pixels to prefetch ahead
 
 // Per-call tables, shared by every row.
@@ -42,6 +45,7 @@ struct Plan {
   Pool2d g;
   int64_t B = 1;              // elements per pixel: 1 (NCHW) or C (channels_last)
   bool direct = false;        // channels_last with C >= kDirectC: taps read in place, no split
+  bool stream = false;        // outputs of kStreamBytes or more: non-temporal stores
   int64_t row_in = 0, row_out = 0;  // elements per input / output row: W*B, Wo*B
   // Residue split: sw arrays of `len` pixels each; tap column j reads the slice at[j].
   int64_t len = 0, lpad = 0;
@@ -107,7 +111,7 @@ DTK_INLINE int64_t row_windows(const Pool2d& g, int64_t ih, int64_t* oh, int64_t
 // ---- vector loops (inlined into each ISA clone) -------------------------------------
 
 // A window's taps: tap k's values for outputs 0, 1, ... are base[shift + rel[k] + o],
-// and the tap records code[k] when it wins.
+// and the tap records code[k] when it wins. `stream`: store the values non-temporally.
 template <typename S>
 struct Taps {
   const S* base;
@@ -115,6 +119,7 @@ struct Taps {
   const int64_t* rel;
   const int32_t* code;
   int64_t n;
+  bool stream;
 };
 
 // The fold of the taps into outputs [o0, o0 + U vectors), ATen's rule: a value
@@ -125,26 +130,46 @@ DTK_INLINE void pool_block(const Taps<S>& tp, const int32_t* DTK_RESTRICT init, 
                            T* DTK_RESTRICT out, int32_t* DTK_RESTRICT t) {
   using A = acc_t<T>;
   using L = Lanes<A>;
+  using V = typename L::V;
   constexpr int N = L::N;
-  typename L::V mm[U];
+  V mm[U];
   typename L::I tt[U];
   for (int u = 0; u < U; ++u) {
-    mm[u] = typename L::V{} - std::numeric_limits<A>::infinity();
+    mm[u] = V{} - std::numeric_limits<A>::infinity();
     if (TRACK) tt[u] = loadu<typename L::I>(init + o0 + u * N) + c0;
   }
   const S* base = tp.base + tp.shift + o0;
-  for (int64_t k = 0; k < tp.n; ++k) {
-    const S* v = base + tp.rel[k];
-    const int32_t c = TRACK ? tp.code[k] : 0;
-    for (int u = 0; u < U; ++u) {
-      const typename L::V x = vload(v + u * N);
-      const typename L::M upd = (x > mm[u]) | (x != x);
-      mm[u] = upd ? x : mm[u];
-      if (TRACK) tt[u] = L::narrow(upd) ? typename L::I{} + c : tt[u];
+  if (TRACK) {
+    for (int64_t k = 0; k < tp.n; ++k) {
+      const S* v = base + tp.rel[k];
+      const int32_t c = tp.code[k];
+      for (int u = 0; u < U; ++u) {
+        const V x = vload(v + u * N);
+        const typename L::M upd = (x > mm[u]) | (x != x);
+        mm[u] = upd ? x : mm[u];
+        tt[u] = L::narrow(upd) ? typename L::I{} + c : tt[u];
+      }
     }
+  } else {
+    // Values only: the same result in fewer operations. The running max skips NaNs
+    // (x > m ? x : m is one maxps, and keeps the first of equal values, so even the
+    // sign of a zero is ATen's) and the last NaN seen is kept aside: it wins at the end.
+    V nan[U];
+    for (int u = 0; u < U; ++u) nan[u] = V{};
+    for (int64_t k = 0; k < tp.n; ++k) {
+      const S* v = base + tp.rel[k];
+      for (int u = 0; u < U; ++u) {
+        const V x = vload(v + u * N);
+        mm[u] = x > mm[u] ? x : mm[u];
+        nan[u] = x != x ? x : nan[u];
+      }
+    }
+    for (int u = 0; u < U; ++u) mm[u] = nan[u] != nan[u] ? nan[u] : mm[u];
   }
+  const bool stream = tp.stream && reinterpret_cast<uintptr_t>(out + o0) % 16 == 0;
   for (int u = 0; u < U; ++u) {
-    vstore(out + o0 + u * N, mm[u]);
+    if (stream) vstream(out + o0 + u * N, mm[u]);
+    else vstore(out + o0 + u * N, mm[u]);
     if (TRACK) storeu(t + o0 + u * N, tt[u]);
   }
 }
@@ -335,7 +360,7 @@ DTK_INLINE void forward_split(const Plan& p, const T* in, const FwdOut& o, int64
         code[ntaps++] = ci + static_cast<int32_t>(j) * p.cj;
       }
     }
-    const Taps<A> tp{rows.data(), 0, rel.data(), code.data(), ntaps};
+    const Taps<A> tp{rows.data(), 0, rel.data(), code.data(), ntaps, p.stream};
     pool_span<TRACK>(tp, p.init_j.data(), static_cast<int32_t>(i0 * p.ci), n, static_cast<T*>(o.out) + r * n,
                      t.data());
     store_codes<TRACK>(p, o, t.data(), r * n, oh, p.col.data(), n);
@@ -379,7 +404,7 @@ DTK_INLINE void forward_direct(const Plan& p, const T* in, const FwdOut& o, int6
           for (int64_t b = 0; b < ahead; b += 64) __builtin_prefetch(px + b);
         }
       }
-      Taps<T> tp{in, w0 * C, rel.data(), code.data(), ntaps};
+      Taps<T> tp{in, w0 * C, rel.data(), code.data(), ntaps, p.stream};
       const int64_t j0 = Pool2d::first_tap(ow, g.sw, g.pw, g.dw);
       if (ow < ow_lo || ow >= ow_hi) {  // border: only the taps inside the input
         int64_t nb = 0;
@@ -390,7 +415,7 @@ DTK_INLINE void forward_direct(const Plan& p, const T* in, const FwdOut& o, int6
             bcode[nb++] = code[k];
           }
         }
-        tp = Taps<T>{in, w0 * C, brel.data(), bcode.data(), nb};
+        tp = Taps<T>{in, w0 * C, brel.data(), bcode.data(), nb, p.stream};
       }
       const int64_t q = (r * g.Wo + ow) * C;
       pool_span<TRACK>(tp, zeros.data(), static_cast<int32_t>(i0 * p.ci + j0 * p.cj), C,
@@ -445,6 +470,7 @@ DTK_INLINE void backward_rows(const Plan& p, const T* go, const O* off, T* gi, i
       if (track) forward_split<T, true>(p, in, o, r0, r1);                                          \
       else forward_split<T, false>(p, in, o, r0, r1);                                               \
     }                                                                                               \
+    if (p.stream) stream_fence();                                                                   \
   }                                                                                                 \
   DTK_CLONES void backward_k(const Plan& p, const T* go, const void* off, int obytes, T* gi,        \
                              int64_t r0, int64_t r1) {                                              \
@@ -478,7 +504,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
   // Indices alone: record each tap's flat-index offset directly when it fits int32.
   const bool delta_codes = return_indices && !return_offsets &&
                            (g.kh - 1) * g.dh * g.W + (g.kw - 1) * g.dw <= std::numeric_limits<int32_t>::max();
-  const Plan p = make_plan(g, delta_codes);
+  Plan p = make_plan(g, delta_codes);
+  p.stream = res.out.nbytes() >= kStreamBytes;
   const FwdOut o{res.out.data_ptr(), return_offsets ? res.offsets.data_ptr() : nullptr,
                  static_cast<int>(res.offsets.element_size()),
                  return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr};

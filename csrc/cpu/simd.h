@@ -119,5 +119,37 @@ DTK_INLINE void vstore(double* p, f64x4 v) { storeu(p, v); }
 DTK_INLINE void vstore(c10::Half* p, f32x8 v) { storeu(p, float_to_half(v)); }
 DTK_INLINE void vstore(c10::BFloat16* p, f32x8 v) { storeu(p, float_to_bf16(v)); }
 
+// Non-temporal stores, for outputs too large to stay in cache: no read-for-ownership
+// of the destination lines, no eviction of the inputs. `p` must be 16-byte aligned;
+// call stream_fence() before the data is handed to another thread.
+#if defined(__x86_64__)
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef double f64x2 __attribute__((vector_size(16)));
+typedef long long i64x2 __attribute__((vector_size(16)));
+template <typename H, typename V> DTK_INLINE H half_of(V v, int k) {
+  H h;
+  __builtin_memcpy(&h, reinterpret_cast<const char*>(&v) + k * sizeof(H), sizeof(H));
+  return h;
+}
+DTK_INLINE void vstream(float* p, f32x8 v) {
+  __builtin_ia32_movntps(p, half_of<f32x4>(v, 0));
+  __builtin_ia32_movntps(p + 4, half_of<f32x4>(v, 1));
+}
+DTK_INLINE void vstream(double* p, f64x4 v) {
+  __builtin_ia32_movntpd(p, half_of<f64x2>(v, 0));
+  __builtin_ia32_movntpd(p + 2, half_of<f64x2>(v, 1));
+}
+DTK_INLINE void vstream(c10::Half* p, f32x8 v) {
+  __builtin_ia32_movntdq(reinterpret_cast<i64x2*>(p), half_of<i64x2>(float_to_half(v), 0));
+}
+DTK_INLINE void vstream(c10::BFloat16* p, f32x8 v) {
+  __builtin_ia32_movntdq(reinterpret_cast<i64x2*>(p), half_of<i64x2>(float_to_bf16(v), 0));
+}
+DTK_INLINE void stream_fence() { __builtin_ia32_sfence(); }
+#else
+template <typename T, typename V> DTK_INLINE void vstream(T* p, V v) { vstore(p, v); }
+DTK_INLINE void stream_fence() {}
+#endif
+
 }  // namespace cpu
 }  // namespace dtkernels
