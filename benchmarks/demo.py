@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--ops", default="", help="comma-separated op names (default: all)")
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("DTK_DEMO_ROUNDS", 11)))
-    ap.add_argument("--quick", action="store_true", help="only the cases with a target")
+    ap.add_argument("--quick", action="store_true", help="only the cases with a target (and GPU-only ones)")
     ap.add_argument("--json")
     ap.add_argument("--md")
     args = ap.parse_args(argv)
@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     cases = [c for c in load_cases() if device.type in c.devices]
     if args.ops:
         cases = [c for c in cases if c.op in args.ops.split(",")]
-    if args.quick:
-        cases = [c for c in cases if c.target is not None]
+    if args.quick:  # the cases with a target, and those that exist only for the GPU check
+        cases = [c for c in cases if c.target is not None or (device.type == "cuda" and c.devices == ("cuda",))]
     info = machine(device)
     print(f"dtkernels {dtk.__version__} on {info.get('gpu', info['cpu'])}, torch {info['torch']}, "
           f"{info['threads']} threads, backends {backends}\n")

@@ -41,6 +41,17 @@ TORCH_LIBRARY(dtkernels, m) {
         "float eps) -> (Tensor, Tensor[], Tensor[])");
   m.def("dense_block_backward(Tensor grad_out, Tensor out, Tensor[] bottlenecks, Tensor[] stats, "
         "Tensor[] weights, Tensor[] running, int growth_rate, bool training, float eps) -> (Tensor, Tensor[])");
+  // max_pool2d: F.max_pool2d -> (out, int64 indices or empty, window offsets or empty);
+  // backward keeps the offsets (the tap i*kw+j inside the window; int8 up to 128 taps).
+  m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+        "bool ceil_mode=False, bool channels_last=False, bool return_indices=False, bool return_offsets=False) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("max_pool2d_backward(Tensor grad_out, Tensor offsets, SymInt[] input_size, int[2] kernel_size, "
+        "int[2] stride, int[2] padding, int[2] dilation, bool channels_last=False) -> Tensor");
+  m.def("_max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+        "bool ceil_mode, bool channels_last, bool return_indices, bool return_offsets) -> (Tensor, Tensor, Tensor)");
+  m.def("_max_pool2d_backward(Tensor grad_out, Tensor offsets, SymInt[] input_size, int[2] kernel_size, "
+        "int[2] stride, int[2] padding, int[2] dilation, bool channels_last) -> Tensor");
 }
 
 namespace {

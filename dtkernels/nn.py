@@ -113,3 +113,11 @@ class DenseBlock(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_layers={self.num_layers}, in_channels={self.in_channels}, growth_rate={self.growth_rate}, "
                 f"bn_size={self.bn_size}")
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` (same arguments, attributes and repr) on dtkernels.max_pool2d."""
+
+    def forward(self, input: Tensor):
+        return ops.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                              ceil_mode=self.ceil_mode, return_indices=self.return_indices)

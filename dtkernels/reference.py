@@ -84,3 +84,106 @@ class TorchvisionDenseBlock(nn.ModuleDict):
         for _, layer in self.items():
             features.append(layer(features))
         return torch.cat(features, 1)
+
+
+# --- max_pool2d -----------------------------------------------------------------------
+# The oracle reproduces ATen's CPU kernel (NCHW and channels_last agree), found by
+# experiment: taps are scanned row-major and a value replaces the running maximum
+# when it is greater or NaN, starting from -inf at the window's first tap past the
+# top/left padding. So a NaN wins and the *last* NaN's index is reported, ties keep
+# the first maximum, an all -inf window reports its first tap inside the input, and a
+# window with no tap inside the input (only possible with dilation, e.g. H=2, k=2,
+# d=3, p=1) gives -inf with ATen's out-of-range index (its backward then writes out of
+# bounds; ours drops that gradient). ATen's CUDA kernels use the same rule.
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return v, v
+    v = tuple(v)
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+def pool_output_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """ATen's pooling_output_shape: ceil_mode keeps a last window only if it starts
+    inside the input or its left padding."""
+    o = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (o - 1) * s >= size + p:
+        o -= 1
+    return o
+
+
+def _first_tap(o: Tensor, s: int, p: int, d: int) -> Tensor:
+    """Per window, the first tap past the leading padding: ceil(max(0, p - o*s) / d)."""
+    return ((p - o * s).clamp(min=0) + d - 1) // d
+
+
+def max_pool2d_indices(taps: Tensor, input_hw, kernel_size, stride, padding, dilation) -> tuple[Tensor, Tensor]:
+    """From window taps (i*kw + j, any integer dtype, shape (..., Ho, Wo)) to ATen's
+    flat int64 index ih*W + iw, and whether that tap lies inside the input."""
+    H, W = input_hw
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(a) for a in (kernel_size, stride, padding, dilation))
+    Ho, Wo = taps.shape[-2:]
+    dev = taps.device
+    t = taps.long()
+    ih = (torch.arange(Ho, device=dev) * sh - ph)[:, None] + (t // kw) * dh
+    iw = (torch.arange(Wo, device=dev) * sw - pw) + (t % kw) * dw
+    inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return ih * W + iw, inside
+
+
+def max_pool2d_with_taps(input: Tensor, kernel_size, stride=None, padding=0, dilation=1,
+                         ceil_mode: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(values, ATen's int64 indices, window taps i*kw + j) of F.max_pool2d, contiguous."""
+    k = _pair(kernel_size)
+    s = k if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _pair(stride)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = k, s, _pair(padding), _pair(dilation)
+    x = input if input.dim() == 4 else input.unsqueeze(0)
+    N, C, H, W = x.shape
+    Ho = pool_output_size(H, kh, sh, ph, dh, ceil_mode)
+    Wo = pool_output_size(W, kw, sw, pw, dw, ceil_mode)
+    dev = x.device
+    oh, ow = torch.arange(Ho, device=dev), torch.arange(Wo, device=dev)
+    ih = oh[:, None] * sh - ph + torch.arange(kh, device=dev) * dh  # (Ho, kh)
+    iw = ow[:, None] * sw - pw + torch.arange(kw, device=dev) * dw  # (Wo, kw)
+    valid = (((ih >= 0) & (ih < H))[:, None, :, None] & ((iw >= 0) & (iw < W))[None, :, None, :])
+    valid = valid.reshape(Ho, Wo, kh * kw)
+    v = x[:, :, ih.clamp(0, H - 1)][..., iw.clamp(0, W - 1)]  # (N, C, Ho, kh, Wo, kw)
+    v = v.permute(0, 1, 2, 4, 3, 5).reshape(N, C, Ho, Wo, kh * kw)
+    K = kh * kw
+    nan = v.isnan() & valid
+    last_nan = K - 1 - nan.flip(-1).to(torch.uint8).argmax(-1)
+    ninf = torch.full((), float("-inf"), dtype=v.dtype, device=dev)
+    vv = torch.where(valid & ~nan, v, ninf)
+    first_max = ((vv == vv.amax(-1, keepdim=True)) & valid).to(torch.uint8).argmax(-1)
+    taps = torch.where(nan.any(-1), last_nan, first_max)
+    empty = ~valid.any(-1)  # no tap inside the input: ATen's first tap past the padding
+    taps = torch.where(empty, _first_tap(oh, sh, ph, dh)[:, None] * kw + _first_tap(ow, sw, pw, dw), taps)
+    index, inside = max_pool2d_indices(taps, (H, W), k, s, (ph, pw), (dh, dw))
+    flat = x.reshape(N, C, H * W)
+    out = flat.gather(-1, index.clamp(0, H * W - 1).reshape(N, C, Ho * Wo)).reshape(N, C, Ho, Wo)
+    out = torch.where(inside, out, ninf)  # differentiable in x: the reference backward
+    if input.dim() == 3:
+        out, index, taps = out[0], index[0], taps[0]
+    return out, index, taps
+
+
+def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
+               return_indices: bool = False):
+    """F.max_pool2d with ATen's CPU semantics on any device and dtype; differentiable
+    (the gradient goes to each window's maximum, summed in output order)."""
+    out, index, _ = max_pool2d_with_taps(input, kernel_size, stride, padding, dilation, ceil_mode)
+    return (out, index) if return_indices else out
+
+
+def max_pool2d_backward(grad_out: Tensor, taps: Tensor, input_size, kernel_size, stride, padding,
+                        dilation) -> Tensor:
+    """Gradient of max_pool2d from the window taps: each output's gradient added to its
+    maximum's input position, in output order (ATen's), in float32 for 16-bit types;
+    windows with no tap inside the input add nothing."""
+    *lead, H, W = input_size
+    index, inside = max_pool2d_indices(taps, (H, W), kernel_size, stride, padding, dilation)
+    acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32  # opmath, rounded once
+    g = torch.where(inside, grad_out.to(acc), torch.zeros((), dtype=acc, device=grad_out.device))
+    gi = torch.zeros(*lead, H * W, dtype=acc, device=grad_out.device)
+    gi.scatter_add_(-1, torch.where(inside, index, 0).flatten(-2), g.flatten(-2))
+    return gi.reshape(*lead, H, W).to(grad_out.dtype)

@@ -76,8 +76,9 @@ def cat_memory_format(a: Tensor, b: Tensor) -> torch.memory_format:
     return fa if fa == fb else torch.contiguous_format
 
 
-def empty_in(shape, like: Tensor, memory_format: torch.memory_format) -> Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+def empty_in(shape, like: Tensor, memory_format: torch.memory_format, dtype: torch.dtype | None = None) -> Tensor:
+    """torch.empty on like's device (in like's dtype unless given), in memory_format."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=memory_format)
 
 
 def new_empty_poisoned(shape, like: Tensor, memory_format: torch.memory_format) -> Tensor:
@@ -87,3 +88,20 @@ def new_empty_poisoned(shape, like: Tensor, memory_format: torch.memory_format) 
 
     t = empty_in(shape, like, memory_format)
     return t.fill_(float("nan")) if _C._poison() and t.numel() else t
+
+
+def int_pair(op: str, name: str, v, *, omitted_ok: bool = False, wording: str = "must either be") -> tuple | None:
+    """torch.nn.functional's int-or-pair argument as a pair of ints (one int, or a
+    sequence of one or two). None or an empty sequence gives None when omitted_ok."""
+    if omitted_ok and (v is None or (isinstance(v, (tuple, list)) and len(v) == 0)):
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, tuple, list, torch.Size)):
+        raise TypeError(f"{op}: {name} must be an int or a tuple of ints, got {type(v).__name__}")
+    if isinstance(v, int):
+        return v, v
+    if any(isinstance(e, bool) or not isinstance(e, int) for e in v):
+        raise TypeError(f"{op}: {name} must be an int or a tuple of ints, got {v!r}")
+    if len(v) not in (1, 2):
+        omit = "omitted, " if omitted_ok else ""
+        raise RuntimeError(f"{op}: {name} {wording} {omit}a single int, or a tuple of two ints")
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])

@@ -1,0 +1,106 @@
+"""max_pool2d against F.max_pool2d: forward and forward+backward, with and without
+indices, NCHW and channels_last.
+
+On the CPU, ATen's NCHW forward is a scalar loop and every ATen call also allocates
+int64 indices (32 MiB for a 16x64x64x64 output: page faults), while ours computes no
+indices unless asked and keeps int8 window offsets for backward only when the input
+requires grad. The 64 MiB gradient of the input is a fresh allocation for both.
+The GPU cases are the issue's H100 ones: the ResNet stem (32x64x112x112 fp16,
+k3s2p1) and a large forward measured against a copy of the same number of bytes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dtkernels as dtk
+
+from common import Case, run_pytest_benchmark
+
+CL = torch.channels_last
+NCHW = torch.contiguous_format
+
+
+def _inputs(shape, dtype, memory_format, pool, grad=False, copy_bytes=None):
+    def make(device):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+        out_shape = F.max_pool2d(torch.empty(shape, device="meta"), *pool).shape
+        g = torch.randn(out_shape, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+        res = {"x": x.requires_grad_(grad), "g": g}
+        if copy_bytes:  # a tensor whose clone moves the case's bytes (read + write)
+            res["c"] = torch.empty(copy_bytes // 2, dtype=torch.uint8, device=device)
+        return res
+    return make
+
+
+def _fwd(f, pool, indices=False):
+    return lambda i: f(i["x"], *pool, return_indices=indices)
+
+
+def _fwd_bwd(f, pool, indices=False):
+    def run(i):
+        out = f(i["x"], *pool, return_indices=indices)
+        out = out[0] if indices else out
+        return torch.autograd.grad(out, i["x"], i["g"])
+    return run
+
+
+def _nbytes(shape, dtype, pool):
+    n_in = torch.Size(shape).numel()
+    n_out = F.max_pool2d(torch.empty(shape, device="meta"), *pool).numel()
+    return (n_in + n_out) * torch.empty((), dtype=dtype).element_size()
+
+
+K2, K3 = (2,), (3, 2, 1)  # k2s2, and k3s2p1 (the ResNet stem)
+
+
+def _cases():
+    out = []
+    big, f32 = (16, 64, 128, 128), torch.float32
+    label = "16x64x128x128"
+    # CPU: the issue's targets (same-run ratio to F.max_pool2d)
+    for pool, name, fmt, indices, grad, target in [
+        (K2, "k2s2-fwd", NCHW, False, False, 4.0),
+        (K3, "k3s2p1-fwd", NCHW, False, False, 4.0),
+        (K2, "k2s2-fwd+idx", NCHW, True, False, 3.0),
+        (K3, "k3s2p1-fwd+idx", NCHW, True, False, 3.0),
+        (K2, "k2s2-fwd+bwd", NCHW, False, True, 2.0),
+        (K3, "k3s2p1-fwd+bwd", NCHW, False, True, 2.0),
+        (K2, "k2s2-fwd+idx+bwd", NCHW, True, True, None),
+        (K2, "k2s2-fwd", CL, False, False, 1.5),
+        (K3, "k3s2p1-fwd", CL, False, False, 1.5),
+        (K3, "k3s2p1-fwd+idx", CL, True, False, None),
+        (K3, "k3s2p1-fwd+bwd", CL, False, True, None),
+    ]:
+        run = _fwd_bwd if grad else _fwd
+        out.append(Case("max_pool2d", name, label + ("-cl" if fmt is CL else ""), f32,
+                        _inputs(big, f32, fmt, pool, grad=grad),
+                        baseline=run(F.max_pool2d, pool, indices), candidate=run(dtk.max_pool2d, pool, indices),
+                        bytes=_nbytes(big, f32, pool), target=target, devices=("cpu",)))
+    # H100: the ResNet stem (fwd+bwd >= 2x ATen), and forward at >= 85% of copy bandwidth
+    stem, f16 = (32, 64, 112, 112), torch.float16
+    for name, grad, target in [("k3s2p1-fwd", False, None), ("k3s2p1-fwd+bwd", True, 2.0)]:
+        run = _fwd_bwd if grad else _fwd
+        out.append(Case("max_pool2d", name, "32x64x112x112", f16, _inputs(stem, f16, NCHW, K3, grad=grad),
+                        baseline=run(F.max_pool2d, K3), candidate=run(dtk.max_pool2d, K3),
+                        bytes=_nbytes(stem, f16, K3), target=target, devices=("cuda",)))
+    large = (64, 128, 128, 128)
+    for fmt in (NCHW, CL):
+        nb = _nbytes(large, f16, K2)
+        out.append(Case("max_pool2d", "k2s2-fwd", "64x128x128x128" + ("-cl" if fmt is CL else ""), f16,
+                        _inputs(large, f16, fmt, K2, copy_bytes=nb),
+                        baseline=_fwd(F.max_pool2d, K2), candidate=_fwd(dtk.max_pool2d, K2),
+                        extras={"clone": lambda i: i["c"].clone()}, bytes=nb, devices=("cuda",),
+                        note="target: >= 0.85 of the copy bandwidth (clone of the same bytes)"))
+    return out
+
+
+CASES = _cases()
+IMPLS = ["torch", "dtk-cpu", "dtk-triton", "dtk-cuda", "clone"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_max_pool2d(benchmark, case, impl, device):
+    run_pytest_benchmark(benchmark, case, impl, device)

@@ -1,0 +1,550 @@
+// max_pool2d on the CPU: forward in one pass, backward as a per-input-row gather,
+// both vectorised (runtime ISA dispatch through DTK_CLONES), exact to ATen.
+//
+// Forward: every output is the fold of its window's taps, in ATen's scan order, with
+// ATen's rule (a value replaces the running max when greater or NaN), computed for a
+// block of outputs at once with the running max and its tap kept in registers
+// (pool_block). The taps of a block must be contiguous runs of input:
+//  - NCHW (and channels_last with few channels) works on rows of "pixels" of B
+//    elements (1, or C). An input row is split into `sw` residue arrays
+//    D_c[t] = pixel t*sw + c (converted to the compute type, padded with -inf), so
+//    tap j of output pixels 0..Wo-1 is the contiguous slice D_{c_j}[shift_j ..]
+//    whatever the stride, padding or dilation; the -inf padding never wins.
+//    Split rows are cached, so overlapping windows split each input row once.
+//  - channels_last with many channels reads each tap's C channels in place.
+//
+// Backward runs the split in reverse: for each input row, the few output rows whose
+// windows hold it add their gradient into residue accumulators (kept in cache) in
+// ascending (oh, ow) order -- ATen's summation order, so float32 results are
+// bit-identical to ATen's -- and the row is stored once. No zero-fill pass over
+// memory, no atomics: deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "../max_pool2d.h"
+#include "simd.h"
+
+namespace dtkernels {
+namespace cpu {
+namespace {
+
+// channels_last with at least this many channels reads taps in place (no split).
+constexpr int64_t kDirectC = 32;
+// Outputs this large are stored non-temporally: they would not stay in cache anyway,
+// and skipping the read-for-ownership saves a sixth of a k2s2 forward's traffic.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+constexpr int64_t kAhead = 6;  // output pixels to prefetch ahead
+
+// Per-call tables, shared by every row.
+struct Plan {
+  Pool2d g;
+  int64_t B = 1;              // elements per pixel: 1 (NCHW) or C (channels_last)
+  bool direct = false;        // channels_last with C >= kDirectC: taps read in place, no split
+  bool stream = false;        // outputs of kStreamBytes or more: non-temporal stores
+  int64_t row_in = 0, row_out = 0;  // elements per input / output row: W*B, Wo*B
+  // Residue split: sw arrays of `len` pixels each; tap column j reads the slice at[j].
+  int64_t len = 0, lpad = 0;
+  std::vector<int64_t> res, shift, at;
+  std::vector<int32_t> init_j;  // per output element: code of the first tap column past the left padding
+  std::vector<int64_t> col;     // per output element: ow*sw - pw, the window's first column
+  std::vector<int64_t> delta;   // tap i*kw + j -> i*dh*W + j*dw
+  // What the forward records for the winning tap (i, j): code = i*ci + j*cj. That is
+  // the tap i*kw + j when offsets are wanted, else the flat-index offset i*dh*W + j*dw
+  // itself (indices then need no table lookup).
+  int32_t ci = 0, cj = 1;
+  bool codes_are_delta = false;
+};
+
+Plan make_plan(const Pool2d& g, bool delta_codes) {
+  Plan p;
+  p.g = g;
+  p.B = g.channels_last ? g.C : 1;
+  p.direct = g.channels_last && g.C >= kDirectC;
+  p.row_in = g.W * p.B;
+  p.row_out = g.Wo * p.B;
+  p.codes_are_delta = delta_codes;
+  p.ci = static_cast<int32_t>(delta_codes ? g.dh * g.W : g.kw);
+  p.cj = static_cast<int32_t>(delta_codes ? g.dw : 1);
+  p.res.resize(g.kw);
+  p.shift.resize(g.kw);
+  p.at.resize(g.kw);
+  for (int64_t j = 0; j < g.kw; ++j) {
+    const int64_t e = j * g.dw - g.pw;  // input column of tap j in window 0
+    p.shift[j] = div_floor(e, g.sw);
+    p.res[j] = e - p.shift[j] * g.sw;
+  }
+  const int64_t tw = (g.W + g.sw - 1) / g.sw;
+  p.lpad = p.shift[0] < 0 ? -p.shift[0] : 0;
+  p.len = p.lpad + std::max(tw, g.Wo + p.shift[g.kw - 1]);
+  for (int64_t j = 0; j < g.kw; ++j) p.at[j] = (p.res[j] * p.len + p.lpad + p.shift[j]) * p.B;
+  p.init_j.resize(p.row_out);
+  p.col.resize(p.row_out);
+  for (int64_t e = 0; e < p.row_out; ++e) {
+    const int64_t ow = e / p.B;
+    p.init_j[e] = static_cast<int32_t>(Pool2d::first_tap(ow, g.sw, g.pw, g.dw) * p.cj);
+    p.col[e] = ow * g.sw - g.pw;
+  }
+  p.delta.resize(g.taps());
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j) p.delta[i * g.kw + j] = i * g.dh * g.W + j * g.dw;
+  return p;
+}
+
+// The (oh, i) windows whose tap row i lands on input row ih, in ascending oh.
+DTK_INLINE int64_t row_windows(const Pool2d& g, int64_t ih, int64_t* oh, int64_t* ti) {
+  int64_t n = 0;
+  for (int64_t i = g.kh - 1; i >= 0; --i) {
+    const int64_t num = ih + g.ph - i * g.dh;
+    if (num >= 0 && num % g.sh == 0 && num / g.sh < g.Ho) {
+      oh[n] = num / g.sh;
+      ti[n++] = i;
+    }
+  }
+  return n;
+}
+
+// ---- vector loops (inlined into each ISA clone) -------------------------------------
+
+// A window's taps: tap k's values for outputs 0, 1, ... are base[shift + rel[k] + o],
+// and the tap records code[k] when it wins. `stream`: store the values non-temporally.
+template <typename S>
+struct Taps {
+  const S* base;
+  int64_t shift;
+  const int64_t* rel;
+  const int32_t* code;
+  int64_t n;
+  bool stream;
+};
+
+// The fold of the taps into outputs [o0, o0 + U vectors), ATen's rule: a value
+// replaces the running max when it is greater or NaN. The running max and its code
+// live in registers across all taps (the fixed-size block vectorises fully).
+template <bool TRACK, int U, typename S, typename T>
+DTK_INLINE void pool_block(const Taps<S>& tp, const int32_t* DTK_RESTRICT init, int32_t c0, int64_t o0,
+                           T* DTK_RESTRICT out, int32_t* DTK_RESTRICT t) {
+  using A = acc_t<T>;
+  using L = Lanes<A>;
+  using V = typename L::V;
+  constexpr int N = L::N;
+  V mm[U];
+  typename L::I tt[U];
+  for (int u = 0; u < U; ++u) {
+    mm[u] = V{} - std::numeric_limits<A>::infinity();
+    if (TRACK) tt[u] = loadu<typename L::I>(init + o0 + u * N) + c0;
+  }
+  const S* base = tp.base + tp.shift + o0;
+  if (TRACK) {
+    for (int64_t k = 0; k < tp.n; ++k) {
+      const S* v = base + tp.rel[k];
+      const int32_t c = tp.code[k];
+      for (int u = 0; u < U; ++u) {
+        const V x = vload(v + u * N);
+        const typename L::M upd = (x > mm[u]) | (x != x);
+        mm[u] = upd ? x : mm[u];
+        tt[u] = L::narrow(upd) ? typename L::I{} + c : tt[u];
+      }
+    }
+  } else {
+    // Values only: the same result in fewer operations. The running max skips NaNs
+    // (x > m ? x : m is one maxps, and keeps the first of equal values, so even the
+    // sign of a zero is ATen's) and the last NaN seen is kept aside: it wins at the end.
+    V nan[U];
+    for (int u = 0; u < U; ++u) nan[u] = V{};
+    for (int64_t k = 0; k < tp.n; ++k) {
+      const S* v = base + tp.rel[k];
+      for (int u = 0; u < U; ++u) {
+        const V x = vload(v + u * N);
+        mm[u] = x > mm[u] ? x : mm[u];
+        nan[u] = x != x ? x : nan[u];
+      }
+    }
+    for (int u = 0; u < U; ++u) mm[u] = nan[u] != nan[u] ? nan[u] : mm[u];
+  }
+  const bool stream = tp.stream && reinterpret_cast<uintptr_t>(out + o0) % 16 == 0;
+  for (int u = 0; u < U; ++u) {
+    if (stream) vstream(out + o0 + u * N, mm[u]);
+    else vstore(out + o0 + u * N, mm[u]);
+    if (TRACK) storeu(t + o0 + u * N, tt[u]);
+  }
+}
+
+// The same for one output, when a span is shorter than a vector.
+template <bool TRACK, typename S, typename T>
+DTK_INLINE void pool_one(const Taps<S>& tp, const int32_t* init, int32_t c0, int64_t o, T* out, int32_t* t) {
+  using A = acc_t<T>;
+  A mm = -std::numeric_limits<A>::infinity();
+  int32_t tt = TRACK ? c0 + init[o] : 0;
+  for (int64_t k = 0; k < tp.n; ++k) {
+    const A x = static_cast<A>(tp.base[tp.shift + tp.rel[k] + o]);
+    if (x > mm || x != x) {
+      mm = x;
+      if (TRACK) tt = tp.code[k];
+    }
+  }
+  out[o] = static_cast<T>(mm);
+  if (TRACK) t[o] = tt;
+}
+
+// Outputs [0, n) in blocks of U vectors, the last block overlapping its predecessor
+// (recomputing an output is harmless).
+template <bool TRACK, int U, typename S, typename T>
+DTK_INLINE void pool_blocks(const Taps<S>& tp, const int32_t* init, int32_t c0, int64_t n, T* out, int32_t* t) {
+  constexpr int64_t B = U * Lanes<acc_t<T>>::N;
+  for (int64_t o0 = 0;; o0 += B) {
+    if (o0 + B > n) o0 = n - B;
+    pool_block<TRACK, U>(tp, init, c0, o0, out, t);
+    if (o0 + B == n) break;
+  }
+}
+
+// Outputs [0, n): up to eight vectors at a time (one pass over each tap's run), or
+// one element at a time when n is shorter than a vector.
+template <bool TRACK, typename S, typename T>
+DTK_INLINE void pool_span(const Taps<S>& tp, const int32_t* init, int32_t c0, int64_t n, T* out, int32_t* t) {
+  constexpr int64_t N = Lanes<acc_t<T>>::N;
+  if (n >= 8 * N && n % (8 * N) == 0) {
+    pool_blocks<TRACK, 8>(tp, init, c0, n, out, t);
+  } else if (n >= 4 * N) {
+    pool_blocks<TRACK, 4>(tp, init, c0, n, out, t);
+  } else if (n >= N) {
+    pool_blocks<TRACK, 1>(tp, init, c0, n, out, t);
+  } else {
+    for (int64_t o = 0; o < n; ++o) pool_one<TRACK>(tp, init, c0, o, out, t);
+  }
+}
+
+template <typename A>
+DTK_INLINE void fill(A* DTK_RESTRICT p, int64_t n, A v) {
+  for (int64_t o = 0; o < n; ++o) p[o] = v;
+}
+
+template <typename D, typename S>
+DTK_INLINE void convert(D* DTK_RESTRICT dst, const S* DTK_RESTRICT src, int64_t n) {
+  for (int64_t o = 0; o < n; ++o) dst[o] = static_cast<D>(src[o]);
+}
+
+// ATen's flat index ih*W + iw = (oh*sh - ph)*W + (ow*sw - pw) + (tap's i*dh*W + j*dw).
+DTK_INLINE void store_indices(int64_t* DTK_RESTRICT idx, const int32_t* DTK_RESTRICT t, const Plan& p,
+                              const int64_t* DTK_RESTRICT col, int64_t rowbase, int64_t n) {
+  if (p.codes_are_delta) {
+    for (int64_t o = 0; o < n; ++o) idx[o] = rowbase + col[o] + t[o];
+  } else {
+    const int64_t* DTK_RESTRICT delta = p.delta.data();
+    for (int64_t o = 0; o < n; ++o) idx[o] = rowbase + col[o] + delta[t[o]];
+  }
+}
+
+DTK_INLINE void store_offsets(void* off, int obytes, const int32_t* t, int64_t n) {
+  if (obytes == 1) convert(static_cast<int8_t*>(off), t, n);
+  else if (obytes == 2) convert(static_cast<int16_t*>(off), t, n);
+  else convert(static_cast<int32_t*>(off), t, n);
+}
+
+// acc[o] += g[o] where off[o] is `tap`. Adding +0 elsewhere leaves every sum exactly
+// as ATen's scatter computes it (acc starts at +0 and so never holds -0).
+template <typename T, typename O, typename A>
+DTK_INLINE void gather_add(A* DTK_RESTRICT acc, const T* DTK_RESTRICT g, const O* DTK_RESTRICT off, int64_t n,
+                           int32_t tap) {
+  for (int64_t o = 0; o < n; ++o) acc[o] += static_cast<int32_t>(off[o]) == tap ? static_cast<A>(g[o]) : A(0);
+}
+
+// row[2o + j] = g[o] where off[o] is tap0 + j, else 0 (j = 0, 1): columns tiled by
+// 2-wide, stride-2 windows, written once.
+template <typename T, typename O>
+DTK_INLINE void unpool_pairs(T* DTK_RESTRICT row, const T* DTK_RESTRICT g, const O* DTK_RESTRICT off, int64_t n,
+                             int32_t tap0) {
+  for (int64_t o = 0; o < n; ++o) {
+    const int32_t t = static_cast<int32_t>(off[o]);
+    row[2 * o] = t == tap0 ? g[o] : T(0);
+    row[2 * o + 1] = t == tap0 + 1 ? g[o] : T(0);
+  }
+}
+
+// Residue split of one input row: pixel t*sw + c goes to D_c[lpad + t]. Positions
+// past the row are never written (the forward's -inf stays there).
+template <typename T, typename A>
+DTK_INLINE void split_row(const T* DTK_RESTRICT row, A* DTK_RESTRICT d, const Plan& p) {
+  const int64_t W = p.g.W, sw = p.g.sw, B = p.B;
+  A* d0 = d + p.lpad * B;
+  if (sw == 1) {
+    convert(d0, row, W * B);
+  } else if (sw == 2 && B == 1) {
+    A* d1 = d0 + p.len;
+    const int64_t h = W / 2;
+    for (int64_t t = 0; t < h; ++t) {
+      d0[t] = static_cast<A>(row[2 * t]);
+      d1[t] = static_cast<A>(row[2 * t + 1]);
+    }
+    if (W & 1) d0[h] = static_cast<A>(row[W - 1]);
+  } else {
+    for (int64_t w = 0; w < W; ++w) convert(d0 + ((w % sw) * p.len + w / sw) * B, row + w * B, B);
+  }
+}
+
+// The inverse, converting to the output type.
+template <typename T, typename A>
+DTK_INLINE void merge_row(const A* DTK_RESTRICT d, T* DTK_RESTRICT row, const Plan& p) {
+  const int64_t W = p.g.W, sw = p.g.sw, B = p.B;
+  const A* d0 = d + p.lpad * B;
+  if (sw == 1) {
+    convert(row, d0, W * B);
+  } else if (sw == 2 && B == 1) {
+    const A* d1 = d0 + p.len;
+    const int64_t h = W / 2;
+    for (int64_t t = 0; t < h; ++t) {
+      row[2 * t] = static_cast<T>(d0[t]);
+      row[2 * t + 1] = static_cast<T>(d1[t]);
+    }
+    if (W & 1) row[W - 1] = static_cast<T>(d0[h]);
+  } else {
+    for (int64_t w = 0; w < W; ++w) convert(row + w * B, d0 + ((w % sw) * p.len + w / sw) * B, B);
+  }
+}
+
+// ---- forward and backward over rows ------------------------------------------------------
+
+struct FwdOut {
+  void* out;
+  void* off;  // nullptr when not wanted
+  int obytes;
+  int64_t* idx;  // nullptr when not wanted
+};
+
+template <bool TRACK>
+DTK_INLINE void store_codes(const Plan& p, const FwdOut& o, const int32_t* t, int64_t q, int64_t oh,
+                            const int64_t* col, int64_t n) {
+  if (!TRACK) return;
+  if (o.off) store_offsets(static_cast<char*>(o.off) + q * o.obytes, o.obytes, t, n);
+  if (o.idx) store_indices(o.idx + q, t, p, col, (oh * p.g.sh - p.g.ph) * p.g.W, n);
+}
+
+// Output rows [r0, r1) from residue-split input rows; row r = plane * Ho + oh (plane:
+// n*C + c for NCHW, n for channels_last with few channels). Split rows are cached:
+// overlapping windows (k3s2) split each input row once.
+template <typename T, bool TRACK>
+DTK_INLINE void forward_split(const Plan& p, const T* in, const FwdOut& o, int64_t r0, int64_t r1) {
+  using A = acc_t<T>;
+  const Pool2d& g = p.g;
+  const int64_t n = p.row_out, slot = p.len * g.sw * p.B;
+  std::vector<A> rows(slot * g.kh, -std::numeric_limits<A>::infinity());
+  std::vector<int64_t> tag(g.kh, -1), need(g.kh), rel(g.taps());
+  std::vector<int32_t> code(g.taps()), t(TRACK ? n : 0);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t plane = r / g.Ho, oh = r % g.Ho;
+    const int64_t i0 = Pool2d::first_tap(oh, g.sh, g.ph, g.dh);
+    int64_t nr = 0;
+    for (int64_t i = i0, ih = oh * g.sh - g.ph + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh)
+      need[nr++] = plane * g.H + ih;
+    int64_t ntaps = 0;
+    for (int64_t k = 0; k < nr; ++k) {
+      int64_t s = 0;
+      while (s < g.kh && tag[s] != need[k]) ++s;
+      if (s == g.kh) {  // not cached: take a slot no row of this window uses
+        for (s = 0;; ++s) {
+          bool busy = false;
+          for (int64_t k2 = 0; k2 < nr; ++k2) busy |= tag[s] == need[k2];
+          if (!busy) break;
+        }
+        split_row(in + need[k] * p.row_in, rows.data() + s * slot, p);
+        tag[s] = need[k];
+      }
+      const int32_t ci = static_cast<int32_t>((i0 + k) * p.ci);
+      for (int64_t j = 0; j < g.kw; ++j) {
+        rel[ntaps] = s * slot + p.at[j];
+        code[ntaps++] = ci + static_cast<int32_t>(j) * p.cj;
+      }
+    }
+    const Taps<A> tp{rows.data(), 0, rel.data(), code.data(), ntaps, p.stream};
+    pool_span<TRACK>(tp, p.init_j.data(), static_cast<int32_t>(i0 * p.ci), n, static_cast<T*>(o.out) + r * n,
+                     t.data());
+    store_codes<TRACK>(p, o, t.data(), r * n, oh, p.col.data(), n);
+  }
+}
+
+// channels_last output rows [r0, r1), row r = n * Ho + oh, read in place: each tap is
+// a contiguous run of C >= kDirectC channels. Taps are offsets from the window's
+// first pixel; the interior of a row shares one table, border windows filter it.
+template <typename T, bool TRACK>
+DTK_INLINE void forward_direct(const Plan& p, const T* in, const FwdOut& o, int64_t r0, int64_t r1) {
+  const Pool2d& g = p.g;
+  const int64_t C = g.C;
+  std::vector<int64_t> rel(g.taps()), brel(g.taps()), pre(g.kh);
+  std::vector<int32_t> code(g.taps()), bcode(g.taps()), zeros(C, 0), t(TRACK ? C : 0);
+  std::vector<int32_t> tap_j(g.taps());
+  // the interior: windows whose columns all lie inside the input
+  const int64_t ow_lo = std::min(g.Wo, (g.pw + g.sw - 1) / g.sw);
+  const int64_t ow_hi = std::max(ow_lo, std::min(g.Wo, div_floor(g.W - 1 + g.pw - (g.kw - 1) * g.dw, g.sw) + 1));
+  const int64_t ahead = static_cast<int64_t>(sizeof(T)) * C * g.sw;  // bytes a window moves right by
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t img = r / g.Ho, oh = r % g.Ho;
+    const int64_t i0 = Pool2d::first_tap(oh, g.sh, g.ph, g.dh);
+    int64_t ntaps = 0, nr = 0;
+    for (int64_t i = i0, ih = oh * g.sh - g.ph + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh) {
+      pre[nr++] = ((img * g.H + ih) * g.W + (g.kw - 1) * g.dw) * C;  // the row's last tap of window 0
+      for (int64_t j = 0; j < g.kw; ++j) {
+        rel[ntaps] = ((img * g.H + ih) * g.W + j * g.dw) * C;
+        tap_j[ntaps] = static_cast<int32_t>(j);
+        code[ntaps++] = static_cast<int32_t>(i * p.ci + j * p.cj);
+      }
+    }
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      const int64_t w0 = ow * g.sw - g.pw;  // the window's first column (maybe in the padding)
+      // Prefetch what window ow + kAhead adds (the hardware prefetchers lose track of
+      // the interleaved rows): its last tap column in each row, and the sw-1 before it.
+      for (int64_t k = 0; k < nr; ++k) {
+        const int64_t col = w0 + kAhead * g.sw;
+        if (col + (g.kw - 1) * g.dw < g.W) {
+          const char* px = reinterpret_cast<const char*>(in + pre[k] + col * C) - (g.sw - 1) * C * sizeof(T);
+          for (int64_t b = 0; b < ahead; b += 64) __builtin_prefetch(px + b);
+        }
+      }
+      Taps<T> tp{in, w0 * C, rel.data(), code.data(), ntaps, p.stream};
+      const int64_t j0 = Pool2d::first_tap(ow, g.sw, g.pw, g.dw);
+      if (ow < ow_lo || ow >= ow_hi) {  // border: only the taps inside the input
+        int64_t nb = 0;
+        for (int64_t k = 0; k < ntaps; ++k) {
+          const int64_t iw = w0 + tap_j[k] * g.dw;
+          if (iw >= 0 && iw < g.W) {
+            brel[nb] = rel[k];
+            bcode[nb++] = code[k];
+          }
+        }
+        tp = Taps<T>{in, w0 * C, brel.data(), bcode.data(), nb, p.stream};
+      }
+      const int64_t q = (r * g.Wo + ow) * C;
+      pool_span<TRACK>(tp, zeros.data(), static_cast<int32_t>(i0 * p.ci + j0 * p.cj), C,
+                       static_cast<T*>(o.out) + q, t.data());
+      store_codes<TRACK>(p, o, t.data(), q, oh, p.col.data() + ow * C, C);
+    }
+  }
+}
+
+// Input rows [r0, r1); row r = plane * H + ih.
+template <typename T, typename O>
+DTK_INLINE void backward_rows(const Plan& p, const T* go, const O* off, T* gi, int64_t r0, int64_t r1) {
+  using A = acc_t<T>;
+  const Pool2d& g = p.g;
+  const int64_t n = p.row_out;
+  std::vector<A> d(p.len * g.sw * p.B);
+  std::vector<int64_t> oh(g.kh), ti(g.kh);
+  // MaxPool2d(2)'s columns (no ceil_mode window hanging over the right edge)
+  const bool pairs = p.B == 1 && g.kw == 2 && g.sw == 2 && g.dw == 1 && g.pw == 0 && 2 * g.Wo <= g.W;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t plane = r / g.H, ih = r % g.H;
+    T* dst = gi + r * p.row_in;
+    const int64_t nw = row_windows(g, ih, oh.data(), ti.data());
+    if (nw == 0) {  // no window reaches this row (stride > kernel)
+      fill(dst, p.row_in, T(0));
+      continue;
+    }
+    if (nw == 1 && pairs) {  // 2x2-stride-2 windows tile the row: one pass, each element once
+      const int64_t q = (plane * g.Ho + oh[0]) * n;
+      unpool_pairs(dst, go + q, off + q, n, static_cast<int32_t>(ti[0] * 2));
+      fill(dst + 2 * n, g.W - 2 * n, T(0));
+      continue;
+    }
+    fill(d.data(), static_cast<int64_t>(d.size()), A(0));
+    for (int64_t k = 0; k < nw; ++k) {
+      const int64_t q = (plane * g.Ho + oh[k]) * n;
+      for (int64_t j = g.kw - 1; j >= 0; --j)  // descending j = ascending ow at any input column
+        gather_add(d.data() + p.at[j], go + q, off + q, n, static_cast<int32_t>(ti[k] * g.kw + j));
+    }
+    merge_row(d.data(), dst, p);
+  }
+}
+
+// One set of ISA clones per dtype: a cloned function may only call inlined code.
+#define DTK_MP_CLONES(T)                                                                            \
+  DTK_CLONES void forward_k(const Plan& p, const T* in, const FwdOut& o, int64_t r0, int64_t r1) { \
+    const bool track = o.off || o.idx;                                                              \
+    if (p.direct) {                                                                                 \
+      if (track) forward_direct<T, true>(p, in, o, r0, r1);                                         \
+      else forward_direct<T, false>(p, in, o, r0, r1);                                              \
+    } else {                                                                                        \
+      if (track) forward_split<T, true>(p, in, o, r0, r1);                                          \
+      else forward_split<T, false>(p, in, o, r0, r1);                                               \
+    }                                                                                               \
+    if (p.stream) stream_fence();                                                                   \
+  }                                                                                                 \
+  DTK_CLONES void backward_k(const Plan& p, const T* go, const void* off, int obytes, T* gi,        \
+                             int64_t r0, int64_t r1) {                                              \
+    if (obytes == 1) backward_rows(p, go, static_cast<const int8_t*>(off), gi, r0, r1);             \
+    else if (obytes == 2) backward_rows(p, go, static_cast<const int16_t*>(off), gi, r0, r1);       \
+    else backward_rows(p, go, static_cast<const int32_t*>(off), gi, r0, r1);                        \
+  }
+DTK_MP_CLONES(float)
+DTK_MP_CLONES(double)
+DTK_MP_CLONES(c10::Half)
+DTK_MP_CLONES(c10::BFloat16)
+#undef DTK_MP_CLONES
+
+// Rows per parallel task: about kGrain elements of work each.
+int64_t grain_rows(int64_t work_per_row) {
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, work_per_row));
+}
+
+int64_t planes(const Pool2d& g) { return g.channels_last ? g.N : g.N * g.C; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation, bool ceil_mode,
+                                                          bool channels_last, bool return_indices,
+                                                          bool return_offsets) {
+  PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, channels_last,
+                                  return_indices, return_offsets);
+  const Pool2d& g = f.g;
+  PoolOutputs& res = f.res;
+  if (res.out.numel() == 0) return {res.out, res.indices, res.offsets};
+  // Indices alone: record each tap's flat-index offset directly when it fits int32.
+  const bool delta_codes = return_indices && !return_offsets &&
+                           (g.kh - 1) * g.dh * g.W + (g.kw - 1) * g.dw <= std::numeric_limits<int32_t>::max();
+  Plan p = make_plan(g, delta_codes);
+  p.stream = res.out.nbytes() >= kStreamBytes;
+  const FwdOut o{res.out.data_ptr(), return_offsets ? res.offsets.data_ptr() : nullptr,
+                 static_cast<int>(res.offsets.element_size()),
+                 return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr};
+  const int64_t rows = planes(g) * g.Ho;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "max_pool2d", [&] {
+    const scalar_t* in = f.x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_rows(p.row_out * g.taps()),
+                     [&](int64_t r0, int64_t r1) { forward_k(p, in, o, r0, r1); });
+  });
+  return {res.out, res.indices, res.offsets};
+}
+
+at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& offsets, at::IntArrayRef input_size,
+                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, bool channels_last) {
+  PoolBackward b = prepare_backward(grad_out, offsets, input_size, kernel_size, stride, padding, dilation,
+                                    channels_last);
+  const Pool2d& g = b.g;
+  if (b.grad_input.numel() == 0) return b.grad_input;
+  const Plan p = make_plan(g, false);
+  const int64_t rows = planes(g) * g.H;
+  // work per input row: the output rows reaching it times their width
+  const int64_t per_row = p.row_out * g.kw * std::max<int64_t>(1, g.kh / g.sh);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.grad_out.scalar_type(), "max_pool2d_backward", [&] {
+    const scalar_t* pg = b.grad_out.const_data_ptr<scalar_t>();
+    scalar_t* pi = b.grad_input.mutable_data_ptr<scalar_t>();
+    const void* po = b.offsets.const_data_ptr();
+    const int ob = static_cast<int>(b.offsets.element_size());
+    at::parallel_for(0, rows, grain_rows(per_row),
+                     [&](int64_t r0, int64_t r1) { backward_k(p, pg, po, ob, pi, r0, r1); });
+  });
+  return b.grad_input;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace dtkernels
+
+TORCH_LIBRARY_IMPL(dtkernels, CPU, m) {
+  m.impl("_max_pool2d", &dtkernels::cpu::max_pool2d);
+  m.impl("_max_pool2d_backward", &dtkernels::cpu::max_pool2d_backward);
+}

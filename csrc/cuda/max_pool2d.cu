@@ -1,0 +1,299 @@
+// max_pool2d on CUDA, NCHW and NHWC (channels_last), on the current stream.
+//
+// Forward: four outputs of a row per thread (NCHW), or one output pixel and a pack of
+// channels (NHWC, 16-byte loads when C allows). Taps are scanned row-major with ATen's rule
+// (a value replaces the running max when greater or NaN), from -inf at the window's
+// first tap past the padding. Writes the values, and when asked the window offsets
+// (the tap i*kw + j, for backward) and ATen's int64 indices.
+// Backward is a gather: one thread per input element (or pack of channels) visits the
+// few windows that can hold it in ascending (oh, ow) order and adds the gradient of
+// those whose offset names it. Deterministic, no atomics, every element written once.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <type_traits>
+
+#include "../max_pool2d.h"
+#include "utils.cuh"
+
+namespace dtkernels {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// int32 geometry for the device (sizes are checked to fit).
+struct Geo {
+  int C, H, W, Ho, Wo;
+  int kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+Geo device_geo(const Pool2d& g) {
+  TORCH_CHECK(g.H * g.W < (int64_t(1) << 31) && g.Ho * g.Wo < (int64_t(1) << 31) && g.C < (int64_t(1) << 31),
+              "max_pool2d (cuda): planes of 2^31 or more elements are not supported");
+  return Geo{int(g.C), int(g.H), int(g.W), int(g.Ho), int(g.Wo), int(g.kh), int(g.kw),
+             int(g.sh), int(g.sw), int(g.ph), int(g.pw), int(g.dh), int(g.dw)};
+}
+
+__device__ __forceinline__ int first_tap(int o, int s, int p, int d) {
+  const int lead = p - o * s;
+  return lead > 0 ? (lead + d - 1) / d : 0;
+}
+
+// ATen's rule: a value replaces the running max when it is greater, or NaN.
+template <typename A>
+__device__ __forceinline__ void fold(A a, int t, A& m, int& tap) {
+  if (a > m || a != a) {
+    m = a;
+    tap = t;
+  }
+}
+
+template <typename O>
+__device__ __forceinline__ void store_results(int64_t* idx, O* off, int64_t o, int tap, int h0, int w0,
+                                              const Geo& g) {
+  if (off) off[o] = static_cast<O>(tap);
+  if (idx) idx[o] = static_cast<int64_t>(h0 + (tap / g.kw) * g.dh) * g.W + w0 + (tap % g.kw) * g.dw;
+}
+
+// Both layouts as rows of pixels of B elements: NCHW planes are n*C + c with B = 1,
+// NHWC planes are images with B = C. Thread item q is one pixel of a Hs x Ws plane and
+// one pack of N of its elements (C % N == 0).
+struct Item {
+  int c, x, y;    // first element in the pixel, column, row
+  int64_t plane;
+  int64_t pix;    // pixel index over all planes
+};
+
+template <int N, bool NHWC>
+__device__ __forceinline__ Item split_item(int64_t q, const Geo& g, int Hs, int Ws) {
+  Item it;
+  it.c = NHWC ? static_cast<int>(q % (g.C / N)) * N : 0;
+  it.pix = NHWC ? q / (g.C / N) : q;
+  it.x = static_cast<int>(it.pix % Ws);
+  const int64_t r = it.pix / Ws;
+  it.y = static_cast<int>(r % Hs);
+  it.plane = r / Hs;
+  return it;
+}
+
+template <typename T, typename O, int N, bool NHWC>
+__global__ void max_pool2d_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __restrict__ idx,
+                                  O* __restrict__ off, Geo g, int64_t n) {
+  using A = acc_t<T>;
+  using P = Pack<T, N>;
+  const int B = NHWC ? g.C : 1;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n; q += stride) {
+    const Item it = split_item<N, NHWC>(q, g, g.Ho, g.Wo);
+    const int oh = it.y, ow = it.x;
+    const T* xp = x + it.plane * g.H * g.W * B + it.c;
+    const int h0 = oh * g.sh - g.ph, w0 = ow * g.sw - g.pw;
+    const int i0 = first_tap(oh, g.sh, g.ph, g.dh), j0 = first_tap(ow, g.sw, g.pw, g.dw);
+    A m[N];
+    int tap[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      m[k] = -std::numeric_limits<A>::infinity();
+      tap[k] = i0 * g.kw + j0;
+    }
+    for (int i = i0, ih = h0 + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh)
+      for (int j = j0, iw = w0 + j0 * g.dw; j < g.kw && iw < g.W; ++j, iw += g.dw) {
+        const P v = *reinterpret_cast<const P*>(xp + (static_cast<int64_t>(ih) * g.W + iw) * B);
+#pragma unroll
+        for (int k = 0; k < N; ++k) fold(static_cast<A>(v.v[k]), i * g.kw + j, m[k], tap[k]);
+      }
+    P res;
+#pragma unroll
+    for (int k = 0; k < N; ++k) res.v[k] = static_cast<T>(m[k]);
+    const int64_t o = it.pix * B + it.c;
+    *reinterpret_cast<P*>(out + o) = res;
+#pragma unroll
+    for (int k = 0; k < N; ++k) store_results(idx, off, o + k, tap[k], h0, w0, g);
+  }
+}
+
+// NCHW with V outputs of a row per thread: V independent loads in flight per tap
+// (strided by sw, so not one vector load) and the index arithmetic shared.
+template <typename T, typename O, int V>
+__global__ void max_pool2d_rows_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __restrict__ idx,
+                                       O* __restrict__ off, Geo g, int64_t n) {
+  using A = acc_t<T>;
+  const int groups = (g.Wo + V - 1) / V;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n; q += stride) {
+    const int ow0 = static_cast<int>(q % groups) * V;
+    const int64_t r = q / groups;  // plane * Ho + oh
+    const int oh = static_cast<int>(r % g.Ho);
+    const T* xp = x + (r / g.Ho) * g.H * g.W;
+    const int h0 = oh * g.sh - g.ph, i0 = first_tap(oh, g.sh, g.ph, g.dh);
+    const int nv = min(V, g.Wo - ow0);
+    A m[V];
+    int tap[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      m[v] = -std::numeric_limits<A>::infinity();
+      tap[v] = i0 * g.kw + first_tap(ow0 + v, g.sw, g.pw, g.dw);
+    }
+    const int w0 = ow0 * g.sw - g.pw;
+    for (int i = i0, ih = h0 + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh) {
+      const T* row = xp + static_cast<int64_t>(ih) * g.W;
+      for (int j = 0; j < g.kw; ++j) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const int iw = w0 + v * g.sw + j * g.dw;
+          if (v < nv && iw >= 0 && iw < g.W) fold(static_cast<A>(row[iw]), i * g.kw + j, m[v], tap[v]);
+        }
+      }
+    }
+    const int64_t o = r * g.Wo + ow0;
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+      if (v < nv) {
+        out[o + v] = static_cast<T>(m[v]);
+        store_results(idx, off, o + v, tap[v], h0, w0 + v * g.sw, g);
+      }
+  }
+}
+
+// The windows holding input position `i` along one dimension: o in [lo, hi] with
+// (i + p - o*s) a multiple of d; the tap is (i + p - o*s) / d.
+__device__ __forceinline__ void window_range(int i, int k, int s, int p, int d, int outs, int& lo, int& hi) {
+  const int first = i + p - (k - 1) * d;
+  lo = first <= 0 ? 0 : (first + s - 1) / s;
+  hi = min(outs - 1, (i + p) / s);
+}
+
+// Backward: one thread per input pixel and pack, gathering in ascending (oh, ow)
+// order, ATen's summation order.
+template <typename T, typename O, int N, bool NHWC>
+__global__ void max_pool2d_backward_kernel(const T* __restrict__ go, const O* __restrict__ off,
+                                           T* __restrict__ gi, Geo g, int64_t n) {
+  using A = acc_t<T>;
+  using P = Pack<T, N>;
+  const int B = NHWC ? g.C : 1;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n; q += stride) {
+    const Item it = split_item<N, NHWC>(q, g, g.H, g.W);
+    const int ih = it.y, iw = it.x;
+    const int64_t base = it.plane * g.Ho * g.Wo;
+    int ohl, ohh, owl, owh;
+    window_range(ih, g.kh, g.sh, g.ph, g.dh, g.Ho, ohl, ohh);
+    window_range(iw, g.kw, g.sw, g.pw, g.dw, g.Wo, owl, owh);
+    A acc[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) acc[k] = A(0);
+    for (int oh = ohl; oh <= ohh; ++oh) {
+      const int ni = ih + g.ph - oh * g.sh;
+      if (ni % g.dh) continue;
+      const int ti = (ni / g.dh) * g.kw;
+      for (int ow = owl; ow <= owh; ++ow) {
+        const int nj = iw + g.pw - ow * g.sw;
+        if (nj % g.dw) continue;
+        const int tap = ti + nj / g.dw;
+        const int64_t o = (base + static_cast<int64_t>(oh) * g.Wo + ow) * B + it.c;
+        const P gv = *reinterpret_cast<const P*>(go + o);
+#pragma unroll
+        for (int k = 0; k < N; ++k)
+          if (static_cast<int>(off[o + k]) == tap) acc[k] += static_cast<A>(gv.v[k]);
+      }
+    }
+    P res;
+#pragma unroll
+    for (int k = 0; k < N; ++k) res.v[k] = static_cast<T>(acc[k]);
+    *reinterpret_cast<P*>(gi + it.pix * B + it.c) = res;
+  }
+}
+
+// Calls f(O{}) with the offsets' integer type (int8 when the forward kept none).
+template <typename F>
+void with_offset_type(int64_t elem_size, F f) {
+  if (elem_size == 2) f(int16_t{});
+  else if (elem_size == 4) f(int32_t{});
+  else f(int8_t{});
+}
+
+// Launches kernel<T, O, N, NHWC> over `elems` elements: NCHW one element per thread;
+// NHWC 16-byte packs when C allows and both pointers are 16-byte aligned.
+template <typename T, typename O, typename Launch>
+void launch_layout(bool nhwc, int64_t C, int64_t elems, const void* a, const void* b, Launch launch) {
+  constexpr int N = 16 / sizeof(T);
+  const auto grid = [](int64_t n) { return grid_for(n, kThreads, 8); };
+  if (!nhwc) launch(std::integral_constant<int, 1>{}, std::false_type{}, grid(elems), elems);
+  else if (C % N == 0 && aligned_to(a, 16) && aligned_to(b, 16))
+    launch(std::integral_constant<int, N>{}, std::true_type{}, grid(elems / N), elems / N);
+  else launch(std::integral_constant<int, 1>{}, std::true_type{}, grid(elems), elems);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation, bool ceil_mode,
+                                                          bool channels_last, bool return_indices,
+                                                          bool return_offsets) {
+  c10::cuda::CUDAGuard guard(input.device());
+  PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, channels_last,
+                                  return_indices, return_offsets);
+  PoolOutputs& res = f.res;
+  if (res.out.numel() == 0) return {res.out, res.indices, res.offsets};
+  const Geo g = device_geo(f.g);
+  int64_t* idx = return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "max_pool2d_cuda", [&] {
+    using T = scalar_t;
+    const T* xp = f.x.const_data_ptr<T>();
+    T* op = res.out.mutable_data_ptr<T>();
+    with_offset_type(res.offsets.element_size(), [&](auto o_type) {
+      using O = decltype(o_type);
+      O* off = return_offsets ? static_cast<O*>(res.offsets.data_ptr()) : nullptr;
+      if (!channels_last) {
+        constexpr int V = 4;
+        const int64_t n = res.out.numel() / g.Wo * ((g.Wo + V - 1) / V);
+        max_pool2d_rows_kernel<T, O, V><<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n);
+      } else {
+        launch_layout<T, O>(true, g.C, res.out.numel(), xp, op, [&](auto n_, auto nhwc_, unsigned grid, int64_t n) {
+          max_pool2d_kernel<T, O, decltype(n_)::value, decltype(nhwc_)::value>
+              <<<grid, kThreads, 0, stream>>>(xp, op, idx, off, g, n);
+        });
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {res.out, res.indices, res.offsets};
+}
+
+at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& offsets, at::IntArrayRef input_size,
+                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, bool channels_last) {
+  c10::cuda::CUDAGuard guard(grad_out.device());
+  PoolBackward b = prepare_backward(grad_out, offsets, input_size, kernel_size, stride, padding, dilation,
+                                    channels_last);
+  if (b.grad_input.numel() == 0) return b.grad_input;
+  const Geo g = device_geo(b.g);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.grad_out.scalar_type(), "max_pool2d_backward_cuda", [&] {
+    using T = scalar_t;
+    const T* gp = b.grad_out.const_data_ptr<T>();
+    T* ip = b.grad_input.mutable_data_ptr<T>();
+    with_offset_type(b.offsets.element_size(), [&](auto o_type) {
+      using O = decltype(o_type);
+      const O* op = static_cast<const O*>(b.offsets.const_data_ptr());
+      launch_layout<T, O>(channels_last, g.C, b.grad_input.numel(), gp, ip, [&](auto n_, auto nhwc_, unsigned grid, int64_t n) {
+        max_pool2d_backward_kernel<T, O, decltype(n_)::value, decltype(nhwc_)::value>
+            <<<grid, kThreads, 0, stream>>>(gp, op, ip, g, n);
+      });
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return b.grad_input;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace dtkernels
+
+TORCH_LIBRARY_IMPL(dtkernels, CUDA, m) {
+  m.impl("_max_pool2d", &dtkernels::cuda::max_pool2d);
+  m.impl("_max_pool2d_backward", &dtkernels::cuda::max_pool2d_backward);
+}

@@ -1,0 +1,200 @@
+// max_pool2d geometry and argument checks, shared by the CPU and CUDA kernels.
+//
+// Semantics are ATen's CPU kernel's, which every dtkernels backend reproduces:
+// taps are scanned row-major; a value replaces the running maximum when it is
+// greater or NaN (so ties keep the first maximum and the last NaN wins); the
+// running maximum starts at -inf with the window's first tap that is not in the
+// left/top padding, so an all -inf window reports that tap. A window with no tap
+// inside the input (possible with dilation, e.g. H=2, k=2, d=3, p=1) gives -inf and
+// ATen's out-of-range index; backward drops its gradient (ATen writes it out of
+// bounds).
+//
+// Backward does not keep int64 indices but the tap inside the window, i * kw + j
+// ("offsets"): int8 up to 128 taps, int16 up to 32768, int32 beyond.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace dtkernels {
+
+struct Pool2d {
+  int64_t N, C, H, W, Ho, Wo;  // 3-D inputs have N = 1
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+  bool channels_last;
+
+  int64_t taps() const { return kh * kw; }
+  // First tap index along a dimension that is not in the leading padding (ATen's
+  // `while (ih0 < 0) ih0 += dilation`): i0 = ceil(max(0, p - o*s) / d).
+  static int64_t first_tap(int64_t o, int64_t s, int64_t p, int64_t d) {
+    int64_t lead = p - o * s;
+    return lead > 0 ? (lead + d - 1) / d : 0;
+  }
+};
+
+inline int64_t div_floor(int64_t a, int64_t b) {
+  int64_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+// ATen's pooling_output_shape, checks included, in ATen's order and wording.
+inline int64_t pool_output_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil_mode) {
+  TORCH_CHECK(s != 0, "stride should not be zero");
+  TORCH_CHECK(p >= 0, "pad must be non-negative, but got pad: ", p);
+  TORCH_CHECK(p <= ((k - 1) * d + 1) / 2, "pad should be at most half of effective kernel size, but got pad=", p,
+              ", kernel_size=", k, " and dilation=", d);
+  int64_t o = div_floor(in + 2 * p - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0), s) + 1;
+  // ceil_mode: the last window must start inside the input or its left padding
+  if (ceil_mode && (o - 1) * s >= in + p) --o;
+  return o;
+}
+
+inline at::ScalarType offsets_dtype(int64_t taps) {
+  return taps <= 128 ? at::kChar : taps <= 32768 ? at::kShort : at::kInt;
+}
+
+inline void check_pool_args(at::IntArrayRef v, const char* name) {
+  TORCH_CHECK(v.size() == 2, "max_pool2d: ", name, " must have two elements, got ", v.size());
+}
+
+// Validates a forward call (ATen's checks, same order and wording) and returns its geometry.
+inline Pool2d pool2d_geometry(const at::Tensor& input, at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p,
+                              at::IntArrayRef d, bool ceil_mode, bool channels_last) {
+  check_pool_args(k, "kernel_size");
+  check_pool_args(s, "stride");
+  check_pool_args(p, "padding");
+  check_pool_args(d, "dilation");
+  TORCH_CHECK(input.dim() == 3 || input.dim() == 4, "non-empty 3D or 4D (batch mode) tensor expected for input");
+  TORCH_CHECK(!channels_last || input.dim() == 4,
+              "non-empty 4D (batch mode) tensor expected for input with channels_last layout");
+  Pool2d g;
+  g.N = input.dim() == 4 ? input.size(0) : 1;
+  g.C = input.size(-3);
+  g.H = input.size(-2);
+  g.W = input.size(-1);
+  g.kh = k[0], g.kw = k[1], g.sh = s[0], g.sw = s[1], g.ph = p[0], g.pw = p[1], g.dh = d[0], g.dw = d[1];
+  g.channels_last = channels_last;
+  g.Ho = pool_output_size(g.H, g.kh, g.sh, g.ph, g.dh, ceil_mode);
+  g.Wo = pool_output_size(g.W, g.kw, g.sw, g.pw, g.dw, ceil_mode);
+  TORCH_CHECK(g.kh > 0 && g.kw > 0, "kernel size should be greater than zero, but got kH: ", g.kh, " kW: ", g.kw);
+  TORCH_CHECK(g.sh > 0 && g.sw > 0, "stride should be greater than zero, but got dH: ", g.sh, " dW: ", g.sw);
+  TORCH_CHECK(g.dh > 0 && g.dw > 0, "dilation should be greater than zero, but got dilationH: ", g.dh,
+              " dilationW: ", g.dw);
+  TORCH_CHECK(g.C != 0 && g.H != 0 && g.W != 0, "Expected 3D or 4D (batch mode) tensor with optional 0 dim batch size for input, but got:",
+              input.sizes());
+  TORCH_CHECK(g.kw / 2 >= g.pw && g.kh / 2 >= g.ph,
+              "pad should be smaller than or equal to half of kernel size, but got padW = ", g.pw, ", padH = ", g.ph,
+              ", kW = ", g.kw, ", kH = ", g.kh);
+  TORCH_CHECK(g.Wo >= 1 && g.Ho >= 1, "Given input size: (", g.C, "x", g.H, "x", g.W, "). Calculated output size: (",
+              g.C, "x", g.Ho, "x", g.Wo, "). Output size is too small");
+  return g;
+}
+
+inline at::MemoryFormat pool_format(const Pool2d& g) {
+  return g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+inline std::vector<int64_t> pool_output_sizes(const at::Tensor& input, const Pool2d& g) {
+  if (input.dim() == 3) return {g.C, g.Ho, g.Wo};
+  return {g.N, g.C, g.Ho, g.Wo};
+}
+
+// The forward's outputs: values, int64 indices (or an empty tensor) and offsets (or an
+// empty tensor), all in the output's memory format.
+struct PoolOutputs {
+  at::Tensor out, indices, offsets;
+};
+
+inline PoolOutputs new_pool_outputs(const at::Tensor& input, const Pool2d& g, bool want_indices, bool want_offsets) {
+  auto sizes = pool_output_sizes(input, g);
+  const auto fmt = pool_format(g);
+  PoolOutputs o;
+  o.out = new_empty(sizes, input.options(), fmt);
+  o.indices = want_indices ? new_empty(sizes, input.options().dtype(at::kLong), fmt)
+                           : at::empty({0}, input.options().dtype(at::kLong));
+  const auto odt = offsets_dtype(g.taps());
+  o.offsets = want_offsets ? new_empty(sizes, input.options().dtype(odt), fmt)
+                           : at::empty({0}, input.options().dtype(at::kChar));
+  return o;
+}
+
+// A validated forward call: geometry, fresh outputs, and the input in the layout the
+// kernels read (a copy only for odd layouts). Call under the device's guard.
+struct PoolForward {
+  Pool2d g;
+  PoolOutputs res;
+  at::Tensor x;
+};
+
+inline PoolForward prepare_forward(const at::Tensor& input, at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p,
+                                   at::IntArrayRef d, bool ceil_mode, bool channels_last, bool want_indices,
+                                   bool want_offsets) {
+  PoolForward f;
+  f.g = pool2d_geometry(input, k, s, p, d, ceil_mode, channels_last);
+  f.res = new_pool_outputs(input, f.g, want_indices, want_offsets);
+  if (f.res.out.numel() != 0) f.x = input.contiguous(pool_format(f.g));
+  return f;
+}
+
+// Validates a backward call and returns its geometry (from the input's sizes).
+inline Pool2d pool2d_backward_geometry(const at::Tensor& grad_out, const at::Tensor& offsets, at::IntArrayRef input_size,
+                                       at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d,
+                                       bool channels_last) {
+  check_pool_args(k, "kernel_size");
+  check_pool_args(s, "stride");
+  check_pool_args(p, "padding");
+  check_pool_args(d, "dilation");
+  TORCH_CHECK(input_size.size() == 3 || input_size.size() == 4,
+              "max_pool2d_backward: input_size must have 3 or 4 elements, got ", input_size);
+  TORCH_CHECK(grad_out.dim() == static_cast<int64_t>(input_size.size()),
+              "max_pool2d_backward: grad_out must have as many dimensions as the input, got ", grad_out.sizes(),
+              " for input size ", input_size);
+  TORCH_CHECK(!channels_last || input_size.size() == 4, "max_pool2d_backward: channels_last needs a 4-D input");
+  Pool2d g;
+  const bool b = input_size.size() == 4;
+  g.N = b ? input_size[0] : 1;
+  g.C = input_size[b ? 1 : 0];
+  g.H = input_size[b ? 2 : 1];
+  g.W = input_size[b ? 3 : 2];
+  g.kh = k[0], g.kw = k[1], g.sh = s[0], g.sw = s[1], g.ph = p[0], g.pw = p[1], g.dh = d[0], g.dw = d[1];
+  g.channels_last = channels_last;
+  TORCH_CHECK(g.kh > 0 && g.kw > 0 && g.sh > 0 && g.sw > 0 && g.dh > 0 && g.dw > 0 && g.ph >= 0 && g.pw >= 0,
+              "max_pool2d_backward: kernel_size, stride and dilation must be positive and padding non-negative");
+  g.Ho = grad_out.size(-2);
+  g.Wo = grad_out.size(-1);
+  TORCH_CHECK(grad_out.size(-3) == g.C && (!b || grad_out.size(0) == g.N),
+              "max_pool2d_backward: grad_out of size ", grad_out.sizes(), " does not match input size ", input_size);
+  TORCH_CHECK(offsets.sizes().equals(grad_out.sizes()),
+              "max_pool2d_backward: offsets must have grad_out's size ", grad_out.sizes(), ", got ", offsets.sizes(),
+              " (were they saved by a forward called with return_offsets=True?)");
+  TORCH_CHECK(offsets.scalar_type() == offsets_dtype(g.taps()), "max_pool2d_backward: offsets must be ",
+              offsets_dtype(g.taps()), " for a ", g.kh, "x", g.kw, " window, got ", offsets.scalar_type());
+  TORCH_CHECK(offsets.device() == grad_out.device(), "max_pool2d_backward: offsets and grad_out must be on the same device");
+  return g;
+}
+
+// A validated backward call: geometry, the fresh grad_input, and grad_out and offsets
+// in the layout the kernels read. Call under the device's guard.
+struct PoolBackward {
+  Pool2d g;
+  at::Tensor grad_input, grad_out, offsets;
+};
+
+inline PoolBackward prepare_backward(const at::Tensor& grad_out, const at::Tensor& offsets,
+                                     at::IntArrayRef input_size, at::IntArrayRef k, at::IntArrayRef s,
+                                     at::IntArrayRef p, at::IntArrayRef d, bool channels_last) {
+  PoolBackward b;
+  b.g = pool2d_backward_geometry(grad_out, offsets, input_size, k, s, p, d, channels_last);
+  const auto fmt = pool_format(b.g);
+  b.grad_input = new_empty(input_size, grad_out.options(), fmt);
+  if (b.grad_input.numel() != 0) {
+    b.grad_out = grad_out.contiguous(fmt);
+    b.offsets = offsets.contiguous(fmt);
+  }
+  return b;
+}
+
+}  // namespace dtkernels

@@ -1,0 +1,503 @@
+"""max_pool2d against dtkernels.reference (and ATen itself on the CPU) on every backend
+that runs here. Max is exact, so forward results must match bit for bit."""
+from __future__ import annotations
+
+import importlib
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dtkernels as dtk
+from dtkernels import reference as ref
+from dtkernels.testing import assert_close, rand
+
+from conftest import INTERPRET
+
+mp = importlib.import_module("dtkernels.ops.max_pool2d")  # the module (dtk.ops.max_pool2d is the function)
+CL = torch.channels_last
+NAN, INF = float("nan"), float("inf")
+
+# (kernel_size, stride, padding, dilation, ceil_mode): int and pair arguments, default
+# stride, padding, dilation, ceil_mode, overlapping and gapped windows.
+CASES = [
+    pytest.param((2, None, 0, 1, False), id="k2"),
+    pytest.param((2, 2, 0, 1, True), id="k2-ceil"),
+    pytest.param((3, 2, 1, 1, False), id="k3s2p1"),
+    pytest.param((3, 1, 1, 1, False), id="k3s1p1"),
+    pytest.param(((2, 3), (1, 2), (1, 0), (2, 1), False), id="pairs-dil"),
+    pytest.param((3, 2, 0, 1, True), id="k3s2-ceil"),
+    pytest.param(((3, 2), (2, 3), (1, 1), (1, 2), True), id="pairs-dil-ceil"),
+    pytest.param((2, 3, 1, 1, True), id="k2s3p1-gaps"),
+    pytest.param((1, 1, 0, 1, False), id="k1"),
+]
+# odd shapes; a 3-D (unbatched) one; W and C wide enough for the CPU kernels' vector
+# blocks (channels_last with C >= 32 reads taps in place, fewer channels are split)
+SHAPES = [(2, 3, 9, 11), (1, 5, 7, 37), (1, 40, 6, 9), (3, 13, 10)]
+if INTERPRET:
+    SHAPES = SHAPES[:1] + SHAPES[3:]
+LAYOUTS = [pytest.param(s, f, id="x".join(map(str, s)) + ("-cl" if f else ""))
+           for s in SHAPES for f in ([None, CL] if len(s) == 4 else [None])]
+
+
+def _data(shape, dtype, device, memory_format=None, specials=True, seed=0):
+    """Small integers (many ties), some NaN and -inf: every semantic corner at once."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, shape, generator=g).float()
+    if specials:
+        x[torch.rand(shape, generator=g) < 0.04] = NAN
+        x[torch.rand(shape, generator=g) < 0.04] = -INF
+    x = x.to(dtype=dtype, device=device)
+    return x.contiguous(memory_format=memory_format) if memory_format else x
+
+
+def _grad_ref(x, g, args, ceil_mode):
+    xr = x.detach().double().requires_grad_()
+    out = ref.max_pool2d(xr, *args, ceil_mode=ceil_mode)
+    (gi,) = torch.autograd.grad(out, xr, g.double())
+    return gi
+
+
+def _same(actual, expected):  # exact, NaN == NaN
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape,memory_format", LAYOUTS)
+@pytest.mark.parametrize("case", CASES)
+def test_forward_backward(backend_dtype, case, shape, memory_format):
+    _, device, dtype = backend_dtype
+    *args, ceil_mode = case
+    x = _data(shape, dtype, device, memory_format).requires_grad_()
+    out, idx = dtk.max_pool2d(x, *args, ceil_mode=ceil_mode, return_indices=True)
+    r_out, r_idx = ref.max_pool2d(x.detach(), *args, ceil_mode=ceil_mode, return_indices=True)
+    assert out.dtype == dtype and idx.dtype == torch.int64 and out.shape == r_out.shape
+    _same(out, r_out)
+    assert torch.equal(idx, r_idx)
+    if memory_format is CL:
+        assert out.is_contiguous(memory_format=CL) and idx.is_contiguous(memory_format=CL)
+    g = rand(*out.shape, dtype=dtype, device=device)
+    (gi,) = torch.autograd.grad(out, x, g)
+    assert gi.shape == x.shape and gi.stride() == x.stride(), "grad keeps the input's layout"
+    assert_close(gi, _grad_ref(x, g, args, ceil_mode), dtype=dtype)
+
+
+def _aten_cases(n, seed):
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        k = (rng.randint(1, 4), rng.randint(1, 4))
+        d = (rng.randint(1, 3), rng.randint(1, 3))
+        s = (rng.randint(1, 4), rng.randint(1, 4))
+        p = (rng.randint(0, k[0] // 2), rng.randint(0, k[1] // 2))
+        shape = (rng.randint(1, 2), rng.choice([1, 2, 3, 4, 33]), rng.randint(1, 12), rng.randint(1, 19))
+        cm = rng.random() < 0.5
+        try:
+            F.max_pool2d(torch.zeros(shape), k, s, p, d, cm)
+        except RuntimeError:
+            continue
+        out.append((shape, k, s, p, d, cm))
+    return out
+
+
+def _has_empty_window(shape, k, s, p, d, out_hw):
+    """Windows with no tap inside the input (ATen's backward writes out of bounds there)."""
+    def dim(i):
+        return all(any(0 <= o * s[i] - p[i] + t * d[i] < shape[2 + i] for t in range(k[i])) for o in range(out_hw[i]))
+    return not (dim(0) and dim(1))
+
+
+@pytest.mark.parametrize("memory_format", [None, CL], ids=["nchw", "cl"])
+def test_random_configs_match_aten(backend, memory_format):
+    """Random geometry (ceil_mode, padding, dilation, odd sizes, ties, NaN, -inf) against
+    F.max_pool2d itself: values and indices bit-exact; float32 gradients bit-exact too
+    where ATen's backward is defined (it sums in the same order)."""
+    _, device = backend
+    few = INTERPRET or backend[0] == "triton"  # each geometry is a Triton compile
+    for n, (shape, k, s, p, d, cm) in enumerate(_aten_cases(8 if few else 60, seed=1)):
+        x = _data(shape, torch.float32, "cpu", memory_format, seed=n)
+        a_out, a_idx = F.max_pool2d(x, k, s, p, d, cm, return_indices=True)
+        xd = x.detach().to(device).requires_grad_()
+        out, idx = dtk.max_pool2d(xd, k, s, p, d, cm, return_indices=True)
+        msg = f"case {shape} k={k} s={s} p={p} d={d} ceil={cm}"
+        _same(out.cpu(), a_out)
+        assert torch.equal(idx.cpu(), a_idx), msg
+        assert out.stride() == a_out.stride(), msg
+        if _has_empty_window(shape, k, s, p, d, a_out.shape[-2:]):
+            continue
+        g = rand(*out.shape, generator=torch.Generator().manual_seed(n))
+        xa = x.detach().clone().requires_grad_()
+        (a_gi,) = torch.autograd.grad(F.max_pool2d(xa, k, s, p, d, cm), xa, g)
+        (gi,) = torch.autograd.grad(out, xd, g.to(device))
+        assert gi.stride() == a_gi.stride(), msg
+        if backend[0] == "triton" and device.type == "cpu":
+            assert_close(gi.cpu(), a_gi, msg=msg)  # the interpreter's float sums
+        else:
+            assert torch.equal(gi.cpu(), a_gi), msg
+
+
+def test_reference_is_aten():
+    """The oracle reproduces ATen's CPU kernel in both memory formats and every dtype."""
+    for n, (shape, k, s, p, d, cm) in enumerate(_aten_cases(80, seed=2)):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            for fmt in (None, CL):
+                x = _data(shape, dtype, "cpu", fmt, seed=n)
+                a_out, a_idx = F.max_pool2d(x, k, s, p, d, cm, return_indices=True)
+                r_out, r_idx = ref.max_pool2d(x, k, s, p, d, cm, return_indices=True)
+                _same(r_out, a_out)
+                assert torch.equal(r_idx, a_idx), (shape, k, s, p, d, cm, dtype, fmt)
+
+
+def _pool(x, *args, fmt=None, **kw):
+    """Pools a (H, W) pattern laid out as 2 images x 3 channels in format `fmt`."""
+    x4 = x.expand(2, 3, *x.shape).contiguous(memory_format=fmt or torch.contiguous_format)
+    return dtk.max_pool2d(x4, *args, return_indices=True, **kw)
+
+
+@pytest.mark.sanitize
+@pytest.mark.parametrize("memory_format", [None, CL], ids=["nchw", "cl"])
+def test_semantics_pinned(backend_dtype, memory_format):
+    """ATen's answers in the corners, spelled out (hand-built inputs, expected values
+    written down, and checked against F.max_pool2d on the CPU)."""
+    _, device, dtype = backend_dtype
+
+    def check(x, args, kw, values, indices):
+        x = torch.tensor(x, dtype=dtype, device=device)
+        out, idx = _pool(x, *args, fmt=memory_format, **kw)
+        exp_v = torch.tensor(values, dtype=dtype).expand(2, 3, *torch.tensor(values).shape)
+        exp_i = torch.tensor(indices).expand(2, 3, *torch.tensor(indices).shape)
+        _same(out.cpu(), exp_v)
+        assert torch.equal(idx.cpu(), exp_i), (x, args, kw, idx[0, 0])
+        a_out, a_idx = F.max_pool2d(x.cpu().float().expand(2, 3, *x.shape), *args, return_indices=True, **kw)
+        _same(a_out.to(dtype), exp_v)
+        assert torch.equal(a_idx, exp_i), "the expectation is ATen's"
+
+    # NaN wins, and the index is the *last* NaN's in scan order
+    check([[1.0, NAN, 3.0, NAN]], [(1, 4)], {}, [[NAN]], [[3]])
+    check([[NAN, 1.0], [NAN, NAN]], [2], {}, [[NAN]], [[3]])
+    check([[-INF, NAN], [-INF, 5.0]], [2], {}, [[NAN]], [[1]])
+    # ties keep the first maximum in row-major scan order (not column-major)
+    check([[2.0, 1.0], [2.0, 2.0]], [2], {}, [[2.0]], [[0]])
+    check([[1.0, 2.0], [2.0, 1.0]], [2], {}, [[2.0]], [[1]])
+    # an all -inf window gives -inf and its first tap inside the input
+    check([[-INF] * 3] * 3, [2], {"padding": 1}, [[-INF, -INF], [-INF, -INF]], [[0, 1], [3, 4]])
+    # ceil_mode: a partial last window is kept, one starting in the right padding dropped
+    x5 = [[float(5 * r + c) for c in range(5)] for r in range(5)]
+    check(x5, [2, 2], {"ceil_mode": True}, [[6, 8, 9], [16, 18, 19], [21, 23, 24]],
+          [[6, 8, 9], [16, 18, 19], [21, 23, 24]])
+    check(x5, [2, 2, 1], {"ceil_mode": True}, [[0, 2, 4], [10, 12, 14], [20, 22, 24]],
+          [[0, 2, 4], [10, 12, 14], [20, 22, 24]])  # 3x3, not 4x4
+
+
+@pytest.mark.parametrize("memory_format", [None, CL], ids=["nchw", "cl"])
+def test_window_outside_the_input(backend, memory_format):
+    """H = W = 2, k=2, d=3, p=1: the only window's taps (-1 and 2) all miss the input.
+    ATen gives -inf with index ih0*W + iw0 = 6 (out of range), and its backward writes
+    out of bounds; ours keeps the forward and drops that window's gradient."""
+    _, device = backend
+    x = rand(2, 3, 2, 2, device=device, memory_format=memory_format, requires_grad=True)
+    out, idx = dtk.max_pool2d(x, 2, 1, 1, 3, return_indices=True)
+    assert out.shape == (2, 3, 1, 1) and bool((out == -INF).all()) and bool((idx == 6).all())
+    a_out, a_idx = F.max_pool2d(x.detach().cpu(), 2, 1, 1, 3, return_indices=True)
+    assert torch.equal(idx.cpu(), a_idx) and torch.equal(out.detach().cpu(), a_out)
+    (gi,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert torch.equal(gi, torch.zeros_like(gi))
+
+
+@pytest.mark.sanitize
+@pytest.mark.parametrize("case", ["slice", "transpose", "expanded", "cl-slice", "misaligned"])
+def test_strided_inputs(backend, case):
+    _, device = backend
+    base = _data((4, 6, 10, 24), torch.float32, device, specials=False)
+    if case == "slice":
+        x = base[:, 1:5, ::2, 3:20]
+    elif case == "transpose":
+        x = base.transpose(2, 3)
+    elif case == "expanded":
+        x = base[:1].expand(3, -1, -1, -1)
+    elif case == "cl-slice":  # channels_last strides, not dense: still pooled as channels_last
+        x = base.contiguous(memory_format=CL)[..., ::2]
+    else:  # dense, one element off 16-byte alignment
+        x = torch.cat([base.flatten(), base.flatten()[:1]])[1:].view(base.shape).contiguous(memory_format=CL)
+    x = x.detach().requires_grad_()
+    out, idx = dtk.max_pool2d(x, 3, 2, 1, return_indices=True)
+    r_out, r_idx = ref.max_pool2d(x.detach(), 3, 2, 1, return_indices=True)
+    _same(out, r_out)
+    assert torch.equal(idx, r_idx)
+    a_out = F.max_pool2d(x.detach().cpu(), 3, 2, 1)
+    assert out.stride() == a_out.stride(), "output format chosen as ATen's"
+    g = rand(*out.shape, device=device).transpose(0, 1).contiguous().transpose(0, 1)  # odd-strided grad
+    (gi,) = torch.autograd.grad(out, x, g)
+    assert_close(gi, _grad_ref(x, g, (3, 2, 1), False), dtype=torch.float32)
+
+
+def test_inputs_not_modified(backend_dtype):
+    _, device, dtype = backend_dtype
+    for fmt in (None, CL):
+        x = _data((2, 3, 7, 9), dtype, device, fmt).requires_grad_()
+        g = rand(2, 3, 4, 5, dtype=dtype, device=device)
+        before = [x.detach().clone(), g.clone()]
+        out = dtk.max_pool2d(x, 3, 2, 1)
+        out.backward(g)
+        _same(x.detach(), before[0])
+        assert torch.equal(g, before[1])
+
+
+@pytest.mark.sanitize
+@pytest.mark.parametrize("memory_format", [None, CL], ids=["nchw", "cl"])
+def test_empty_batch(backend, memory_format):
+    _, device = backend
+    x = rand(0, 3, 8, 8, device=device, memory_format=memory_format, requires_grad=True)
+    out, idx = dtk.max_pool2d(x, 2, return_indices=True)
+    assert out.shape == idx.shape == (0, 3, 4, 4)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_deterministic_backward(backend):
+    """Overlapping windows and many ties: two backwards are bit-identical."""
+    _, device = backend
+    x = _data((2, 8, 15, 33), torch.float32, device, CL, specials=False).requires_grad_()
+    g = rand(2, 8, 15, 33, device=device)
+    out = dtk.max_pool2d(x, 3, 1, 1)
+    (a,) = torch.autograd.grad(out, x, g, retain_graph=True)
+    (b,) = torch.autograd.grad(out, x, g)
+    assert torch.equal(a, b)
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "dtkernels":
+            self.calls.append((func.__name__.split(".")[0], args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_keeps_only_small_offsets():
+    """Autograd saves the window offset (int8 for up to 128 taps, int16 beyond), not
+    the input and not int64 indices; without grad no offsets are computed at all."""
+    x = rand(2, 3, 9, 9, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out, idx = dtk.max_pool2d(x, 3, 2, 1, return_indices=True)
+    assert len(saved) == 1 and saved[0].dtype == torch.int8 and saved[0].shape == out.shape
+    saved.clear()
+    big = rand(1, 2, 30, 30, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = dtk.max_pool2d(big, 12, 3, 6, ceil_mode=True)
+    assert len(saved) == 1 and saved[0].dtype == torch.int16
+    (gi,) = torch.autograd.grad(out, big, torch.ones_like(out))
+    assert_close(gi, _grad_ref(big, torch.ones_like(out), (12, 3, 6), True))
+    for grad_mode, rg in ((True, False), (False, True)):
+        log = _OpLog()
+        with torch.set_grad_enabled(grad_mode), log:
+            dtk.max_pool2d(x.detach().requires_grad_(rg), 2)
+        assert [c[0] for c in log.calls] == ["max_pool2d"]
+        _, args, kwargs = log.calls[0]  # trailing defaults are left out
+        assert not (args[8] if len(args) > 8 else kwargs.get("return_offsets", False)), \
+            "no offsets when nothing needs a gradient"
+
+
+def test_large_windows_fall_back_to_wider_offsets():
+    taps = {(11, 11): torch.int8, (12, 11): torch.int16, (200, 200): torch.int32}
+    for k, want in taps.items():
+        assert mp.offsets_dtype(k[0] * k[1]) == want
+    x = rand(1, 1, 200, 201, requires_grad=True)
+    out = dtk.max_pool2d(x, (200, 200), 1)
+    (gi,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert torch.equal(gi, _grad_ref(x, torch.ones_like(out), ((200, 200), 1), False).float())
+
+
+@pytest.mark.parametrize("dtype,memory_format,shape", [
+    (torch.float32, None, (1, 33, 256, 1022)),   # odd output width: unaligned rows too
+    (torch.float16, CL, (1, 128, 256, 512)),
+    (torch.bfloat16, None, (1, 64, 512, 512)),
+    (torch.float64, CL, (1, 16, 256, 1024)),
+], ids=["f32", "f16-cl", "bf16", "f64-cl"])
+def test_large_outputs(backend, dtype, memory_format, shape):
+    """Outputs of 8 MiB and more take the CPU kernels' non-temporal stores."""
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("the CPU kernels' streaming stores")
+    x = _data(shape, dtype, device, memory_format)
+    out, idx = dtk.max_pool2d(x, 2, return_indices=True)
+    assert out.nbytes >= 8 << 20
+    a_out, a_idx = F.max_pool2d(x, 2, return_indices=True)
+    _same(out, a_out)
+    assert torch.equal(idx, a_idx)
+    _same(dtk.max_pool2d(x, 3, 2, 1), F.max_pool2d(x, 3, 2, 1))
+
+
+@pytest.mark.sanitize
+def test_max_unpool2d_roundtrip(backend):
+    _, device = backend
+    x = rand(2, 3, 9, 11, device=device)
+    out, idx = dtk.max_pool2d(x, 2, return_indices=True)
+    up = F.max_unpool2d(out, idx, 2, output_size=x.shape[-2:])
+    a_out, a_idx = F.max_pool2d(x, 2, return_indices=True)
+    assert torch.equal(up, F.max_unpool2d(a_out, a_idx, 2, output_size=x.shape[-2:]))
+
+
+@pytest.mark.parametrize("memory_format", [None, CL], ids=["nchw", "cl"])
+def test_opcheck(backend, memory_format):
+    _, device = backend
+    op, bop = torch.ops.dtkernels.max_pool2d.default, torch.ops.dtkernels.max_pool2d_backward.default
+    cl = memory_format is CL
+    samples = [
+        (rand(2, 3, 7, 9, device=device, memory_format=memory_format, requires_grad=True),
+         [3, 3], [2, 2], [1, 1], [1, 1], False, cl, True, True),
+        (rand(2, 4, 8, 8, device=device, memory_format=memory_format), [2, 2], [2, 2], [0, 0], [1, 1], True, cl,
+         False, False),
+        (rand(2, 5, 9, device=device, requires_grad=True), [2, 3], [1, 2], [1, 0], [2, 1], True, False, False, True),
+    ]
+    for args in samples:
+        torch.library.opcheck(op, args)
+        x = args[0].detach()
+        out, _, off = op(x, *args[1:-1], True)
+        torch.library.opcheck(bop, (rand(*out.shape, device=device), off, list(x.shape), *args[1:5], args[6]))
+        torch.library.opcheck(torch.ops.dtkernels._max_pool2d.default, (x, *args[1:]))
+
+
+def test_gradcheck_float64(backend):
+    name, device = backend
+    if device.type != "cpu":
+        pytest.skip("float64 is claimed on the CPU only")
+    interpreted = name == "triton"  # every Jacobian column is a kernel run: keep it tiny
+    shape = (1, 2, 4, 5) if interpreted else (2, 3, 7, 8)
+    cases = [(3, 2, 1)] if interpreted else [(2,), (3, 2, 1), ((2, 3), 1, (1, 1), (2, 1), True)]
+    for fmt in (None, CL):
+        x = rand(*shape, dtype=torch.float64, memory_format=fmt, requires_grad=True)
+        for args in cases:
+            f = lambda t: dtk.max_pool2d(t, *args[:4], ceil_mode=len(args) > 4)  # noqa: E731
+            assert torch.autograd.gradcheck(f, (x,))
+            if not interpreted:  # double backward is a PyTorch composite, the same on every backend
+                assert torch.autograd.gradgradcheck(f, (x,))
+
+
+def test_meta_and_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.empty(2, 3, 9, 11, device="meta").contiguous(memory_format=CL)
+    out, idx = dtk.max_pool2d(x, 3, 2, 1, ceil_mode=True, return_indices=True)
+    assert out.device.type == "meta" and out.shape == (2, 3, 5, 6) and out.is_contiguous(memory_format=CL)
+    assert idx.dtype == torch.int64
+    with FakeTensorMode():
+        a = torch.empty(4, 5, 6, 7)
+        assert dtk.max_pool2d(a, 2).shape == (4, 5, 3, 3)
+        with pytest.raises(RuntimeError, match="Output size is too small"):
+            dtk.max_pool2d(a, 7)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph(backend):
+    name, device = backend
+    torch._dynamo.reset()
+
+    def block(x, w):
+        y, idx = dtk.max_pool2d(x * w, 3, 2, 1, return_indices=True)
+        return y.sum(dim=1), idx
+
+    compiled = torch.compile(block, fullgraph=True)
+    x = rand(2, 4, 9, 10, device=device, memory_format=CL, requires_grad=True)
+    w = rand(1, 4, 1, 1, device=device, requires_grad=True)
+    out, idx = compiled(x, w)
+    ref_out, ref_idx = block(x, w)
+    g = rand(*out.shape, device=device)
+    grads = torch.autograd.grad(out, (x, w), g)
+    ref_grads = torch.autograd.grad(ref_out, (x, w), g)
+    assert_close(out, ref_out)
+    assert torch.equal(idx, ref_idx)
+    for a, b in zip(grads, ref_grads):
+        assert_close(a, b)
+
+
+def _error(f):
+    with pytest.raises(Exception) as e:
+        f()
+    return e.type, str(e.value).splitlines()[0]
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param((3, 1, 2), id="pad>half-effective-kernel"),
+    pytest.param((2, 1, 2, 3), id="pad>half-kernel"),
+    pytest.param(((2, 3), (0, 1)), id="zero-stride"),
+    pytest.param(((2, 3), (-1, 1)), id="negative-stride"),
+    pytest.param(((0, 3), 1), id="zero-kernel"),
+    pytest.param((2, 1, 0, (0, 1)), id="zero-dilation"),
+    pytest.param((2, 1, -1), id="negative-pad"),
+    pytest.param((13,), id="output-too-small"),
+    pytest.param(((2, 2, 2),), id="kernel-3-tuple"),
+    pytest.param((2, None, (1, 1, 1)), id="padding-3-tuple"),
+    pytest.param((2, (1, 2, 3)), id="stride-3-tuple"),
+    pytest.param((2, 1, 0, (1, 1, 1)), id="dilation-3-tuple"),
+])
+def test_errors_are_atens(args):
+    """Same exception type and first line as F.max_pool2d, from the public function,
+    the fake kernel (what torch.compile reports) and the native kernel."""
+    x = rand(2, 3, 12, 12)
+    want = _error(lambda: F.max_pool2d(x, *args))
+    assert _error(lambda: dtk.max_pool2d(x, *args)) == want
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if want[1].startswith("max_pool2d:"):
+        return  # argument normalisation: only the public function sees those
+    k, s, p, d = mp.normalize_args(*args)
+    with FakeTensorMode():
+        assert _error(lambda: torch.ops.dtkernels.max_pool2d(torch.empty(2, 3, 12, 12), k, s, p, d))[1] == want[1]
+    assert _error(lambda: torch.ops.dtkernels._max_pool2d(x, k, s, p, d, False, False, False, False))[1] == want[1]
+
+
+def test_input_errors():
+    for x in (rand(3, 12), rand(1, 2, 3, 8, 8), rand(2, 0, 8, 8), rand(2, 3, 0, 8)):
+        assert _error(lambda: dtk.max_pool2d(x, 2)) == _error(lambda: F.max_pool2d(x, 2))
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
+        dtk.max_pool2d(torch.ones(1, 1, 4, 4, dtype=torch.int64), 2)
+    with pytest.raises(TypeError, match="kernel_size must be an int or a tuple of ints"):
+        dtk.max_pool2d(rand(1, 1, 4, 4), 2.5)
+    with pytest.raises(RuntimeError, match="backward needs the window offsets"):
+        x = rand(1, 1, 4, 4, requires_grad=True)
+        out, _, _ = torch.ops.dtkernels.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1])
+        out.sum().backward()
+
+
+def test_module():
+    for kw in ({}, {"stride": 1, "padding": 1, "dilation": 2}, {"return_indices": True, "ceil_mode": True}):
+        m, t = dtk.nn.MaxPool2d(3, **kw), torch.nn.MaxPool2d(3, **kw)
+        assert isinstance(m, torch.nn.MaxPool2d) and repr(m) == repr(t)
+        x = _data((2, 3, 11, 9), torch.float32, "cpu")
+        a, b = m(x), t(x)
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            _same(u, v)
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles the real kernels; the interpreter replaces them")
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "fp64"])
+def test_triton_kernels_compile_for_sm90(dtype):
+    """Every Triton kernel lowers to sm_90 code with no GPU here (the interpreter alone
+    would not catch type or lowering errors)."""
+    pytest.importorskip("triton")
+    from dtkernels.testing import compile_triton
+    from dtkernels.triton import max_pool2d as k
+
+    p, fp64 = f"*{dtype}", dtype == "fp64"
+    geo = dict(KH=3, KW=3, SH=2, SW=2, PH=1, PW=1, DH=1, DW=1)
+    sizes = {"H": "i32", "W": "i32", "Ho": "i32", "Wo": "i32"}
+    fwd = {"x_ptr": p, "out_ptr": p, "idx_ptr": "*i64", "off_ptr": "*i8", **sizes}
+    bwd = {"g_ptr": p, "off_ptr": "*i8", "gi_ptr": p, **sizes}
+    for aligned, flags in [(True, dict(IDX=True, OFF=True)), (False, dict(IDX=False, OFF=False))]:
+        c = compile_triton(k._max_pool2d_nchw_kernel, {**fwd, "n": "i64"}, {**geo, **flags, "FP64": fp64, "BLOCK": 512},
+                           aligned=aligned)
+        assert "cubin" in c.asm
+        c = compile_triton(k._max_pool2d_nhwc_kernel, {**fwd, "npix": "i64", "C": "i32"},
+                           {**geo, **flags, "FP64": fp64, "BLOCK_P": 32, "BLOCK_C": 64}, aligned=aligned)
+        if aligned and not fp64:  # 16-byte channel loads
+            assert "ld.global.v4" in c.asm["ptx"] or "ld.global.v2" in c.asm["ptx"]
+        c = compile_triton(k._max_pool2d_backward_nchw_kernel, {**bwd, "n": "i64"}, {**geo, "FP64": fp64, "BLOCK": 512},
+                           aligned=aligned)
+        assert "cubin" in c.asm
+        c = compile_triton(k._max_pool2d_backward_nhwc_kernel, {**bwd, "npix": "i64", "C": "i32"},
+                           {**geo, "FP64": fp64, "BLOCK_P": 32, "BLOCK_C": 64}, aligned=aligned)
+        assert "cubin" in c.asm
