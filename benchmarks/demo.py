@@ -31,7 +31,7 @@ def machine(device: torch.device) -> dict:
     info = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
     try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+        info["commit"] = os.environ.get("DTK_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                         text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except OSError:
         info["commit"] = "unknown"

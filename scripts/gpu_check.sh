@@ -11,8 +11,10 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+STEPS=" ${STEPS:-build tests sanitizer bench} "  # a rerun can pick steps, e.g. STEPS="build bench"
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 summary="$OUT/summary.md"
-echo "# dtkernels GPU check $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" > "$summary"
+echo "# dtkernels GPU check $(date -u +%FT%TZ), commit ${DTK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" > "$summary"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$summary" 2>&1
 rc_all=0
 step() {  # step NAME TIMEOUT_S LOG CMD...
@@ -27,23 +29,25 @@ step() {  # step NAME TIMEOUT_S LOG CMD...
   return $rc
 }
 
-step build 300 "$OUT/build.log" $PY setup.py -q build_ext --inplace || { cat "$summary"; exit 1; }
+step build 240 "$OUT/build.log" $PY setup.py -q build_ext --inplace || { cat "$summary"; exit 1; }
 $PY -m dtkernels info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
 
-xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 6"
+xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n ${XDIST:-12}"
 # Correctness runs need no autotuning (DTK_TRITON_AUTOTUNE=0); the bench step tunes.
-step tests 300 "$OUT/tests.log" env DTK_GPU_ONLY=1 DTK_TRITON_AUTOTUNE=0 $PY -m pytest tests -q -m "cuda or triton" $xdist -p no:cacheprovider
+want tests && step tests ${TESTS_TIMEOUT:-240} "$OUT/tests.log" env DTK_GPU_ONLY=1 DTK_TRITON_AUTOTUNE=0 \
+  $PY -m pytest tests -q -m "cuda or triton" $xdist -p no:cacheprovider --durations=10 ${PYTEST_ARGS:-}
 
-if command -v compute-sanitizer >/dev/null; then
+if ! want sanitizer; then :
+elif command -v compute-sanitizer >/dev/null; then
   # The tests marked `sanitize`: small, odd and misaligned shapes through every kernel.
-  step sanitizer 240 "$OUT/sanitizer.log" env DTK_GPU_ONLY=1 DTK_TRITON_AUTOTUNE=0 compute-sanitizer --tool memcheck \
+  step sanitizer ${SANITIZER_TIMEOUT:-150} "$OUT/sanitizer.log" env DTK_GPU_ONLY=1 DTK_TRITON_AUTOTUNE=0 compute-sanitizer --tool memcheck \
     --error-exitcode 3 $PY -m pytest tests -q -m "sanitize and (cuda or triton)" -p no:cacheprovider
 else
   echo "- sanitizer: compute-sanitizer not found" >> "$summary"
 fi
 
 # Every case (results are written after each one, so a timeout keeps what was measured).
-step bench ${BENCH_TIMEOUT:-200} "$OUT/bench.log" $PY benchmarks/demo.py --device cuda --rounds ${BENCH_ROUNDS:-10} \
+want bench && step bench ${BENCH_TIMEOUT:-150} "$OUT/bench.log" $PY benchmarks/demo.py --device cuda --rounds ${BENCH_ROUNDS:-10} \
   --json "$OUT/gpu_bench.json" --md "$OUT/gpu_bench.md"
 cat "$summary"
 exit $rc_all
