@@ -55,7 +55,7 @@ def _cases():
             "residual_add", "fwd", label, dtype, _inputs(big, dtype, fmt),
             baseline=_fwd(ref.residual_add), candidate=_fwd(dtk.residual_add),
             extras={"clone": lambda i: i["x"].clone()}, bytes=_nbytes(big, dtype, 3),
-            target=1.7 if main else None))
+            clone_bytes=_nbytes(big, dtype, 2), target=1.7 if main else None))
         out.append(Case(
             "residual_add", "fwd+bwd", label, dtype, _inputs(big, dtype, fmt, grad=True),
             baseline=_fwd_bwd(ref.residual_add), candidate=_fwd_bwd(dtk.residual_add),
@@ -63,7 +63,8 @@ def _cases():
     mid = (8, 64, 64, 64)  # 8 MiB: under glibc's mmap threshold regime, memory gets reused
     out.append(Case("residual_add", "fwd", "8x64x64x64", torch.float32, _inputs(mid, torch.float32),
                     baseline=_fwd(ref.residual_add), candidate=_fwd(dtk.residual_add),
-                    extras={"clone": lambda i: i["x"].clone()}, bytes=_nbytes(mid, torch.float32, 3)))
+                    extras={"clone": lambda i: i["x"].clone()}, bytes=_nbytes(mid, torch.float32, 3),
+                    clone_bytes=_nbytes(mid, torch.float32, 2)))
     return out
 
 

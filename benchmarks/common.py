@@ -32,6 +32,7 @@ class Case:
     candidate: Callable[[Inputs], Any]
     extras: dict[str, Callable[[Inputs], Any]] = field(default_factory=dict)
     bytes: int | None = None      # fewest bytes the op must move (reads + writes)
+    clone_bytes: int | None = None  # bytes the "clone" extra moves, when not `bytes`
     target: float | None = None   # the speed-up target over the baseline (reported, never asserted)
     note: str = ""
     devices: tuple[str, ...] = ("cpu", "cuda")
@@ -133,14 +134,17 @@ def rows_for(case: Case, device: torch.device, stats: dict[str, dict[str, float]
     clone = stats.get("clone", {}).get("median_ms")
     rows = []
     for impl, s in stats.items():
-        gbs = case.bytes / s["median_ms"] / 1e6 if case.bytes else None
+        nbytes = (case.clone_bytes or case.bytes) if impl == "clone" else case.bytes
+        gbs = nbytes / s["median_ms"] / 1e6 if nbytes else None
         rows.append({
             "op": case.op, "case": case.name, "shape": case.shape,
             "dtype": str(case.dtype).replace("torch.", ""), "device": device.type, "impl": impl,
             **{k: round(v, 4) for k, v in s.items()},
             "speedup_vs_torch": round(base / s["median_ms"], 3),
             "gb_per_s": round(gbs, 1) if gbs else None,
-            "frac_of_clone_bw": round(clone / s["median_ms"], 3) if clone and case.bytes else None,
+            # (our bytes / our time) / (clone's bytes / clone's time)
+            "frac_of_clone_bw": round(clone / s["median_ms"] * nbytes / (case.clone_bytes or case.bytes), 3)
+            if clone and nbytes else None,
             "target": case.target if impl.startswith("dtk-") else None,
         })
     return rows

@@ -63,8 +63,10 @@ def register(op: str, *, native: str | None = None, triton: str | None = None,
         if check is not None:
             check(*args)
         device = _device_of(args)
-        fn = kernel(op, device)
-        if device.type == "cuda":
+        fn, name = _kernel(op, device)
+        # Native CUDA kernels guard the device themselves; Triton launches on the
+        # current device, so it needs the tensors' device to be current.
+        if name == "triton" and device.type == "cuda" and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):
                 return fn(*args)
         return fn(*args)
@@ -196,8 +198,25 @@ def _resolve(op: str, device: torch.device) -> str:
     return "reference"
 
 
+# (op, backend setting, device type, interpreter on) -> (kernel, backend): the
+# per-call lookup is a dict hit; only failures take the slow path (and raise).
+_KERNELS: dict[tuple, tuple[Callable, str]] = {}
+
+
 def kernel(op: str, device: torch.device) -> Callable:
     """The kernel that runs ``op`` on tensors of ``device`` under the current backend."""
+    return _kernel(op, device)[0]
+
+
+def _kernel(op: str, device: torch.device) -> tuple[Callable, str]:
+    key = (op, _current, device.type, triton_interpreting() if device.type == "cpu" else False)
+    hit = _KERNELS.get(key)
+    if hit is None:
+        hit = _KERNELS[key] = _lookup(op, device)
+    return hit
+
+
+def _lookup(op: str, device: torch.device) -> tuple[Callable, str]:
     k = _REGISTRY[op]
     name = _resolve(op, device)
     if name == "cpu" and device.type != "cpu":
@@ -212,14 +231,14 @@ def kernel(op: str, device: torch.device) -> Callable:
     if name in ("cpu", "cuda"):
         if k.native is None:
             raise NotImplementedError(f"dtkernels: {op} has no native ({name}) kernel")
-        return getattr(torch.ops.dtkernels, k.native)
+        return getattr(torch.ops.dtkernels, k.native).default, name
     if name == "triton":
         if k.triton is None:
             raise NotImplementedError(f"dtkernels: {op} has no Triton kernel")
-        return _triton_kernel(k.triton)
+        return _triton_kernel(k.triton), name
     if k.reference is None:
         raise NotImplementedError(f"dtkernels: {op} has no reference kernel")
-    return k.reference
+    return k.reference, name
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,15 +3,15 @@
 #   build for this GPU's arch only, run the Triton and CUDA tests against the
 #   reference, compute-sanitizer memcheck on a small subset, then quick benchmarks.
 # Results land in $OUT (default ./out): summary.md, info.txt, build.log, tests.log,
-# sanitizer.log, bench.log, gpu_bench.md, gpu_bench.json (8 files). Commit gpu_bench.md to
-# benchmarks/results/.
+# sanitizer.log, bench.log, gpu_bench.md, gpu_bench.json, profile.md (at most 8 come back
+# from the lent machine: pick STEPS). Commit gpu_bench.md to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-STEPS=" ${STEPS:-build tests sanitizer bench} "  # a rerun can pick steps, e.g. STEPS="build bench"
+STEPS=" ${STEPS:-build tests sanitizer bench profile} "  # a rerun can pick steps, e.g. STEPS="build bench"
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 summary="$OUT/summary.md"
 echo "# dtkernels GPU check $(date -u +%FT%TZ), commit ${DTK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" > "$summary"
@@ -49,5 +49,8 @@ fi
 # Every case (results are written after each one, so a timeout keeps what was measured).
 want bench && step bench ${BENCH_TIMEOUT:-150} "$OUT/bench.log" $PY benchmarks/demo.py --device cuda --rounds ${BENCH_ROUNDS:-10} \
   --json "$OUT/gpu_bench.json" --md "$OUT/gpu_bench.md"
+# Wall vs host vs kernel time per call, to tell host-bound calls from slow kernels.
+want profile && step profile ${PROFILE_TIMEOUT:-90} "$OUT/profile.log" $PY benchmarks/gpu_profile.py --md "$OUT/profile.md" \
+  && rm -f "$OUT/profile.log"
 cat "$summary"
 exit $rc_all

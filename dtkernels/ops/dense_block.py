@@ -147,7 +147,10 @@ def _bn_relu_backward(grad: Tensor, y: Tensor, x: Tensor, weight: Tensor, mean: 
     if training:
         return torch.ops.aten.native_batch_norm_backward(grad, x, weight, None, None, mean, invstd, True, eps,
                                                          [True, True, True])
-    return torch.ops.aten.native_batch_norm_backward(grad, x, weight, running_mean, running_var, None, None,
+    # Eval: empty saved statistics, as autograd passes them (ATen's CUDA kernel asserts
+    # they are defined, then recomputes invstd from the running variance).
+    none = x.new_empty(0)
+    return torch.ops.aten.native_batch_norm_backward(grad, x, weight, running_mean, running_var, none, none,
                                                      False, eps, [True, True, True])
 
 
