@@ -117,7 +117,8 @@ def _reference_backward(grad_out, offsets, input_size, kernel_size, stride, padd
     return _empty(gi.shape, grad_out, channels_last).copy_(gi)
 
 
-# auto_cuda: the GPU benchmark decides (benchmarks/results/); CUDA C++ first until then.
+# auto on CUDA tensors: CUDA C++ first, measured faster than Triton in every H100 case
+# (benchmarks/results/h100-20261126.md).
 backends.register(OP, native="_max_pool2d", triton="max_pool2d:max_pool2d", reference=_reference,
                   auto_cuda=("cuda", "triton"), check=_check)
 backends.register(OP + "_backward", native="_max_pool2d_backward", triton="max_pool2d:max_pool2d_backward",

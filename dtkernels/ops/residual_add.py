@@ -34,6 +34,8 @@ def _reference_backward(grad_out, out, scale):
     return like(reference.residual_add_backward(grad_out, out, scale), out)
 
 
+# auto on CUDA tensors: CUDA C++ first, measured faster than Triton in every H100 case
+# (benchmarks/results/h100-20261126.md).
 backends.register(OP, native="_residual_add", triton="residual_add:residual_add",
                   reference=_reference, auto_cuda=("cuda", "triton"), check=_check)
 backends.register(OP + "_backward", native="_residual_add_backward",
