@@ -215,4 +215,4 @@ def run_pytest_benchmark(benchmark, case: Case, impl: str, device: torch.device)
                                  "target": case.target})
     if case.info is not None:
         benchmark.extra_info.update(case.info(inputs))
-    benchmark.pedantic(once, rounds=7 if device.type == "cpu" else 50, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(once, rounds=11 if device.type == "cpu" else 50, iterations=1, warmup_rounds=2)

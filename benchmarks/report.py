@@ -35,24 +35,27 @@ def table(groups) -> str:
 
 
 def chart(groups, png: str) -> None:
+    """Horizontal bars, one row per group, log-scaled speed-up (1 = eager PyTorch)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels, impl_names = list(groups), sorted({i for g in groups.values() for i in g if i != "torch"})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4.5))
-    width = 0.8 / max(1, len(impl_names))
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(labels) * max(1, len(impl_names)) + 1.5))
+    height = 0.8 / max(1, len(impl_names))
     for k, impl in enumerate(impl_names):
         vals = [(g["torch"]["median"] / g[impl]["median"]) if impl in g and "torch" in g else 0
                 for g in groups.values()]
-        ax.bar([i + k * width for i in range(len(labels))], vals, width, label=impl)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("speed-up over eager PyTorch (median)")
+        ax.barh([i + k * height for i in range(len(labels))], vals, height, label=impl)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up over eager PyTorch (median; log scale)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    fig.savefig(png, dpi=110)
 
 
 def main(argv=None) -> int:
