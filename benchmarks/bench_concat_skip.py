@@ -16,7 +16,7 @@ import dtkernels as dtk
 from dtkernels import reference as ref
 from dtkernels.testing import saved_tensor_bytes
 
-from common import Case, run_pytest_benchmark
+from common import Case, IMPLS, run_pytest_benchmark
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
@@ -136,7 +136,6 @@ def _dense_cases():
 
 
 CASES = _concat_skip_cases() + _dense_cases()
-IMPLS = ["torch", "dtk-cpu", "dtk-triton", "dtk-cuda", "clone"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

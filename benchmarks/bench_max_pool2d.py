@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import dtkernels as dtk
 
-from common import Case, run_pytest_benchmark
+from common import Case, IMPLS, run_pytest_benchmark
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
@@ -97,7 +97,6 @@ def _cases():
 
 
 CASES = _cases()
-IMPLS = ["torch", "dtk-cpu", "dtk-triton", "dtk-cuda", "clone"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

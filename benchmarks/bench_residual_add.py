@@ -11,7 +11,7 @@ import torch
 import dtkernels as dtk
 from dtkernels import reference as ref
 
-from common import Case, run_pytest_benchmark
+from common import Case, IMPLS, run_pytest_benchmark
 
 CL = torch.channels_last
 
@@ -69,7 +69,6 @@ def _cases():
 
 
 CASES = _cases()
-IMPLS = ["torch", "dtk-cpu", "dtk-triton", "dtk-cuda", "clone"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -19,6 +19,8 @@ import torch
 import dtkernels as dtk
 
 Inputs = dict[str, Any]
+# What each bench_<op>.py parametrizes its pytest-benchmark test over.
+IMPLS = ["torch", "dtk-cpu", "dtk-triton", "dtk-cuda", "clone"]
 
 
 @dataclass

@@ -81,13 +81,20 @@ def empty_in(shape, like: Tensor, memory_format: torch.memory_format, dtype: tor
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=memory_format)
 
 
-def new_empty_poisoned(shape, like: Tensor, memory_format: torch.memory_format) -> Tensor:
-    """empty_in, filled with NaN when the test suite poisons outputs (as the native
-    kernels' new_empty): for Python-composed ops whose every element must be written."""
+def poisoned(t: Tensor) -> Tensor:
+    """`t`, filled with NaN (-77 for integers) when the test suite poisons outputs, as
+    the native kernels' new_empty does: the one switch for Python-allocated outputs."""
     from .. import _C
 
-    t = empty_in(shape, like, memory_format)
-    return t.fill_(float("nan")) if _C._poison() and t.numel() else t
+    if _C._poison() and t.numel():
+        t.fill_(float("nan") if t.is_floating_point() else -77)
+    return t
+
+
+def new_empty_poisoned(shape, like: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """empty_in, poisoned in debug mode: for Python-composed ops whose every element
+    must be written."""
+    return poisoned(empty_in(shape, like, memory_format))
 
 
 def int_pair(op: str, name: str, v, *, omitted_ok: bool = False, wording: str = "must either be") -> tuple | None:

@@ -150,5 +150,6 @@ def concat_skip(x: Tensor, skip: Tensor, *, upsample: str | None = None, scale_f
     """
     check_upsample(OP, upsample)
     s = 2 if upsample is None else check_scale_factor(OP, scale_factor)
-    _check(x, skip, upsample, s)
+    if not (isinstance(x, Tensor) and isinstance(skip, Tensor)):
+        _check(x, skip, upsample, s)  # the friendly TypeError; the op's own kernels check tensors
     return torch.ops.dtkernels.concat_skip(x, skip, upsample, s)

@@ -109,5 +109,6 @@ def residual_add(x: Tensor, fx: Tensor, *, alpha: float = 1.0, activation: str |
     """
     relu = check_activation(OP, activation)
     alpha = check_real(OP, "alpha", alpha)
-    _check(x, fx)
+    if not (isinstance(x, Tensor) and isinstance(fx, Tensor)):
+        _check(x, fx)  # the friendly TypeError; the op's own kernels check tensors (no second pass here)
     return torch.ops.dtkernels.residual_add(x, fx, alpha, relu)

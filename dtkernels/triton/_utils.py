@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._common import poisoned
+
 # Read when the kernels are defined, as triton.jit itself does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # DTK_TRITON_AUTOTUNE=0 keeps only the first config of each list: the GPU test run
@@ -22,25 +24,13 @@ def configs(full: list, interpreted: list | None = None) -> list:
     return full if AUTOTUNE else full[:1]
 
 
-def poisoning() -> bool:
-    from .. import _C
-
-    return _C._poison()
-
-
 def new_empty_like(like: torch.Tensor, **kw) -> torch.Tensor:
     """torch.empty_like, poisoned in debug mode like the native kernels' outputs."""
-    t = torch.empty_like(like, **kw)
-    if poisoning() and t.numel():
-        t.fill_(float("nan") if t.is_floating_point() else -77)
-    return t
+    return poisoned(torch.empty_like(like, **kw))
 
 
 def new_empty(*sizes, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
-    t = torch.empty(*sizes, dtype=dtype, device=device, memory_format=memory_format)
-    if poisoning() and t.numel():
-        t.fill_(float("nan") if t.is_floating_point() else -77)
-    return t
+    return poisoned(torch.empty(*sizes, dtype=dtype, device=device, memory_format=memory_format))
 
 
 def as_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
