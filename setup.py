@@ -71,7 +71,7 @@ VERSION = project_version()
 WITH_CUDA = want_cuda()
 write_build_config(WITH_CUDA)
 
-sources = ["csrc/dtkernels.cpp"] + rel("csrc/cpu/*.cpp")
+sources = ["csrc/dtkernels.cpp"] + rel("csrc/ops/*.cpp") + rel("csrc/cpu/*.cpp")
 cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-Wno-c++20-extensions"]
 macros = []
 Extension = cpp_extension.CppExtension

@@ -30,14 +30,15 @@ def _numel(shape):
     return n
 
 
-def _inputs(dtype, fmt, grad, s=2, moved=0):
+def _inputs(dtype, fmt, grad, s=2, moved=0, shapes=(X, SKIP)):
     def make(device):
         g = torch.Generator().manual_seed(0)
         x, skip = (torch.randn(shape, generator=g).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
-                   for shape in (X, SKIP))
+                   for shape in shapes)
         inputs = {"x": x.requires_grad_(grad), "skip": skip.requires_grad_(grad)}
         if grad:  # the incoming gradient, made outside the timed region
-            out_shape = (X[0], X[1] + SKIP[1], *SKIP[2:])
+            (n, cx, _, _), (_, cs, h, w) = shapes
+            out_shape = (n, cx + cs, h, w)
             inputs["g"] = torch.randn(out_shape, generator=g).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
         if moved:  # the clone yardstick: a tensor whose copy moves the op's bytes
             inputs["yard"] = torch.empty(moved // 2 // inputs["x"].element_size(), dtype=dtype, device=device)
@@ -82,6 +83,12 @@ def _concat_skip_cases():
                                     candidate=run(_dtk, mode), extras={"clone": lambda i: i["yard"].clone()},
                                     bytes=moved, target=(1.25 if bwd else 1.3) if main else None,
                                     note="GPU target: >= 0.85 of the clone's bandwidth (H100)", devices=devices))
+    # Tiny tensors: what one call costs besides its kernels (dispatch, autograd).
+    tiny = ((2, 16, 8, 8), (2, 16, 16, 16))
+    out.append(Case("concat_skip", "fwd+bwd nearest", "x2x16x8x8+skip2x16x16x16", torch.float32,
+                    _inputs(torch.float32, NCHW, True, shapes=tiny), baseline=_fwd_bwd(ref.concat_skip, "nearest"),
+                    candidate=_fwd_bwd(_dtk, "nearest"), inner=200,
+                    note="per-call overhead: host time of dispatch and autograd"))
     return out
 
 

@@ -93,6 +93,11 @@ def _cases():
                         baseline=_fwd(F.max_pool2d, K2), candidate=_fwd(dtk.max_pool2d, K2),
                         extras={"clone": lambda i: i["c"].clone()}, bytes=nb, devices=("cuda",),
                         note="target: >= 0.85 of the copy bandwidth (clone of the same bytes)"))
+    # A tiny tensor: what one call costs besides its kernels (dispatch, autograd).
+    tiny = (2, 16, 16, 16)
+    out.append(Case("max_pool2d", "k3s2p1-fwd+bwd", "2x16x16x16", f32, _inputs(tiny, f32, NCHW, K3, grad=True),
+                    baseline=_fwd_bwd(F.max_pool2d, K3), candidate=_fwd_bwd(dtk.max_pool2d, K3), inner=200,
+                    note="per-call overhead: host time of dispatch and autograd"))
     return out
 
 

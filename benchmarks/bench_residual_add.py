@@ -65,6 +65,11 @@ def _cases():
                     baseline=_fwd(ref.residual_add), candidate=_fwd(dtk.residual_add),
                     extras={"clone": lambda i: i["x"].clone()}, bytes=_nbytes(mid, torch.float32, 3),
                     clone_bytes=_nbytes(mid, torch.float32, 2)))
+    # A tiny tensor: what one call costs besides its kernels (dispatch, autograd).
+    tiny = (2, 16, 8, 8)
+    out.append(Case("residual_add", "fwd+bwd", "2x16x8x8", torch.float32, _inputs(tiny, torch.float32, grad=True),
+                    baseline=_fwd_bwd(ref.residual_add), candidate=_fwd_bwd(dtk.residual_add), inner=200,
+                    note="per-call overhead: host time of dispatch and autograd"))
     return out
 
 

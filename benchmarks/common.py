@@ -40,6 +40,7 @@ class Case:
     devices: tuple[str, ...] = ("cpu", "cuda")
     tol: dict[str, float] | None = None  # assert_close overrides for check_case (deep compositions)
     info: Callable[[Inputs], dict[str, Any]] | None = None  # figures besides time (e.g. memory), reported
+    inner: int = 1                # CPU calls per timed sample (tiny cases: per-call overhead)
 
     @property
     def id(self) -> str:
@@ -133,8 +134,9 @@ def time_case(case: Case, device: torch.device, backends: list[str], rounds: int
                 samples[name].append(start.elapsed_time(end) / gpu_inner)
             else:
                 t0 = time.perf_counter()
-                fn(sets[0])
-                samples[name].append((time.perf_counter() - t0) * 1e3)
+                for _ in range(case.inner):
+                    fn(sets[0])
+                samples[name].append((time.perf_counter() - t0) * 1e3 / case.inner)
     return {k: _stats(v) for k, v in samples.items()}
 
 

@@ -58,14 +58,27 @@ inline at::Tensor as_layout_of(const at::Tensor& t, const at::Tensor& like) {
   return r;
 }
 
+// The argument checks below raise what the Python layer raises (TypeError,
+// ValueError, RuntimeError) with the same words: the public ops run them here, on
+// the native path, and in Python on the others (dtkernels/ops/_common.py).
+inline std::string dtype_name(at::ScalarType s) { return "torch." + std::string(c10::getDtypeNames(s).first); }
+
+inline void check_float(const at::Tensor& t, const char* name, const char* op) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble, op, ": ", name,
+                   " must be float32, float16, bfloat16 or float64, got ", dtype_name(s));
+}
+
 inline void check_same_shape_dtype_device(const at::Tensor& a, const char* an,
                                           const at::Tensor& b, const char* bn,
                                           const char* op) {
-  TORCH_CHECK(a.sizes().equals(b.sizes()), op, ": ", an, " and ", bn,
-              " must have the same shape, got ", a.sizes(), " and ", b.sizes());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", an, " and ", bn,
-              " must have the same dtype, got ", a.scalar_type(), " and ",
-              b.scalar_type());
+  check_float(a, an, op);
+  check_float(b, bn, op);
+  TORCH_CHECK_VALUE(a.sizes().equals(b.sizes()), op, ": ", an, " and ", bn,
+                    " must have the same shape, got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type(), op, ": ", an, " and ", bn,
+                    " must have the same dtype, got ", dtype_name(a.scalar_type()), " and ",
+                    dtype_name(b.scalar_type()));
   TORCH_CHECK(a.device() == b.device(), op, ": ", an, " and ", bn,
               " must be on the same device, got ", a.device(), " and ", b.device());
 }
@@ -126,10 +139,12 @@ inline at::MemoryFormat cat_memory_format(const at::Tensor& a, const at::Tensor&
 // types; this keeps direct calls of the native ops safe).
 inline void check_concat_skip(const at::Tensor& x, const at::Tensor& skip, Upsample mode,
                               int64_t scale, const char* op) {
+  check_float(x, "x", op);
+  check_float(skip, "skip", op);
   TORCH_CHECK_VALUE(x.dim() == 4 && skip.dim() == 4, op, ": x and skip must be 4-D (N, C, H, W), got ",
                     x.dim(), "-D and ", skip.dim(), "-D");
   TORCH_CHECK_VALUE(x.scalar_type() == skip.scalar_type(), op, ": x and skip must have the same dtype, got ",
-                    x.scalar_type(), " and ", skip.scalar_type());
+                    dtype_name(x.scalar_type()), " and ", dtype_name(skip.scalar_type()));
   TORCH_CHECK(x.device() == skip.device(), op, ": x and skip must be on the same device, got ",
               x.device(), " and ", skip.device());
   TORCH_CHECK_VALUE(x.size(0) == skip.size(0), op, ": x and skip must have the same batch size, got ",
@@ -151,7 +166,9 @@ inline at::Tensor new_concat_skip_output(const at::Tensor& x, const at::Tensor& 
 // gradient (N, C, H, W) in grad_up's suggested format (as ATen's upsample backward).
 inline at::Tensor new_upsample_grad(const at::Tensor& grad_up, Upsample mode, int64_t scale, const char* op) {
   const int64_t s = mode == Upsample::None ? 1 : scale;
-  TORCH_CHECK_VALUE(grad_up.dim() == 4, op, ": grad_up must be 4-D, got ", grad_up.dim(), "-D");
+  check_float(grad_up, "grad_up", op);
+  TORCH_CHECK_VALUE(grad_up.dim() == 4, op, ": grad_up must be 4-D (N, C, H, W), got ", grad_up.dim(), "-D");
+  TORCH_CHECK_VALUE(mode == Upsample::None || scale >= 1, op, ": scale_factor must be a positive integer, got ", scale);
   TORCH_CHECK_VALUE(s >= 1 && grad_up.size(2) % s == 0 && grad_up.size(3) % s == 0, op, ": grad_up's spatial size ",
                     grad_up.sizes().slice(2), " must be a multiple of scale_factor ", scale);
   return new_empty({grad_up.size(0), grad_up.size(1), grad_up.size(2) / s, grad_up.size(3) / s}, grad_up.options(),

@@ -1,25 +1,39 @@
 // The schemas of every dtkernels operator, declared once.
 //
 // Public ops (no underscore) are what users, autograd and torch.compile see; their
-// CPU/CUDA implementations are registered from Python (dtkernels/ops/<op>.py),
-// which picks a kernel through the backend registry. Native kernels (leading
-// underscore) are implemented in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu.
+// CPU/CUDA kernels and autograd are in csrc/ops/<op>.cpp, which route each call
+// (csrc/dispatch.h) to the native kernel `_<op>` (csrc/cpu/<op>.cpp,
+// csrc/cuda/<op>.cu) or to `_<op>_py`, whose kernels are registered from Python
+// (dtkernels/backends.py: Triton and the reference). Both take the full schema.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
 #include "common.h"
+#include "dispatch.h"
 
 #ifdef DTK_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
 
+namespace {
+
+// Declares a kernel schema "_<op>(...)" twice: the native kernel and its Python twin.
+void def_kernel(torch::Library& m, const std::string& schema) {
+  const auto paren = schema.find('(');
+  m.def(schema.c_str());
+  m.def((schema.substr(0, paren) + "_py" + schema.substr(paren)).c_str());
+}
+
+}  // namespace
+
 TORCH_LIBRARY(dtkernels, m) {
   // residual_add: act(x + alpha * fx); backward: scale * grad where out > 0.
   m.def("residual_add(Tensor x, Tensor fx, float alpha=1., bool relu=True) -> Tensor");
   m.def("residual_add_backward(Tensor grad_out, Tensor out, float scale=1.) -> Tensor");
-  m.def("_residual_add(Tensor x, Tensor fx, float alpha, bool relu) -> Tensor");
-  m.def("_residual_add_backward(Tensor grad_out, Tensor out, float scale) -> Tensor");
+  def_kernel(m, "_residual_add(Tensor x, Tensor fx, float alpha, bool relu) -> Tensor");
+  def_kernel(m, "_residual_add_backward(Tensor grad_out, Tensor out, float scale) -> Tensor");
 
   // concat_skip: cat([up(x), skip], 1), up = None (identity), "nearest" or "bilinear"
   // (align_corners=False) by the integer scale_factor. Its backward is views except
@@ -27,8 +41,8 @@ TORCH_LIBRARY(dtkernels, m) {
   // output gradient (N, Cx, H*s, W*s), the result x's gradient (N, Cx, H, W).
   m.def("concat_skip(Tensor x, Tensor skip, str? upsample=None, int scale_factor=2) -> Tensor");
   m.def("concat_skip_backward(Tensor grad_up, str? upsample, int scale_factor) -> Tensor");
-  m.def("_concat_skip(Tensor x, Tensor skip, str? upsample, int scale_factor) -> Tensor");
-  m.def("_concat_skip_backward(Tensor grad_up, str? upsample, int scale_factor) -> Tensor");
+  def_kernel(m, "_concat_skip(Tensor x, Tensor skip, str? upsample, int scale_factor) -> Tensor");
+  def_kernel(m, "_concat_skip_backward(Tensor grad_up, str? upsample, int scale_factor) -> Tensor");
 
   // dense_block: a DenseNet-BC block (dtkernels.nn.DenseBlock) writing every layer's
   // features into one preallocated buffer, which is also its output. weights: per
@@ -48,9 +62,9 @@ TORCH_LIBRARY(dtkernels, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("max_pool2d_backward(Tensor grad_out, Tensor offsets, SymInt[] input_size, int[2] kernel_size, "
         "int[2] stride, int[2] padding, int[2] dilation, bool channels_last=False) -> Tensor");
-  m.def("_max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+  def_kernel(m, "_max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
         "bool ceil_mode, bool channels_last, bool return_indices, bool return_offsets) -> (Tensor, Tensor, Tensor)");
-  m.def("_max_pool2d_backward(Tensor grad_out, Tensor offsets, SymInt[] input_size, int[2] kernel_size, "
+  def_kernel(m, "_max_pool2d_backward(Tensor grad_out, Tensor offsets, SymInt[] input_size, int[2] kernel_size, "
         "int[2] stride, int[2] padding, int[2] dilation, bool channels_last) -> Tensor");
 }
 
@@ -105,6 +119,20 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dtkernels native kernels (operators live in torch.ops.dtkernels)";
   m.def("build_info", &build_info, "How this native library was compiled.");
+  m.def("_set_backend", [](int code) { dtkernels::backend_setting().store(code); },
+        "The backend code (dtkernels.backends.BACKENDS index, -1 unknown) public ops route by.");
+  m.def("_backend", []() { return dtkernels::current_backend(); });
+  m.def("_set_auto_cuda_native", [](const std::string& op, bool native) {
+        auto& routes = dtkernels::Route::registry();
+        auto it = routes.find(op);
+        TORCH_CHECK(it != routes.end(), "dtkernels: no C++ route for op ", op);
+        it->second->set_auto_cuda_native(native);
+      }, "Whether backend 'auto' runs op's native kernel on CUDA tensors (else the registry decides).");
+  m.def("_routed_ops", []() {
+        std::vector<std::string> names;
+        for (const auto& kv : dtkernels::Route::registry()) names.push_back(kv.first);
+        return names;
+      });
   m.def("_set_poison", [](bool on) { dtkernels::poison_flag().store(on); },
         "Debug: fill native kernel outputs with NaN / -77 before writing them.");
   m.def("_poison", []() { return dtkernels::poison_flag().load(); });

@@ -67,6 +67,7 @@ inline Pool2d pool2d_geometry(const at::Tensor& input, at::IntArrayRef k, at::In
   check_pool_args(s, "stride");
   check_pool_args(p, "padding");
   check_pool_args(d, "dilation");
+  check_float(input, "input", "max_pool2d");
   TORCH_CHECK(input.dim() == 3 || input.dim() == 4, "non-empty 3D or 4D (batch mode) tensor expected for input");
   TORCH_CHECK(!channels_last || input.dim() == 4,
               "non-empty 4D (batch mode) tensor expected for input with channels_last layout");
@@ -147,6 +148,7 @@ inline Pool2d pool2d_backward_geometry(const at::Tensor& grad_out, const at::Ten
   check_pool_args(s, "stride");
   check_pool_args(p, "padding");
   check_pool_args(d, "dilation");
+  check_float(grad_out, "grad_out", "max_pool2d_backward");
   TORCH_CHECK(input_size.size() == 3 || input_size.size() == 4,
               "max_pool2d_backward: input_size must have 3 or 4 elements, got ", input_size);
   TORCH_CHECK(grad_out.dim() == static_cast<int64_t>(input_size.size()),
@@ -168,10 +170,11 @@ inline Pool2d pool2d_backward_geometry(const at::Tensor& grad_out, const at::Ten
   TORCH_CHECK(grad_out.size(-3) == g.C && (!b || grad_out.size(0) == g.N),
               "max_pool2d_backward: grad_out of size ", grad_out.sizes(), " does not match input size ", input_size);
   TORCH_CHECK(offsets.sizes().equals(grad_out.sizes()),
-              "max_pool2d_backward: offsets must have grad_out's size ", grad_out.sizes(), ", got ", offsets.sizes(),
+              "max_pool2d_backward: offsets must have grad_out's shape ", grad_out.sizes(), ", got ", offsets.sizes(),
               " (were they saved by a forward called with return_offsets=True?)");
   TORCH_CHECK(offsets.scalar_type() == offsets_dtype(g.taps()), "max_pool2d_backward: offsets must be ",
-              offsets_dtype(g.taps()), " for a ", g.kh, "x", g.kw, " window, got ", offsets.scalar_type());
+              dtype_name(offsets_dtype(g.taps())), " for a ", g.kh, "x", g.kw, " window, got ",
+              dtype_name(offsets.scalar_type()));
   TORCH_CHECK(offsets.device() == grad_out.device(), "max_pool2d_backward: offsets and grad_out must be on the same device");
   return g;
 }

@@ -2,13 +2,15 @@
 
 Every public operator (``torch.ops.dtkernels.<op>``) is registered here once with
 its kernels: the native op (C++ on CPU tensors, CUDA C++ on CUDA tensors), the
-Triton launcher, and the pure-PyTorch reference. The operator's CPU and CUDA
-implementations are a single generic function that asks this registry for the
-kernel of the current backend, so a backend is an entry here, not an ``if`` chain
-in every op.
+Triton launcher, and the pure-PyTorch reference. The public op's own CPU/CUDA
+kernel (C++, csrc/ops/<op>.cpp) calls the native op directly when the backend
+resolves to it, so that path never enters Python; otherwise it calls the op's
+Python twin ``_<op>_py``, whose kernel registered here asks this registry for the
+kernel of the current backend (and raises when that backend cannot run).
 
-The current backend is process-wide (like ``torch.backends`` flags): set it with
-``use_backend(name)`` (a context manager) or the ``DTKERNELS_BACKEND`` variable.
+The current backend is process-wide (like ``torch.backends`` flags) and lives in
+the C++ library, which routes by it: set it with ``use_backend(name)`` (a context
+manager) or the ``DTKERNELS_BACKEND`` variable.
 """
 from __future__ import annotations
 
@@ -22,9 +24,24 @@ from typing import Callable, Iterator
 
 import torch
 
-BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+from . import _C
 
-_current = os.environ.get("DTKERNELS_BACKEND", "auto").strip().lower() or "auto"
+# The order is the C++ backend codes' (csrc/dispatch.h).
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+_UNKNOWN = -1
+
+# An unknown name in DTKERNELS_BACKEND is reported at the first op, not at import.
+_env = os.environ.get("DTKERNELS_BACKEND", "auto").strip().lower() or "auto"
+_C._set_backend(BACKENDS.index(_env) if _env in BACKENDS else _UNKNOWN)
+
+
+def _set(name: str) -> None:
+    _C._set_backend(BACKENDS.index(name) if name in BACKENDS else _UNKNOWN)
+
+
+def _get() -> str:
+    code = _C._backend()
+    return BACKENDS[code] if code >= 0 else _env
 
 
 @dataclass(frozen=True)
@@ -41,7 +58,9 @@ _REGISTRY: dict[str, OpKernels] = {}
 def register(op: str, *, native: str | None = None, triton: str | None = None,
              reference: Callable | None = None, auto_cuda: tuple[str, ...] = ("cuda", "triton"),
              check: Callable | None = None) -> None:
-    """Registers the kernels of public op ``dtkernels::<op>`` and its CPU/CUDA impls.
+    """Registers the kernels of public op ``dtkernels::<op>``, and the CPU/CUDA kernel
+    of its Python twin ``_<op>_py``, which the public op calls for any backend but
+    its native kernel.
 
     ``check(*args)`` validates the op's arguments before any kernel runs (the fake
     kernel should call it too, so torch.compile reports bad input at trace time).
@@ -51,15 +70,14 @@ def register(op: str, *, native: str | None = None, triton: str | None = None,
     if op in _REGISTRY:
         raise RuntimeError(f"dtkernels: op {op!r} registered twice")
     _REGISTRY[op] = OpKernels(native, triton, reference, tuple(auto_cuda))
-    schema = getattr(torch.ops.dtkernels, op).default._schema
-    names = [a.name for a in schema.arguments]
-    defaults = [a.default_value if a.has_default_value() else None for a in schema.arguments]
+    # "auto" on CUDA tensors: the C++ route takes the native kernel when it comes first.
+    _C._set_auto_cuda_native(op, bool(auto_cuda) and auto_cuda[0] == "cuda")
+    schema = getattr(torch.ops.dtkernels, f"_{op}_py").default._schema
+    n_args = len(schema.arguments)
 
-    def impl(*args, **kwargs):
-        # The dispatcher hands Python kernels the arguments as the caller wrote them
-        # (defaults left out); kernels take the full schema, positionally.
-        if len(args) < len(names):
-            args = args + tuple(kwargs.get(n, d) for n, d in zip(names[len(args):], defaults[len(args):]))
+    def impl(*args):
+        # The C++ route passes the full schema, positionally.
+        assert len(args) == n_args, (op, args)
         if check is not None:
             check(*args)
         device = _device_of(args)
@@ -72,7 +90,7 @@ def register(op: str, *, native: str | None = None, triton: str | None = None,
         return fn(*args)
 
     impl.__name__ = f"{op}_dispatch"
-    torch.library.register_kernel(f"dtkernels::{op}", ("cpu", "cuda"), impl)
+    torch.library.register_kernel(f"dtkernels::_{op}_py", ("cpu", "cuda"), impl)
 
 
 def _device_of(args) -> torch.device:
@@ -140,7 +158,7 @@ def _validate(name: str) -> str:
 
 def get_backend() -> str:
     """The backend ops use now ("auto" unless set)."""
-    return _current
+    return _get()
 
 
 class use_backend(contextlib.ContextDecorator):
@@ -157,32 +175,30 @@ class use_backend(contextlib.ContextDecorator):
         self._prev: list[str] = []
 
     def __enter__(self):
-        global _current
-        self._prev.append(_current)
-        _current = self.name
+        self._prev.append(_get())
+        _set(self.name)
         return self
 
     def __exit__(self, *exc):
-        global _current
-        _current = self._prev.pop()
+        _set(self._prev.pop())
         return False
 
 
 @contextlib.contextmanager
 def _scope(name: str) -> Iterator[None]:
     """Restores a backend already validated (backward runs with the forward's)."""
-    global _current
-    prev, _current = _current, name
+    prev = _get()
+    _set(name)
     try:
         yield
     finally:
-        _current = prev
+        _set(prev)
 
 
 # --- choosing a kernel ----------------------------------------------------------------
 
 def _resolve(op: str, device: torch.device) -> str:
-    name = _current
+    name = _get()
     if name not in BACKENDS:  # a bad DTKERNELS_BACKEND surfaces at the first op
         name = _validate(name)
     if name != "auto":
@@ -209,7 +225,7 @@ def kernel(op: str, device: torch.device) -> Callable:
 
 
 def _kernel(op: str, device: torch.device) -> tuple[Callable, str]:
-    key = (op, _current, device.type, triton_interpreting() if device.type == "cpu" else False)
+    key = (op, _C._backend(), device.type, triton_interpreting() if device.type == "cpu" else False)
     hit = _KERNELS.get(key)
     if hit is None:
         hit = _KERNELS[key] = _lookup(op, device)

@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """Compile every csrc/cuda/*.cu to an object file with nvcc against torch's headers.
 
+Also compiles the C++ files whose code differs in a CUDA build (DTK_WITH_CUDA:
+csrc/dtkernels.cpp and the public ops' routing in csrc/ops/*.cpp), through nvcc
+so that the CUDA runtime's headers are found.
+
 Runs without a GPU and with a CPU-only torch, so CUDA code cannot rot unseen:
     python scripts/check_cuda_compile.py [--arch sm_90] [files...]
 Exit status is non-zero when any file fails; nvcc's diagnostics are printed.
@@ -68,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     if nvcc is None:
         print("check_cuda_compile: nvcc not found (set CUDA_HOME or put nvcc on PATH)", file=sys.stderr)
         return 2
-    files = [Path(f) for f in args.files] or sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    files = [Path(f) for f in args.files] or (sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+                                               + [ROOT / "csrc" / "dtkernels.cpp"]
+                                               + sorted((ROOT / "csrc" / "ops").glob("*.cpp")))
     if not files:
         print("check_cuda_compile: no .cu files", file=sys.stderr)
         return 2
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def one(f: Path) -> tuple[Path, int, str, float]:
             t = time.time()
-            cmd = [nvcc, *flags, "-c", str(f), "-o", str(Path(tmp) / (f.stem + ".o"))]
+            cmd = [nvcc, *flags, "-DDTK_WITH_CUDA=1", "-c", str(f), "-o", str(Path(tmp) / (f.stem + f.suffix + ".o"))]
             p = subprocess.run(cmd, capture_output=True, text=True)
             return f, p.returncode, p.stdout + p.stderr, time.time() - t
 

@@ -47,6 +47,14 @@ def device_for(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+@pytest.fixture(params=["auto", "reference"])
+def check_path(request):
+    """Argument checks run in C++ on the native path ("auto" on CPU tensors) and in
+    Python on every other: both must raise the same errors."""
+    with dtk.use_backend(request.param):
+        yield request.param
+
+
 @pytest.fixture(params=backend_params())
 def backend(request):
     """(name, device): runs the test body under dtk.use_backend(name)."""

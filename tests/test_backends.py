@@ -74,6 +74,58 @@ def test_auto_uses_the_cpu_kernel_on_cpu_tensors():
     assert backends.kernel("residual_add", torch.device("cpu")) is torch.ops.dtkernels._residual_add.default
 
 
+def test_every_registered_op_has_a_cpp_route():
+    assert sorted(backends._REGISTRY) == sorted(dtk._C._routed_ops())
+
+
+@pytest.fixture
+def python_lookups(monkeypatch):
+    """Counts kernel lookups in the Python registry (every call that enters Python)."""
+    calls = []
+    real = backends._kernel
+
+    def counting(op, device):
+        calls.append(op)
+        return real(op, device)
+
+    monkeypatch.setattr(backends, "_kernel", counting)
+    return calls
+
+
+def _step(x, fx, inp, a, b):
+    dtk.residual_add(x, fx).sum().backward()
+    dtk.max_pool2d(inp, 3, 2, 1).sum().backward()
+    dtk.concat_skip(a, b, upsample="bilinear").sum().backward()
+
+
+def _step_inputs():
+    return (rand(2, 3, 4, 4, requires_grad=True), rand(2, 3, 4, 4, requires_grad=True),
+            rand(2, 3, 9, 9, requires_grad=True), rand(2, 3, 4, 4, requires_grad=True),
+            rand(2, 2, 8, 8, requires_grad=True))
+
+
+def test_native_path_never_enters_python(python_lookups):
+    """auto on CPU tensors: forward, routing and backward all stay in C++."""
+    _step(*_step_inputs())
+    assert python_lookups == []
+
+
+def test_other_backends_route_through_the_registry(python_lookups):
+    with dtk.use_backend("reference"):
+        _step(*_step_inputs())
+    assert sorted(set(python_lookups)) == ["concat_skip", "concat_skip_backward", "max_pool2d",
+                                           "max_pool2d_backward", "residual_add", "residual_add_backward"]
+
+
+def test_backward_runs_with_the_forwards_backend(python_lookups):
+    x, fx = _step_inputs()[:2]
+    with dtk.use_backend("reference"):
+        out = dtk.residual_add(x, fx)
+    out.sum().backward()  # under "auto", yet the reference backward runs
+    assert python_lookups == ["residual_add", "residual_add_backward"]
+    assert dtk.get_backend() == "auto"
+
+
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     e = {**os.environ, **env}
     e.pop("TRITON_INTERPRET", None) if "TRITON_INTERPRET" not in env else None

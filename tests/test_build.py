@@ -27,13 +27,18 @@ def _nvcc():
     return find_nvcc()
 
 
-@pytest.mark.parametrize("cu", sorted(p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu")))
+# The .cu files, and the C++ files whose code differs in a CUDA build.
+CUDA_BUILD_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu")) + \
+    ["csrc/dtkernels.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "ops").glob("*.cpp"))
+
+
+@pytest.mark.parametrize("cu", CUDA_BUILD_SOURCES)
 def test_cuda_source_compiles(cu):
     if _nvcc() is None:
         if REQUIRE_NVCC:
             pytest.fail("nvcc not found but DTK_REQUIRE_NVCC=1")
         pytest.skip("nvcc not found")
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_cuda_compile.py"), str(ROOT / "csrc" / "cuda" / cu)],
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_cuda_compile.py"), str(ROOT / cu)],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
 

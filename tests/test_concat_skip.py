@@ -271,7 +271,7 @@ def test_torch_compile_fullgraph(backend, mode):
         assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_errors():
+def test_errors(check_path):
     x, skip = _inputs(2, 3, 4, 5, 6, 2, grad=False)
     cs = dtk.concat_skip
     with pytest.raises(ValueError, match="4-D"):

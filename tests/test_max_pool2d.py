@@ -434,7 +434,7 @@ def _error(f):
     pytest.param((2, (1, 2, 3)), id="stride-3-tuple"),
     pytest.param((2, 1, 0, (1, 1, 1)), id="dilation-3-tuple"),
 ])
-def test_errors_are_atens(args):
+def test_errors_are_atens(args, check_path):
     """Same exception type and first line as F.max_pool2d, from the public function,
     the fake kernel (what torch.compile reports) and the native kernel."""
     x = rand(2, 3, 12, 12)
@@ -450,7 +450,7 @@ def test_errors_are_atens(args):
     assert _error(lambda: torch.ops.dtkernels._max_pool2d(x, k, s, p, d, False, False, False, False))[1] == want[1]
 
 
-def test_input_errors():
+def test_input_errors(check_path):
     for x in (rand(3, 12), rand(1, 2, 3, 8, 8), rand(2, 0, 8, 8), rand(2, 3, 0, 8)):
         assert _error(lambda: dtk.max_pool2d(x, 2)) == _error(lambda: F.max_pool2d(x, 2))
     with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):

@@ -90,33 +90,14 @@ def _fake_backward(grad_up, upsample, scale_factor):
     return empty_in(_grad_x_shape(grad_up, upsample, scale_factor), grad_up, suggest_memory_format(grad_up))
 
 
-# The native kernels get the same fake kernels, so they too can be traced and opchecked.
+# The kernel ops get the same fake kernels, so they too can be traced and opchecked.
 for _name, _fn in (("concat_skip", _fake), ("concat_skip_backward", _fake_backward)):
-    torch.library.register_fake(f"dtkernels::{_name}", _fn)
-    torch.library.register_fake(f"dtkernels::_{_name}", _fn)
+    for _prefix, _suffix in (("", ""), ("_", ""), ("_", "_py")):
+        torch.library.register_fake(f"dtkernels::{_prefix}{_name}{_suffix}", _fn)
 
 
-def _setup(ctx, inputs, output):
-    x, skip, upsample, scale_factor = inputs
-    ctx.cx, ctx.cs = x.shape[1], skip.shape[1]
-    ctx.upsample, ctx.scale_factor = upsample, scale_factor
-    ctx.backend = backends.get_backend()  # nothing is saved: the backward needs no tensor
-
-
-def _backward(ctx, grad):
-    # A custom op's outputs may not alias its inputs, so the views are made here,
-    # outside any op: they cost nothing.
-    gx = gskip = None
-    if ctx.needs_input_grad[1]:
-        gskip = grad.narrow(1, ctx.cx, ctx.cs)
-    if ctx.needs_input_grad[0]:
-        gx = grad.narrow(1, 0, ctx.cx)
-        if ctx.upsample is not None:
-            with backends._scope(ctx.backend):
-                gx = torch.ops.dtkernels.concat_skip_backward(gx, ctx.upsample, ctx.scale_factor)
-    return gx, gskip, None, None
-
-
+# Forward autograd is C++ (csrc/ops/concat_skip.cpp): the default path never enters
+# Python. Double backward, rare, is here: concat_skip_backward's own autograd.
 def _setup_backward(ctx, inputs, output):
     grad_up, upsample, scale_factor = inputs
     ctx.upsample, ctx.scale_factor = upsample, scale_factor
@@ -133,7 +114,6 @@ def _backward_backward(ctx, gg):
         return torch.ops.dtkernels.concat_skip(gg, empty_skip, ctx.upsample, ctx.scale_factor), None, None
 
 
-torch.library.register_autograd("dtkernels::concat_skip", _backward, setup_context=_setup)
 torch.library.register_autograd("dtkernels::concat_skip_backward", _backward_backward,
                                 setup_context=_setup_backward)
 

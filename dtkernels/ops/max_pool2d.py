@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._common import check_tensor, empty_in, int_pair
+from ._common import check_tensor, empty_in, int_pair, suggest_memory_format
 
 OP = "max_pool2d"
 
@@ -127,6 +127,7 @@ backends.register(OP + "_backward", native="_max_pool2d_backward", triton="max_p
 
 @torch.library.register_fake("dtkernels::max_pool2d")
 @torch.library.register_fake("dtkernels::_max_pool2d")
+@torch.library.register_fake("dtkernels::_max_pool2d_py")
 def _fake(input, kernel_size, stride, padding, dilation, ceil_mode=False, channels_last=False,
           return_indices=False, return_offsets=False):
     shape = _check(input, kernel_size, stride, padding, dilation, ceil_mode, channels_last)
@@ -141,30 +142,14 @@ def _fake(input, kernel_size, stride, padding, dilation, ceil_mode=False, channe
 
 @torch.library.register_fake("dtkernels::max_pool2d_backward")
 @torch.library.register_fake("dtkernels::_max_pool2d_backward")
+@torch.library.register_fake("dtkernels::_max_pool2d_backward_py")
 def _fake_backward(grad_out, offsets, input_size, kernel_size, stride, padding, dilation, channels_last=False):
     _check_backward(grad_out, offsets, input_size, kernel_size, stride, padding, dilation)
     return _empty(input_size, grad_out, channels_last)
 
 
-def _setup(ctx, inputs, output):
-    input, kernel_size, stride, padding, dilation, _, channels_last, _, return_offsets = inputs
-    ctx.args = (list(kernel_size), list(stride), list(padding), list(dilation), channels_last)
-    ctx.input_size = list(input.shape)
-    ctx.has_offsets = return_offsets
-    ctx.backend = backends.get_backend()
-    ctx.save_for_backward(output[2])  # the window offsets: neither the input nor int64 indices
-
-
-def _backward(ctx, grad, _grad_indices, _grad_offsets):
-    if not ctx.has_offsets:
-        raise RuntimeError("dtkernels::max_pool2d: backward needs the window offsets; call the op with "
-                           "return_offsets=True (dtkernels.max_pool2d does when the input requires grad)")
-    (offsets,) = ctx.saved_tensors
-    with backends._scope(ctx.backend):
-        gi = torch.ops.dtkernels.max_pool2d_backward(grad, offsets, ctx.input_size, *ctx.args)
-    return gi, None, None, None, None, None, None, None, None
-
-
+# Forward autograd is C++ (csrc/ops/max_pool2d.cpp): the default path never enters
+# Python. Double backward, rare, is here: max_pool2d_backward's own autograd.
 def _setup_backward(ctx, inputs, output):
     _, offsets, input_size, kernel_size, stride, padding, dilation, _ = inputs
     ctx.args = (list(input_size[-2:]), kernel_size, stride, padding, dilation)
@@ -182,7 +167,6 @@ def _backward_backward(ctx, gg):
     return ggo, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("dtkernels::max_pool2d", _backward, setup_context=_setup)
 torch.library.register_autograd("dtkernels::max_pool2d_backward", _backward_backward,
                                 setup_context=_setup_backward)
 
@@ -197,10 +181,16 @@ def normalize_args(kernel_size, stride=None, padding=0, dilation=1):
 
 
 def _channels_last(input: Tensor) -> bool:
-    # ATen's choice (suggest_memory_format), which also decides the output's format
-    from torch._prims_common import suggest_memory_format
-
-    return input.dim() == 4 and suggest_memory_format(input) == torch.channels_last
+    """ATen's choice (suggest_memory_format), which also decides the output's format."""
+    if input.dim() != 4:
+        return False
+    # The two common layouts answer fast. Size-1 dimensions (whose strides
+    # contiguity ignores but ATen's rule does not) and odd strides ask prims.
+    if min(input.shape) > 1:
+        nchw, cl = input.is_contiguous(), input.is_contiguous(memory_format=torch.channels_last)
+        if nchw != cl:
+            return cl
+    return suggest_memory_format(input) == torch.channels_last
 
 
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,

@@ -44,43 +44,23 @@ backends.register(OP + "_backward", native="_residual_add_backward",
 
 
 @torch.library.register_fake("dtkernels::residual_add")
+@torch.library.register_fake("dtkernels::_residual_add")
+@torch.library.register_fake("dtkernels::_residual_add_py")
 def _fake(x, fx, alpha=1.0, relu=True):
     _check(x, fx)
     return torch.empty_like(x)
 
 
 @torch.library.register_fake("dtkernels::residual_add_backward")
+@torch.library.register_fake("dtkernels::_residual_add_backward")
+@torch.library.register_fake("dtkernels::_residual_add_backward_py")
 def _fake_backward(grad_out, out, scale=1.0):
     _check_backward(grad_out, out)
     return torch.empty_like(out)
 
 
-def _setup(ctx, inputs, output):
-    _, _, alpha, relu = inputs
-    ctx.alpha, ctx.relu = alpha, relu
-    ctx.backend = backends.get_backend()
-    if relu:
-        ctx.save_for_backward(output)  # the mask is output > 0; the inputs are not kept
-
-
-def _backward(ctx, grad):
-    need_x, need_fx = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gx = gfx = None
-    if not ctx.relu:
-        gx = grad if need_x else None
-        if need_fx:
-            gfx = grad if ctx.alpha == 1.0 else grad * ctx.alpha
-        return gx, gfx, None, None
-    (out,) = ctx.saved_tensors
-    bwd = torch.ops.dtkernels.residual_add_backward
-    with backends._scope(ctx.backend):
-        if need_x or (need_fx and ctx.alpha == 1.0):
-            gx = bwd(grad, out, 1.0)
-        if need_fx:
-            gfx = gx if ctx.alpha == 1.0 else bwd(grad, out, ctx.alpha)
-    return (gx if need_x else None), gfx, None, None
-
-
+# Forward autograd is C++ (csrc/ops/residual_add.cpp): the default path never enters
+# Python. Double backward, rare, is here: residual_add_backward's own autograd.
 def _setup_backward(ctx, inputs, output):
     _, out, scale = inputs
     ctx.scale = scale
@@ -96,7 +76,6 @@ def _backward_backward(ctx, gg):
         return torch.ops.dtkernels.residual_add_backward(gg, out, ctx.scale), None, None
 
 
-torch.library.register_autograd("dtkernels::residual_add", _backward, setup_context=_setup)
 torch.library.register_autograd("dtkernels::residual_add_backward", _backward_backward,
                                 setup_context=_setup_backward)
 

@@ -1,0 +1,104 @@
+// The public ops' dispatch and autograd, in C++ so that a call on the default path
+// never enters Python: PyTorch's eager ops cost ~2 us of host time per call, and a
+// Python kernel plus a Python autograd wrapper cost ~10-20 us more, which on a GPU
+// is longer than the kernels themselves.
+//
+// The backend setting lives here (Python's dtkernels.use_backend writes it). A
+// public op's CPU/CUDA kernel calls its native kernel (`_<op>`) when the setting
+// resolves to it, and otherwise its Python-registered twin (`_<op>_py`), which runs
+// the backend registry (dtkernels/backends.py): Triton, the reference, and every
+// error about a backend that cannot run.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/Device.h>
+
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <string>
+
+namespace dtkernels {
+
+// Codes shared with dtkernels/backends.py (BACKENDS order; -1 = an unknown name
+// from DTKERNELS_BACKEND, reported by Python at the first op).
+enum class Backend : int { Unknown = -1, Auto = 0, Cpu = 1, Cuda = 2, Triton = 3, Reference = 4 };
+
+inline std::atomic<int>& backend_setting() {
+  static std::atomic<int> code{static_cast<int>(Backend::Auto)};
+  return code;
+}
+
+inline int current_backend() { return backend_setting().load(std::memory_order_relaxed); }
+
+// Restores the forward's backend while its backward runs (backward uses the same
+// kernel family as the forward, as the Python layer always did).
+class BackendGuard {
+ public:
+  explicit BackendGuard(int code) : prev_(backend_setting().exchange(code)) {}
+  ~BackendGuard() { backend_setting().store(prev_); }
+  BackendGuard(const BackendGuard&) = delete;
+  BackendGuard& operator=(const BackendGuard&) = delete;
+
+ private:
+  int prev_;
+};
+
+// One public op's routing facts. "auto" on CUDA tensors takes the native kernel
+// unless the registry lists Triton first for the op (set from Python).
+class Route {
+ public:
+  explicit Route(const char* op) { registry()[op] = this; }
+
+  bool native(const c10::Device& device) const {
+    const int b = current_backend();
+    if (device.is_cpu()) return b == int(Backend::Auto) || b == int(Backend::Cpu);
+#ifdef DTK_WITH_CUDA
+    if (device.is_cuda())
+      return b == int(Backend::Cuda) || (b == int(Backend::Auto) && auto_cuda_native_.load(std::memory_order_relaxed));
+#endif
+    return false;
+  }
+
+  void set_auto_cuda_native(bool v) { auto_cuda_native_.store(v); }
+
+  static std::map<std::string, Route*>& registry() {
+    static std::map<std::string, Route*> r;
+    return r;
+  }
+
+ private:
+  std::atomic<bool> auto_cuda_native_{true};
+};
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* qualified_name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(qualified_name, "").typed<Sig>();
+}
+
+// The route of one public op: its native kernel and its Python twin, looked up once.
+template <typename Sig>
+struct Routed {
+  Route& route;
+  c10::TypedOperatorHandle<Sig> native, python;
+
+  Routed(Route& r, const char* native_name, const char* python_name)
+      : route(r), native(op_handle<Sig>(native_name)), python(op_handle<Sig>(python_name)) {}
+
+  const c10::TypedOperatorHandle<Sig>& pick(const c10::Device& device) const {
+    return route.native(device) ? native : python;
+  }
+};
+
+// Calls a backward op from an autograd Function's backward. Without create_graph,
+// grad mode is off and no graph is recorded, so the call goes straight to the
+// kernel; with it, through the op's own autograd (double backward, in Python).
+template <typename Sig, typename... Args>
+decltype(auto) call_in_backward(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
+  if (at::GradMode::is_enabled()) return op.call(std::forward<Args>(args)...);
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(std::forward<Args>(args)...);
+}
+
+}  // namespace dtkernels

@@ -1,0 +1,84 @@
+// concat_skip's public op: routing (csrc/dispatch.h) and autograd. Backward keeps
+// no tensor: skip's gradient is a view of the output gradient, and so is x's
+// without an upsample; only the upsample's adjoint (concat_skip_backward) runs a
+// kernel. A custom op's outputs may not alias its inputs, so the views are made
+// here, in the autograd Function, where they cost nothing.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "../dispatch.h"
+
+namespace dtkernels {
+namespace {
+
+using Mode = std::optional<c10::string_view>;
+using Fwd = at::Tensor(const at::Tensor&, const at::Tensor&, Mode, int64_t);
+using Bwd = at::Tensor(const at::Tensor&, Mode, int64_t);
+
+Route fwd_route("concat_skip");
+Route bwd_route("concat_skip_backward");
+
+at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, Mode upsample, int64_t scale_factor) {
+  static const Routed<Fwd> r(fwd_route, "dtkernels::_concat_skip", "dtkernels::_concat_skip_py");
+  return r.pick(x.device()).call(x, skip, upsample, scale_factor);
+}
+
+at::Tensor concat_skip_backward(const at::Tensor& grad_up, Mode upsample, int64_t scale_factor) {
+  static const Routed<Bwd> r(bwd_route, "dtkernels::_concat_skip_backward", "dtkernels::_concat_skip_backward_py");
+  return r.pick(grad_up.device()).call(grad_up, upsample, scale_factor);
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct ConcatSkip : torch::autograd::Function<ConcatSkip> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& skip, Mode upsample,
+                            int64_t scale_factor) {
+    static const auto op = op_handle<Fwd>("dtkernels::concat_skip");
+    at::AutoDispatchBelowADInplaceOrView below;
+    at::Tensor out = op.call(x, skip, upsample, scale_factor);
+    // SymInts, so that torch.compile can trace this with dynamic shapes
+    ctx->saved_data["cx"] = x.sym_size(1);
+    ctx->saved_data["cs"] = skip.sym_size(1);
+    ctx->saved_data["upsample"] = upsample ? c10::IValue(std::string(*upsample)) : c10::IValue();
+    ctx->saved_data["scale_factor"] = scale_factor;
+    ctx->saved_data["backend"] = static_cast<int64_t>(current_backend());
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = op_handle<Bwd>("dtkernels::concat_skip_backward");
+    const at::Tensor& grad = grads[0];
+    const c10::SymInt cx = ctx->saved_data["cx"].toSymInt();
+    at::Tensor gx, gskip;
+    if (ctx->needs_input_grad(1)) gskip = grad.narrow_symint(1, cx, ctx->saved_data["cs"].toSymInt());
+    if (ctx->needs_input_grad(0)) {
+      gx = grad.narrow_symint(1, 0, cx);
+      const c10::IValue& mode = ctx->saved_data["upsample"];
+      if (!mode.isNone()) {
+        BackendGuard scope(static_cast<int>(ctx->saved_data["backend"].toInt()));
+        gx = call_in_backward(bwd, gx, Mode(mode.toStringRef()), ctx->saved_data["scale_factor"].toInt());
+      }
+    }
+    return {gx, gskip, at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor concat_skip_autograd(const at::Tensor& x, const at::Tensor& skip, Mode upsample, int64_t scale_factor) {
+  return ConcatSkip::apply(x, skip, upsample, scale_factor);
+}
+
+}  // namespace
+}  // namespace dtkernels
+
+TORCH_LIBRARY_IMPL(dtkernels, CPU, m) {
+  m.impl("concat_skip", &dtkernels::concat_skip);
+  m.impl("concat_skip_backward", &dtkernels::concat_skip_backward);
+}
+
+TORCH_LIBRARY_IMPL(dtkernels, CUDA, m) {
+  m.impl("concat_skip", &dtkernels::concat_skip);
+  m.impl("concat_skip_backward", &dtkernels::concat_skip_backward);
+}
+
+TORCH_LIBRARY_IMPL(dtkernels, Autograd, m) { m.impl("concat_skip", &dtkernels::concat_skip_autograd); }
