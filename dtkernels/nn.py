@@ -101,14 +101,28 @@ class DenseBlock(nn.Module):
     def _update_running_stats(self, norms, stats) -> None:
         # What BatchNorm2d does in training: running = (1 - f) * running + f * batch
         # (the unbiased variance), f = momentum, or 1 / batches seen for momentum=None.
+        # One foreach call per quantity for the whole block, not a few small ops per
+        # norm: those alone cost more host time than the block's GPU kernels.
         mean1, var1, _, mean2, var2, _ = (t.detach() for t in stats)
+        bns, means, variances = [], [], []
         for i, (n1, n2) in enumerate(norms):
             c = self.in_channels + i * self.growth_rate
-            for bn, mean, var in ((n1, mean1[:c], var1[:c]), (n2, mean2[i], var2[i])):
-                bn.num_batches_tracked.add_(1)
-                f = (1.0 / bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-                bn.running_mean.mul_(1 - f).add_(mean * f)
-                bn.running_var.mul_(1 - f).add_(var * f)
+            bns += [n1, n2]
+            means += [mean1[:c], mean2[i]]
+            variances += [var1[:c], var2[i]]
+        torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
+        momenta = {bn.momentum for bn in bns}
+        if len(momenta) == 1 and None not in momenta:
+            f = momenta.pop()
+            for running, batch in (([bn.running_mean for bn in bns], means),
+                                   ([bn.running_var for bn in bns], variances)):
+                torch._foreach_mul_(running, 1 - f)
+                torch._foreach_add_(running, torch._foreach_mul(batch, f))
+            return
+        for bn, mean, var in zip(bns, means, variances):
+            f = (1.0 / bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            bn.running_mean.mul_(1 - f).add_(mean * f)
+            bn.running_var.mul_(1 - f).add_(var * f)
 
     def extra_repr(self) -> str:
         return (f"num_layers={self.num_layers}, in_channels={self.in_channels}, growth_rate={self.growth_rate}, "
