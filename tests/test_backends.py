@@ -98,15 +98,17 @@ def _step(x, fx, inp, a, b):
     dtk.concat_skip(a, b, upsample="bilinear").sum().backward()
 
 
-def _step_inputs():
-    return (rand(2, 3, 4, 4, requires_grad=True), rand(2, 3, 4, 4, requires_grad=True),
-            rand(2, 3, 9, 9, requires_grad=True), rand(2, 3, 4, 4, requires_grad=True),
-            rand(2, 2, 8, 8, requires_grad=True))
+def _step_inputs(device="cpu"):
+    shapes = ((2, 3, 4, 4), (2, 3, 4, 4), (2, 3, 9, 9), (2, 3, 4, 4), (2, 2, 8, 8))
+    return tuple(rand(*s, device=device, requires_grad=True) for s in shapes)
 
 
-def test_native_path_never_enters_python(python_lookups):
-    """auto on CPU tensors: forward, routing and backward all stay in C++."""
-    _step(*_step_inputs())
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_native_path_never_enters_python(python_lookups, device):
+    """auto: forward, routing and backward all stay in C++ (CUDA C++ on CUDA tensors)."""
+    if device == "cuda" and "cuda" not in dtk.available_backends():
+        pytest.skip("needs a CUDA GPU and the CUDA kernels")
+    _step(*_step_inputs(device))
     assert python_lookups == []
 
 
