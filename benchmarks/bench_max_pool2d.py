@@ -9,6 +9,8 @@ The GPU cases are the issue's H100 ones: the ResNet stem (32x64x112x112 fp16,
 k3s2p1) and a large forward measured against a copy of the same number of bytes."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,20 @@ def _fwd_bwd(f, pool, indices=False):
         out = f(i["x"], *pool, return_indices=indices)
         out = out[0] if indices else out
         return torch.autograd.grad(out, i["x"], i["g"])
+    return run
+
+
+def _with_env(name, value, fn):
+    def run(i):
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn(i)
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
     return run
 
 
@@ -82,8 +98,11 @@ def _cases():
     stem, f16 = (32, 64, 112, 112), torch.float16
     for name, grad, target in [("k3s2p1-fwd", False, None), ("k3s2p1-fwd+bwd", True, 2.0)]:
         run = _fwd_bwd if grad else _fwd
+        # the opt-in CUDA "rows" backward, against the default one in the same run
+        extras = {"dtk-cuda-rows-bwd": _with_env("DTK_CUDA_MAXPOOL_BWD", "rows", run(dtk.max_pool2d, K3))} \
+            if grad and "cuda" in dtk.available_backends() else {}
         out.append(Case("max_pool2d", name, "32x64x112x112", f16, _inputs(stem, f16, NCHW, K3, grad=grad),
-                        baseline=run(F.max_pool2d, K3), candidate=run(dtk.max_pool2d, K3),
+                        baseline=run(F.max_pool2d, K3), candidate=run(dtk.max_pool2d, K3), extras=extras,
                         bytes=_nbytes(stem, f16, K3), target=target, devices=("cuda",)))
     large = (64, 128, 128, 128)
     for fmt in (NCHW, CL):

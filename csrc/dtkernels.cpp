@@ -7,11 +7,13 @@
 // (dtkernels/backends.py: Triton and the reference). Both take the full schema.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
 #include "common.h"
 #include "dispatch.h"
+#include "max_pool2d.h"
 
 #ifdef DTK_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -133,6 +135,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         for (const auto& kv : dtkernels::Route::registry()) names.push_back(kv.first);
         return names;
       });
+  m.def("_emulate_cuda_max_pool2d_backward", &dtkernels::cpu::emulate_cuda_backward_rows,
+        "Test aid: the CUDA NCHW max_pool2d backward's per-thread code, run on the host.");
   m.def("_set_poison", [](bool on) { dtkernels::poison_flag().store(on); },
         "Debug: fill native kernel outputs with NaN / -77 before writing them.");
   m.def("_poison", []() { return dtkernels::poison_flag().load(); });

@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
 
@@ -186,6 +187,61 @@ struct PoolBackward {
   at::Tensor grad_input, grad_out, offsets;
 };
 
+// ---- The CUDA backward's per-thread work, for host and device ------------------------------
+//
+// Written C10_HOST_DEVICE so that the CPU build runs the very code the GPU runs
+// (cpu::emulate_cuda_backward_rows): the tests check its index arithmetic against
+// the reference on every shape without a GPU.
+
+// int32 geometry (the CUDA kernels check that sizes fit).
+struct PoolDims {
+  int C, H, W, Ho, Wo;
+  int kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+inline PoolDims pool_dims(const Pool2d& g) {
+  return PoolDims{int(g.C), int(g.H), int(g.W), int(g.Ho), int(g.Wo), int(g.kh), int(g.kw),
+                  int(g.sh), int(g.sw), int(g.ph), int(g.pw), int(g.dh), int(g.dw)};
+}
+
+// The windows holding input position `i` along one dimension: o in [lo, hi] with
+// (i + p - o*s) a multiple of d; the tap is (i + p - o*s) / d.
+C10_HOST_DEVICE C10_ALWAYS_INLINE void window_range(int i, int k, int s, int p, int d, int outs, int& lo, int& hi) {
+  const int first = i + p - (k - 1) * d;
+  lo = first <= 0 ? 0 : (first + s - 1) / s;
+  hi = (i + p) / s < outs - 1 ? (i + p) / s : outs - 1;
+}
+
+// NCHW backward of V consecutive input columns iw0.. of input row ih of a plane:
+// acc[v] = the sum of grad_out over the windows whose maximum is column iw0 + v, in
+// ascending (oh, ow) order (ATen's order, so results are bit-identical to a gather
+// per element). Each window's gradient and offset are read once for all V columns,
+// and the only divisions are per thread, not per element or window.
+template <int V, typename T, typename O, typename A>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_backward_columns(const T* go, const O* off, const PoolDims& g, int64_t plane,
+                                                  int ih, int iw0, A (&acc)[V]) {
+  for (int v = 0; v < V; ++v) acc[v] = A(0);
+  int ohl, ohh, owl, owh, unused;
+  window_range(ih, g.kh, g.sh, g.ph, g.dh, g.Ho, ohl, ohh);
+  window_range(iw0, g.kw, g.sw, g.pw, g.dw, g.Wo, owl, unused);
+  const int last = iw0 + V - 1 < g.W - 1 ? iw0 + V - 1 : g.W - 1;
+  window_range(last, g.kw, g.sw, g.pw, g.dw, g.Wo, unused, owh);
+  for (int oh = ohl; oh <= ohh; ++oh) {
+    const int ni = ih + g.ph - oh * g.sh;
+    if (ni % g.dh) continue;
+    const int ti = (ni / g.dh) * g.kw;  // tap number of this row's first column
+    const int64_t base = (plane * g.Ho + oh) * g.Wo;
+    for (int ow = owl; ow <= owh; ++ow) {
+      const int j = static_cast<int>(off[base + ow]) - ti;  // the winning tap's column, if in this row
+      const int v = ow * g.sw - g.pw + j * g.dw - iw0;
+      if (j < 0 || j >= g.kw) continue;
+      const A gv = static_cast<A>(go[base + ow]);
+      for (int k = 0; k < V; ++k)
+        if (v == k) acc[k] += gv;
+    }
+  }
+}
+
 inline PoolBackward prepare_backward(const at::Tensor& grad_out, const at::Tensor& offsets,
                                      at::IntArrayRef input_size, at::IntArrayRef k, at::IntArrayRef s,
                                      at::IntArrayRef p, at::IntArrayRef d, bool channels_last) {
@@ -199,5 +255,13 @@ inline PoolBackward prepare_backward(const at::Tensor& grad_out, const at::Tenso
   }
   return b;
 }
+
+namespace cpu {
+// The CUDA NCHW backward (pool_backward_columns per thread item) run on the host.
+at::Tensor emulate_cuda_backward_rows(const at::Tensor& grad_out, const at::Tensor& offsets,
+                                      std::vector<int64_t> input_size, std::vector<int64_t> kernel_size,
+                                      std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                      std::vector<int64_t> dilation);
+}  // namespace cpu
 
 }  // namespace dtkernels

@@ -265,6 +265,47 @@ def test_deterministic_backward(backend):
     assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(INTERPRET, reason="host code; the Triton run needs not repeat it")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=["f32", "f16", "bf16", "f64"])
+def test_cuda_rows_backward_code_on_the_host(dtype):
+    """The CUDA NCHW "rows" backward's per-thread code (pool_backward_columns in
+    csrc/max_pool2d.h), run on the host over every thread item, is bit-identical to the
+    CPU kernel (the same sums in the same order): random geometry, windows with no tap
+    in the input, rows that are not a whole number of 16-byte groups, int16 offsets."""
+    cases = _aten_cases(80, seed=2) + [((1, 2, 20, 23), (12, 12), (3, 3), (5, 5), (1, 1), True),
+                                       ((2, 1, 2, 5), (2, 2), (1, 1), (1, 1), (3, 3), False)]
+    for n, (shape, k, s, p, d, cm) in enumerate(cases):
+        k, s, p, d = mp.normalize_args(k, s, p, d)
+        x = _data(shape, dtype, "cpu", seed=n)
+        _, _, off = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, False, True)
+        g = rand(*off.shape, dtype=dtype, generator=torch.Generator().manual_seed(n))
+        want = torch.ops.dtkernels._max_pool2d_backward(g, off, list(shape), k, s, p, d, False)
+        got = dtk._C._emulate_cuda_max_pool2d_backward(g, off, list(shape), k, s, p, d)
+        assert torch.equal(got, want), f"case {shape} k={k} s={s} p={p} d={d} ceil={cm}"
+
+
+@pytest.mark.cuda
+@pytest.mark.sanitize
+@pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in dtk.available_backends(),
+                    reason="needs a CUDA GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+def test_cuda_rows_backward_matches_the_default(monkeypatch, dtype):
+    """DTK_CUDA_MAXPOOL_BWD=rows (the opt-in NCHW backward) gives the default CUDA
+    kernel's bits: the same sums in the same order."""
+    for n, (shape, k, s, p, d, cm) in enumerate(_aten_cases(40, seed=3) + [((2, 3, 57, 61), 3, 2, 1, 1, False)]):
+        k, s, p, d = mp.normalize_args(k, s, p, d)
+        x = _data(shape, dtype, "cuda", seed=n)
+        _, _, off = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, False, True)
+        g = rand(*off.shape, dtype=dtype, device="cuda", generator=torch.Generator().manual_seed(n))
+        args = (g, off, list(shape), k, s, p, d, False)
+        monkeypatch.delenv("DTK_CUDA_MAXPOOL_BWD", raising=False)
+        want = torch.ops.dtkernels._max_pool2d_backward(*args)
+        monkeypatch.setenv("DTK_CUDA_MAXPOOL_BWD", "rows")
+        got = torch.ops.dtkernels._max_pool2d_backward(*args)
+        assert torch.equal(got, want), f"case {shape} k={k} s={s} p={p} d={d} ceil={cm}"
+
+
 class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()

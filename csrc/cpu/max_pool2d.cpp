@@ -541,6 +541,37 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
 }
 
 }  // namespace
+
+at::Tensor emulate_cuda_backward_rows(const at::Tensor& grad_out, const at::Tensor& offsets,
+                                      std::vector<int64_t> input_size, std::vector<int64_t> kernel_size,
+                                      std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                      std::vector<int64_t> dilation) {
+  PoolBackward b = prepare_backward(grad_out, offsets, input_size, kernel_size, stride, padding, dilation, false);
+  if (b.grad_input.numel() == 0) return b.grad_input;
+  const PoolDims g = pool_dims(b.g);
+  const int64_t rows = b.g.N * b.g.C * b.g.H;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.grad_out.scalar_type(), "emulate_cuda_backward_rows", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    constexpr int V = 16 / sizeof(T);  // the CUDA kernel's 16-byte groups
+    const T* go = b.grad_out.const_data_ptr<T>();
+    T* gi = b.grad_input.mutable_data_ptr<T>();
+    const auto run = [&](const auto* off) {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int iw0 = 0; iw0 < g.W; iw0 += V) {  // one CUDA thread item
+          A acc[V];
+          pool_backward_columns<V>(go, off, g, r / g.H, static_cast<int>(r % g.H), iw0, acc);
+          for (int k = 0; k < V && iw0 + k < g.W; ++k) gi[r * g.W + iw0 + k] = static_cast<T>(acc[k]);
+        }
+    };
+    const int ob = static_cast<int>(b.offsets.element_size());
+    if (ob == 1) run(b.offsets.const_data_ptr<int8_t>());
+    else if (ob == 2) run(b.offsets.const_data_ptr<int16_t>());
+    else run(b.offsets.const_data_ptr<int32_t>());
+  });
+  return b.grad_input;
+}
+
 }  // namespace cpu
 }  // namespace dtkernels
 

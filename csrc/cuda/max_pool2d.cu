@@ -8,11 +8,15 @@
 // Backward is a gather: one thread per input element (or pack of channels) visits the
 // few windows that can hold it in ascending (oh, ow) order and adds the gradient of
 // those whose offset names it. Deterministic, no atomics, every element written once.
+// An NCHW variant that gathers 16 bytes of a row per thread is opt-in
+// (DTK_CUDA_MAXPOOL_BWD=rows) until a GPU run has measured it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 #include "../max_pool2d.h"
@@ -25,16 +29,12 @@ namespace {
 constexpr int kThreads = 256;
 
 // int32 geometry for the device (sizes are checked to fit).
-struct Geo {
-  int C, H, W, Ho, Wo;
-  int kh, kw, sh, sw, ph, pw, dh, dw;
-};
+using Geo = PoolDims;
 
 Geo device_geo(const Pool2d& g) {
   TORCH_CHECK(g.H * g.W < (int64_t(1) << 31) && g.Ho * g.Wo < (int64_t(1) << 31) && g.C < (int64_t(1) << 31),
               "max_pool2d (cuda): planes of 2^31 or more elements are not supported");
-  return Geo{int(g.C), int(g.H), int(g.W), int(g.Ho), int(g.Wo), int(g.kh), int(g.kw),
-             int(g.sh), int(g.sw), int(g.ph), int(g.pw), int(g.dh), int(g.dw)};
+  return pool_dims(g);
 }
 
 __device__ __forceinline__ int first_tap(int o, int s, int p, int d) {
@@ -158,14 +158,6 @@ __global__ void max_pool2d_rows_kernel(const T* __restrict__ x, T* __restrict__ 
   }
 }
 
-// The windows holding input position `i` along one dimension: o in [lo, hi] with
-// (i + p - o*s) a multiple of d; the tap is (i + p - o*s) / d.
-__device__ __forceinline__ void window_range(int i, int k, int s, int p, int d, int outs, int& lo, int& hi) {
-  const int first = i + p - (k - 1) * d;
-  lo = first <= 0 ? 0 : (first + s - 1) / s;
-  hi = min(outs - 1, (i + p) / s);
-}
-
 // Backward: one thread per input pixel and pack, gathering in ascending (oh, ow)
 // order, ATen's summation order.
 template <typename T, typename O, int N, bool NHWC>
@@ -205,6 +197,42 @@ __global__ void max_pool2d_backward_kernel(const T* __restrict__ go, const O* __
     for (int k = 0; k < N; ++k) res.v[k] = static_cast<T>(acc[k]);
     *reinterpret_cast<P*>(gi + it.pix * B + it.c) = res;
   }
+}
+
+// Backward, NCHW, "rows" (opt-in: DTK_CUDA_MAXPOOL_BWD=rows, until an H100 run has
+// measured it against the kernel above): one thread per 16 bytes of an input row, V
+// columns, gathered by pool_backward_columns (csrc/max_pool2d.h, which the CPU tests
+// also run). The item splits are 32-bit multiply-shifts, not the 64-bit divisions
+// per element that the kernel above pays; each window is read once per V columns.
+template <typename T, typename O, int V>
+__global__ void max_pool2d_backward_rows_kernel(const T* __restrict__ go, const O* __restrict__ off,
+                                                T* __restrict__ gi, Geo g, FastDivmod groups, FastDivmod height,
+                                                uint32_t n, bool vec) {
+  using A = acc_t<T>;
+  const uint32_t stride = gridDim.x * blockDim.x;
+  for (uint32_t q = blockIdx.x * blockDim.x + threadIdx.x; q < n; q += stride) {
+    const uint32_t r = groups.div(q);  // input row: plane * H + ih
+    const int iw0 = static_cast<int>(q - r * groups.d) * V;
+    const uint32_t plane = height.div(r);
+    A acc[V];
+    pool_backward_columns<V>(go, off, g, plane, static_cast<int>(r - plane * height.d), iw0, acc);
+    T* dst = gi + static_cast<int64_t>(r) * g.W + iw0;
+    if (vec && iw0 + V <= g.W) {
+      Pack<T, V> p;
+#pragma unroll
+      for (int k = 0; k < V; ++k) p.v[k] = static_cast<T>(acc[k]);
+      *reinterpret_cast<Pack<T, V>*>(dst) = p;
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        if (iw0 + k < g.W) dst[k] = static_cast<T>(acc[k]);
+    }
+  }
+}
+
+bool rows_backward_requested() {
+  const char* v = std::getenv("DTK_CUDA_MAXPOOL_BWD");
+  return v != nullptr && std::string(v) == "rows";
 }
 
 // Calls f(O{}) with the offsets' integer type (int8 when the forward kept none).
@@ -279,6 +307,17 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
     with_offset_type(b.offsets.element_size(), [&](auto o_type) {
       using O = decltype(o_type);
       const O* op = static_cast<const O*>(b.offsets.const_data_ptr());
+      constexpr int V = 16 / sizeof(T);
+      const int64_t rows = b.grad_input.numel() / g.W, groups = (g.W + V - 1) / V;
+      if (!channels_last && rows_backward_requested() && rows * groups < (int64_t(1) << 31)) {
+        const int64_t n = rows * groups;
+        const bool vec = (g.W * sizeof(T)) % 16 == 0 && aligned_to(ip, 16);
+        max_pool2d_backward_rows_kernel<T, O, V><<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(
+            gp, op, ip, g, FastDivmod(static_cast<uint32_t>(groups)), FastDivmod(static_cast<uint32_t>(g.H)),
+            static_cast<uint32_t>(n), vec);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
       launch_layout<T, O>(channels_last, g.C, b.grad_input.numel(), gp, ip, [&](auto n_, auto nhwc_, unsigned grid, int64_t n) {
         max_pool2d_backward_kernel<T, O, decltype(n_)::value, decltype(nhwc_)::value>
             <<<grid, kThreads, 0, stream>>>(gp, op, ip, g, n);
