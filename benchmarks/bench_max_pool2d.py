@@ -112,6 +112,11 @@ def _cases():
                         baseline=_fwd(F.max_pool2d, K2), candidate=_fwd(dtk.max_pool2d, K2),
                         extras={"clone": lambda i: i["c"].clone()}, bytes=nb, devices=("cuda",),
                         note="target: >= 0.85 of the copy bandwidth (clone of the same bytes)"))
+    # A ResNet-sized map whose rows (28 outputs) are not a multiple of the vector length
+    mid = (8, 64, 56, 56)
+    out.append(Case("max_pool2d", "k3s2p1-fwd+bwd", "8x64x56x56", f32, _inputs(mid, f32, NCHW, K3, grad=True),
+                    baseline=_fwd_bwd(F.max_pool2d, K3), candidate=_fwd_bwd(dtk.max_pool2d, K3),
+                    bytes=_nbytes(mid, f32, K3), devices=("cpu",)))
     # A tiny tensor: what one call costs besides its kernels (dispatch, autograd).
     tiny = (2, 16, 16, 16)
     out.append(Case("max_pool2d", "k3s2p1-fwd+bwd", "2x16x16x16", f32, _inputs(tiny, f32, NCHW, K3, grad=True),
