@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/Device.h>
+#include <torch/library.h>
 
 #include <atomic>
 #include <map>
@@ -102,3 +103,16 @@ decltype(auto) call_in_backward(const c10::TypedOperatorHandle<Sig>& op, Args&&.
 }
 
 }  // namespace dtkernels
+
+// Registers a public op and its backward op: their CPU and CUDA kernels (the routes
+// above, or an ATen composition) and the op's autograd kernel.
+#define DTK_REGISTER_PUBLIC_OP(op, forward, backward, autograd) \
+  TORCH_LIBRARY_IMPL(dtkernels, CPU, m) {                       \
+    m.impl(#op, forward);                                       \
+    m.impl(#op "_backward", backward);                          \
+  }                                                             \
+  TORCH_LIBRARY_IMPL(dtkernels, CUDA, m) {                      \
+    m.impl(#op, forward);                                       \
+    m.impl(#op "_backward", backward);                          \
+  }                                                             \
+  TORCH_LIBRARY_IMPL(dtkernels, Autograd, m) { m.impl(#op, autograd); }

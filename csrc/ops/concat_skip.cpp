@@ -71,14 +71,4 @@ at::Tensor concat_skip_autograd(const at::Tensor& x, const at::Tensor& skip, Mod
 }  // namespace
 }  // namespace dtkernels
 
-TORCH_LIBRARY_IMPL(dtkernels, CPU, m) {
-  m.impl("concat_skip", &dtkernels::concat_skip);
-  m.impl("concat_skip_backward", &dtkernels::concat_skip_backward);
-}
-
-TORCH_LIBRARY_IMPL(dtkernels, CUDA, m) {
-  m.impl("concat_skip", &dtkernels::concat_skip);
-  m.impl("concat_skip_backward", &dtkernels::concat_skip_backward);
-}
-
-TORCH_LIBRARY_IMPL(dtkernels, Autograd, m) { m.impl("concat_skip", &dtkernels::concat_skip_autograd); }
+DTK_REGISTER_PUBLIC_OP(concat_skip, &dtkernels::concat_skip, &dtkernels::concat_skip_backward, &dtkernels::concat_skip_autograd)

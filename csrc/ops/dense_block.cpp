@@ -330,14 +330,4 @@ Outputs dense_block_autograd(const Tensor& x, TensorList weights, TensorList run
 }  // namespace
 }  // namespace dtkernels
 
-TORCH_LIBRARY_IMPL(dtkernels, CPU, m) {
-  m.impl("dense_block", &dtkernels::dense_block);
-  m.impl("dense_block_backward", &dtkernels::dense_block_backward);
-}
-
-TORCH_LIBRARY_IMPL(dtkernels, CUDA, m) {
-  m.impl("dense_block", &dtkernels::dense_block);
-  m.impl("dense_block_backward", &dtkernels::dense_block_backward);
-}
-
-TORCH_LIBRARY_IMPL(dtkernels, Autograd, m) { m.impl("dense_block", &dtkernels::dense_block_autograd); }
+DTK_REGISTER_PUBLIC_OP(dense_block, &dtkernels::dense_block, &dtkernels::dense_block_backward, &dtkernels::dense_block_autograd)

@@ -83,14 +83,4 @@ Outs max_pool2d_autograd(const at::Tensor& input, at::IntArrayRef k, at::IntArra
 }  // namespace
 }  // namespace dtkernels
 
-TORCH_LIBRARY_IMPL(dtkernels, CPU, m) {
-  m.impl("max_pool2d", &dtkernels::max_pool2d);
-  m.impl("max_pool2d_backward", &dtkernels::max_pool2d_backward);
-}
-
-TORCH_LIBRARY_IMPL(dtkernels, CUDA, m) {
-  m.impl("max_pool2d", &dtkernels::max_pool2d);
-  m.impl("max_pool2d_backward", &dtkernels::max_pool2d_backward);
-}
-
-TORCH_LIBRARY_IMPL(dtkernels, Autograd, m) { m.impl("max_pool2d", &dtkernels::max_pool2d_autograd); }
+DTK_REGISTER_PUBLIC_OP(max_pool2d, &dtkernels::max_pool2d, &dtkernels::max_pool2d_backward, &dtkernels::max_pool2d_autograd)

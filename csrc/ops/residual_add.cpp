@@ -67,14 +67,4 @@ at::Tensor residual_add_autograd(const at::Tensor& x, const at::Tensor& fx, doub
 }  // namespace
 }  // namespace dtkernels
 
-TORCH_LIBRARY_IMPL(dtkernels, CPU, m) {
-  m.impl("residual_add", &dtkernels::residual_add);
-  m.impl("residual_add_backward", &dtkernels::residual_add_backward);
-}
-
-TORCH_LIBRARY_IMPL(dtkernels, CUDA, m) {
-  m.impl("residual_add", &dtkernels::residual_add);
-  m.impl("residual_add_backward", &dtkernels::residual_add_backward);
-}
-
-TORCH_LIBRARY_IMPL(dtkernels, Autograd, m) { m.impl("residual_add", &dtkernels::residual_add_autograd); }
+DTK_REGISTER_PUBLIC_OP(residual_add, &dtkernels::residual_add, &dtkernels::residual_add_backward, &dtkernels::residual_add_autograd)
