@@ -285,15 +285,12 @@ def test_cuda_rows_backward_code_on_the_host(dtype):
         assert torch.equal(got, want), f"case {shape} k={k} s={s} p={p} d={d} ceil={cm}"
 
 
-@pytest.mark.cuda
-@pytest.mark.sanitize
-@pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in dtk.available_backends(),
-                    reason="needs a CUDA GPU and the CUDA kernels")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
-def test_cuda_rows_backward_matches_the_default(monkeypatch, dtype):
-    """DTK_CUDA_MAXPOOL_BWD=rows (the opt-in NCHW backward) gives the default CUDA
-    kernel's bits: the same sums in the same order."""
-    for n, (shape, k, s, p, d, cm) in enumerate(_aten_cases(40, seed=3) + [((2, 3, 57, 61), 3, 2, 1, 1, False)]):
+_NEEDS_CUDA_KERNELS = pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in dtk.available_backends(),
+                                         reason="needs a CUDA GPU and the CUDA kernels")
+
+
+def _rows_backward_matches_default(monkeypatch, dtype, cases):
+    for n, (shape, k, s, p, d, cm) in enumerate(cases):
         k, s, p, d = mp.normalize_args(k, s, p, d)
         x = _data(shape, dtype, "cuda", seed=n)
         _, _, off = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, False, True)
@@ -304,6 +301,26 @@ def test_cuda_rows_backward_matches_the_default(monkeypatch, dtype):
         monkeypatch.setenv("DTK_CUDA_MAXPOOL_BWD", "rows")
         got = torch.ops.dtkernels._max_pool2d_backward(*args)
         assert torch.equal(got, want), f"case {shape} k={k} s={s} p={p} d={d} ceil={cm}"
+
+
+@pytest.mark.cuda
+@_NEEDS_CUDA_KERNELS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+def test_cuda_rows_backward_matches_the_default(monkeypatch, dtype):
+    """DTK_CUDA_MAXPOOL_BWD=rows (the opt-in NCHW backward) gives the default CUDA
+    kernel's bits: the same sums in the same order."""
+    _rows_backward_matches_default(monkeypatch, dtype, _aten_cases(40, seed=3) + [((2, 3, 57, 61), 3, 2, 1, 1, False)])
+
+
+@pytest.mark.cuda
+@pytest.mark.sanitize
+@_NEEDS_CUDA_KERNELS
+def test_cuda_rows_backward_memcheck(monkeypatch):
+    """A few shapes for compute-sanitizer: 16-byte stores (W = 64), rows that end
+    mid-pack (W = 61, 5), int16 offsets."""
+    cases = [((2, 3, 16, 64), 3, 2, 1, 1, False), ((1, 2, 9, 61), 3, 2, 1, 1, True), ((2, 3, 7, 5), 2, 1, 0, 2, False),
+             ((1, 2, 20, 23), 12, 3, 5, 1, True)]
+    _rows_backward_matches_default(monkeypatch, torch.float16, cases)
 
 
 class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
