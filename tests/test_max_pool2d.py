@@ -274,7 +274,9 @@ def test_cuda_rows_backward_code_on_the_host(dtype):
     CPU kernel (the same sums in the same order): random geometry, windows with no tap
     in the input, rows that are not a whole number of 16-byte groups, int16 offsets."""
     cases = _aten_cases(80, seed=2) + [((1, 2, 20, 23), (12, 12), (3, 3), (5, 5), (1, 1), True),
-                                       ((2, 1, 2, 5), (2, 2), (1, 1), (1, 1), (3, 3), False)]
+                                       ((2, 1, 2, 5), (2, 2), (1, 1), (1, 1), (3, 3), False),
+                                       ((1, 2, 40, 61), 3, 2, 1, 1, False),  # planes the CPU kernel gathers
+                                       ((1, 2, 33, 47), (3, 5), 1, (1, 2), (1, 1), True)]
     for n, (shape, k, s, p, d, cm) in enumerate(cases):
         k, s, p, d = mp.normalize_args(k, s, p, d)
         x = _data(shape, dtype, "cpu", seed=n)
@@ -367,6 +369,24 @@ def test_large_windows_fall_back_to_wider_offsets():
     out = dtk.max_pool2d(x, (200, 200), 1)
     (gi,) = torch.autograd.grad(out, x, torch.ones_like(out))
     assert torch.equal(gi, _grad_ref(x, torch.ones_like(out), ((200, 200), 1), False).float())
+
+
+@pytest.mark.parametrize("memory_format", [None, CL], ids=["nchw", "cl"])
+def test_cpu_backward_both_algorithms_match_aten(memory_format):
+    """The CPU backward scatters small planes (at most 1024 elements) with overlapping
+    windows and gathers everything else: both give ATen's float32 gradients bit for
+    bit, on planes either side of the threshold."""
+    for n, (shape, k, s, p, d) in enumerate([((2, 3, 32, 32), 3, 2, 1, 1), ((2, 3, 32, 33), 3, 2, 1, 1),
+                                             ((1, 4, 16, 16), 3, 1, 1, 1), ((1, 4, 17, 16), 3, 1, 1, 1),
+                                             ((2, 2, 45, 61), (3, 2), (2, 1), (1, 1), (1, 2))]):
+        x = _data(shape, torch.float32, "cpu", memory_format, seed=n)
+        g = rand(*F.max_pool2d(x, k, s, p, d).shape, generator=torch.Generator().manual_seed(n))
+        if memory_format is not None:
+            g = g.contiguous(memory_format=memory_format)
+        xa, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (want,) = torch.autograd.grad(F.max_pool2d(xa, k, s, p, d), xa, g)
+        (got,) = torch.autograd.grad(dtk.max_pool2d(xo, k, s, p, d), xo, g)
+        assert torch.equal(got, want), f"case {shape} k={k} s={s} p={p} d={d}"
 
 
 @pytest.mark.parametrize("dtype,memory_format,shape", [

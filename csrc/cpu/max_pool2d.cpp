@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -550,6 +551,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
   return {res.out, res.indices, res.offsets};
 }
 
+// Small planes with overlapping windows: a scatter in output order into a plane of
+// compute-type accumulators (ATen's own algorithm and order, so the sums are the
+// gather's, bit for bit), then one conversion. On planes this small the gather's
+// per-row set-up dominates: 17 us against ATen's 5 us at 2x16x16x16.
+constexpr int64_t kScatterPlane = 1024;  // input elements per plane (pixels x B)
+
+bool windows_overlap(const Pool2d& g) {
+  return (g.kh - 1) * g.dh + 1 > g.sh || (g.kw - 1) * g.dw + 1 > g.sw;
+}
+
+template <typename T, typename O>
+void scatter_planes(const Pool2d& g, int64_t B, const T* go, const O* off, T* gi, int64_t p0, int64_t p1) {
+  using A = acc_t<T>;
+  const int64_t in_plane = g.H * g.W * B, out_plane = g.Ho * g.Wo * B, taps = g.taps();
+  std::vector<A> acc(in_plane);
+  std::vector<int64_t> di(taps), dj(taps);  // tap -> row and column from the window's origin
+  for (int64_t t = 0; t < taps; ++t) di[t] = (t / g.kw) * g.dh, dj[t] = (t % g.kw) * g.dw;
+  for (int64_t plane = p0; plane < p1; ++plane) {
+    std::fill(acc.begin(), acc.end(), A(0));
+    const T* gp = go + plane * out_plane;
+    const O* op = off + plane * out_plane;
+    for (int64_t oh = 0, q = 0; oh < g.Ho; ++oh) {
+      const int64_t h0 = oh * g.sh - g.ph;
+      for (int64_t ow = 0; ow < g.Wo; ++ow) {
+        const int64_t w0 = ow * g.sw - g.pw;
+        for (int64_t b = 0; b < B; ++b, ++q) {
+          const int64_t t = op[q];
+          if (t < 0 || t >= taps) continue;  // not an offset the forward wrote
+          const int64_t ih = h0 + di[t], iw = w0 + dj[t];
+          if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) acc[(ih * g.W + iw) * B + b] += static_cast<A>(gp[q]);
+        }
+      }
+    }
+    T* dst = gi + plane * in_plane;
+    for (int64_t e = 0; e < in_plane; ++e) dst[e] = static_cast<T>(acc[e]);
+  }
+}
+
 at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& offsets, at::IntArrayRef input_size,
                                at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, bool channels_last) {
@@ -557,6 +596,20 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
                                     channels_last);
   const Pool2d& g = b.g;
   if (b.grad_input.numel() == 0) return b.grad_input;
+  const int64_t B = g.channels_last ? g.C : 1;
+  if (g.H * g.W * B <= kScatterPlane && windows_overlap(g)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.grad_out.scalar_type(), "max_pool2d_backward", [&] {
+      const scalar_t* pg = b.grad_out.const_data_ptr<scalar_t>();
+      scalar_t* pi = b.grad_input.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, planes(g), std::max<int64_t>(1, kGrain / (g.H * g.W * B)), [&](int64_t p0, int64_t p1) {
+        const int ob = static_cast<int>(b.offsets.element_size());
+        if (ob == 1) scatter_planes(g, B, pg, b.offsets.const_data_ptr<int8_t>(), pi, p0, p1);
+        else if (ob == 2) scatter_planes(g, B, pg, b.offsets.const_data_ptr<int16_t>(), pi, p0, p1);
+        else scatter_planes(g, B, pg, b.offsets.const_data_ptr<int32_t>(), pi, p0, p1);
+      });
+    });
+    return b.grad_input;
+  }
   const Plan p = make_plan(g, false);
   const int64_t rows = planes(g) * g.H;
   // work per input row: the output rows reaching it times their width
