@@ -17,7 +17,6 @@
 
 #include <atomic>
 #include <map>
-#include <mutex>
 #include <string>
 
 namespace dtkernels {
