@@ -10,6 +10,7 @@ k3s2p1) and a large forward measured against a copy of the same number of bytes.
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -50,15 +51,8 @@ def _fwd_bwd(f, pool, indices=False):
 
 def _with_env(name, value, fn):
     def run(i):
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
+        with mock.patch.dict(os.environ, {name: value}):
             return fn(i)
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
     return run
 
 

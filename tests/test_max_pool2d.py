@@ -291,7 +291,17 @@ _NEEDS_CUDA_KERNELS = pytest.mark.skipif(not torch.cuda.is_available() or "cuda"
                                          reason="needs a CUDA GPU and the CUDA kernels")
 
 
-def _rows_backward_matches_default(monkeypatch, dtype, cases):
+def _backward_kernels(args):
+    """The backward's result and the names of the CUDA kernels it launched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = torch.ops.dtkernels._max_pool2d_backward(*args)
+        torch.cuda.synchronize()
+    return out, " ".join(e.key for e in prof.key_averages())
+
+
+def _rows_backward_matches_default(monkeypatch, dtype, cases, check_kernels=True):
     for n, (shape, k, s, p, d, cm) in enumerate(cases):
         k, s, p, d = mp.normalize_args(k, s, p, d)
         x = _data(shape, dtype, "cuda", seed=n)
@@ -299,9 +309,16 @@ def _rows_backward_matches_default(monkeypatch, dtype, cases):
         g = rand(*off.shape, dtype=dtype, device="cuda", generator=torch.Generator().manual_seed(n))
         args = (g, off, list(shape), k, s, p, d, False)
         monkeypatch.delenv("DTK_CUDA_MAXPOOL_BWD", raising=False)
-        want = torch.ops.dtkernels._max_pool2d_backward(*args)
-        monkeypatch.setenv("DTK_CUDA_MAXPOOL_BWD", "rows")
-        got = torch.ops.dtkernels._max_pool2d_backward(*args)
+        if n == 0 and check_kernels:  # the switch really picks the other kernel
+            want, ran = _backward_kernels(args)
+            assert "backward_rows_kernel" not in ran, ran
+            monkeypatch.setenv("DTK_CUDA_MAXPOOL_BWD", "rows")
+            got, ran = _backward_kernels(args)
+            assert "backward_rows_kernel" in ran, ran
+        else:
+            want = torch.ops.dtkernels._max_pool2d_backward(*args)
+            monkeypatch.setenv("DTK_CUDA_MAXPOOL_BWD", "rows")
+            got = torch.ops.dtkernels._max_pool2d_backward(*args)
         assert torch.equal(got, want), f"case {shape} k={k} s={s} p={p} d={d} ceil={cm}"
 
 
@@ -322,7 +339,8 @@ def test_cuda_rows_backward_memcheck(monkeypatch):
     mid-pack (W = 61, 5), int16 offsets."""
     cases = [((2, 3, 16, 64), 3, 2, 1, 1, False), ((1, 2, 9, 61), 3, 2, 1, 1, True), ((2, 3, 7, 5), 2, 1, 0, 2, False),
              ((1, 2, 20, 23), 12, 3, 5, 1, True)]
-    _rows_backward_matches_default(monkeypatch, torch.float16, cases)
+    # no profiler here: CUPTI and compute-sanitizer do not mix; the test above checks the switch
+    _rows_backward_matches_default(monkeypatch, torch.float16, cases, check_kernels=False)
 
 
 class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
