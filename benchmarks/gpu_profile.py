@@ -39,6 +39,13 @@ def _dev_time(evt) -> float:
     return 0.0
 
 
+def _short(kernel: str) -> str:
+    """A kernel's name without return type, namespaces and template arguments
+    (dtkernels' opt-in and default kernels differ only past the namespaces)."""
+    name = kernel.removeprefix("void ").split("<")[0].split("(anonymous namespace)::")[-1]
+    return name.split("::")[-1][:60]
+
+
 def measure(fn, inputs, iters: int = 20):
     for _ in range(3):
         fn(inputs)
@@ -82,7 +89,7 @@ def main(argv=None) -> int:
             except Exception as e:  # keep going: the table is the point
                 lines.append(f"| {c.group} | {name} | failed: {type(e).__name__}: {e} | | | |")
                 continue
-            top = "; ".join(f"{n[:60]} {t:.3f}×{cnt}" for n, t, cnt in kernels[:3])
+            top = "; ".join(f"{_short(n)} {t:.3f}×{cnt}" for n, t, cnt in kernels[:3])
             lines.append(f"| {c.group} | {name} | {wall:.3f} | {host:.3f} | {k:.3f} | {top} |")
             print(lines[-1], flush=True)
     if a.md:

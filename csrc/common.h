@@ -11,6 +11,42 @@
 
 namespace dtkernels {
 
+// Loops that must unroll on the GPU so that register arrays stay in registers
+// (host compilers unroll them without being asked).
+#if defined(__CUDACC__)
+#define DTK_UNROLL _Pragma("unroll")
+#else
+#define DTK_UNROLL
+#endif
+
+// N elements moved as one 16-byte (or narrower) access.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Division by a runtime constant in a few instructions (a magic multiplier and a
+// shift, as ATen's IntDivider), for GPU index math that would otherwise cost more
+// than the bytes it moves. Exact for 0 <= n < 2^31 and 1 <= divisor < 2^31. Host
+// code computes the same bits, so CPU emulations of the kernels test it too.
+struct FastDivmod {
+  uint32_t d = 1, m = 1, shift = 0;
+  FastDivmod() = default;
+  explicit FastDivmod(uint32_t divisor) : d(divisor) {
+    while (shift < 31 && (uint32_t(1) << shift) < divisor) ++shift;
+    m = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - divisor)) / divisor + 1);
+  }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t div(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t hi = __umulhi(n, m);
+#else
+    const uint32_t hi = static_cast<uint32_t>((uint64_t(n) * m) >> 32);
+#endif
+    return (hi + n) >> shift;
+  }
+  C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t mod(uint32_t n) const { return n - div(n) * d; }
+};
+
 // Debug mode for the test suite: outputs are filled with a poison value (NaN, or
 // a large negative integer) before a kernel writes them, so an element a kernel
 // forgets to write shows up instead of hiding behind whatever memory held.

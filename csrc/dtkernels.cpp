@@ -135,6 +135,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         for (const auto& kv : dtkernels::Route::registry()) names.push_back(kv.first);
         return names;
       });
+  m.def("_emulate_cuda_max_pool2d_forward_vec", &dtkernels::cpu::emulate_cuda_forward_vec,
+        "Test aid: the opt-in CUDA NCHW max_pool2d forward's per-thread code, run on the host.");
   m.def("_emulate_cuda_max_pool2d_backward", &dtkernels::cpu::emulate_cuda_backward_rows,
         "Test aid: the CUDA NCHW max_pool2d backward's per-thread code, run on the host.");
   m.def("_set_poison", [](bool on) { dtkernels::poison_flag().store(on); },

@@ -14,8 +14,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include <cstdint>
+#include <limits>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -242,6 +246,131 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_backward_columns(const T* go, const 
   }
 }
 
+// ---- The CUDA NCHW forward "vec" (opt-in), per thread, for host and device ----------------
+//
+// A thread computes V consecutive outputs of one output row from 16-byte loads: per
+// window row, the 32 input bytes at columns [ow0*S, ow0*S + V*S) plus one 16-byte
+// vector on each side that the windows reach into. The column geometry (kernel K,
+// stride S, padding PAD, dilation 1) is a template, so every tap is a register;
+// rows stay general. Rows must be whole 16-byte vectors (W % P == 0), so a vector is
+// either inside the row or outside it; outside ones read as -inf, which the scan
+// rule never takes, so they act as skipped taps. The result is the generic kernel's
+// (and ATen's), bit for bit.
+template <typename T, int K, int S, int PAD>
+struct PoolVec {
+  static constexpr int P = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
+  static constexpr int V = 2 * P / S;                          // outputs per thread
+  static constexpr int L = PAD > 0 ? 1 : 0;                    // vectors left of the 32 bytes
+  static constexpr int R = K - 1 - PAD >= S ? 1 : 0;           // and right of them
+  static constexpr int NV = L + 2 + R;
+  static_assert(PAD <= P && K - 1 - PAD - S < P, "windows reach one vector beyond at most");
+};
+
+// Returns f(K, S, PAD) (std::integral_constants; f says whether it ran) when the vec
+// forward has this geometry: the column shapes of common encoders, rows of whole
+// vectors; false otherwise.
+template <typename T, typename F>
+bool with_pool_vec_geometry(const PoolDims& g, F f) {
+  if (g.dw != 1 || g.W % PoolVec<T, 2, 2, 0>::P != 0 || g.kh * g.kw > 128) return false;
+  using two = std::integral_constant<int, 2>;
+  using three = std::integral_constant<int, 3>;
+  using zero = std::integral_constant<int, 0>;
+  using one = std::integral_constant<int, 1>;
+  if (g.kw == 2 && g.sw == 2 && g.pw == 0) return f(two{}, two{}, zero{});
+  if (g.kw == 3 && g.sw == 2 && g.pw == 1) return f(three{}, two{}, one{});
+  if (g.kw == 3 && g.sw == 2 && g.pw == 0) return f(three{}, two{}, zero{});
+  if (g.kw == 3 && g.sw == 1 && g.pw == 1) return f(three{}, one{}, one{});
+  return false;
+}
+
+// ATen's scan rule: a value replaces the running maximum when greater, or NaN.
+template <typename A>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_fold(A a, int t, A& m, int& tap) {
+  if (a > m || a != a) {
+    m = a;
+    tap = t;
+  }
+}
+
+// Thread item q of the vec forward: q = (plane * Ho + oh) * groups + ow0 / V. Writes
+// out, and when given the int8 offsets and ATen's int64 indices. `packed`: Wo % V == 0
+// and the outputs aligned, so every group is whole and stores as one pack.
+template <typename T, int K, int S, int PAD>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, T* out, int64_t* idx, int8_t* off,
+                                                        const PoolDims& g, const FastDivmod& groups,
+                                                        const FastDivmod& ho, bool packed) {
+  using A = at::opmath_type<T>;
+  using Shape = PoolVec<T, K, S, PAD>;
+  constexpr int P = Shape::P, V = Shape::V, L = Shape::L, NV = Shape::NV;
+  const uint32_t r = groups.div(q);
+  const int ow0 = static_cast<int>(q - r * groups.d) * V;
+  const uint32_t plane = ho.div(r);
+  const int oh = static_cast<int>(r - plane * ho.d);
+  const T* xp = x + static_cast<int64_t>(plane) * g.H * g.W;
+  const int b = ow0 * S;  // a multiple of P
+  const int h0 = oh * g.sh - g.ph;
+  const int lead = g.ph - oh * g.sh;
+  const int i0 = lead > 0 ? (lead + g.dh - 1) / g.dh : 0;
+  const T ninf = static_cast<T>(-std::numeric_limits<A>::infinity());
+  A m[V];
+  int tap[V];
+  DTK_UNROLL
+  for (int v = 0; v < V; ++v) {
+    const int j0 = PAD - (ow0 + v) * S;  // taps in the left padding
+    m[v] = -std::numeric_limits<A>::infinity();
+    tap[v] = i0 * K + (j0 > 0 ? j0 : 0);
+  }
+  for (int i = i0, ih = h0 + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh) {
+    const T* row = xp + static_cast<int64_t>(ih) * g.W;
+    Pack<T, P> buf[NV];
+    DTK_UNROLL
+    for (int u = 0; u < NV; ++u) {
+      const int c = b + (u - L) * P;
+      if (c >= 0 && c < g.W) {
+        buf[u] = *reinterpret_cast<const Pack<T, P>*>(row + c);
+      } else {
+        DTK_UNROLL
+        for (int e = 0; e < P; ++e) buf[u].v[e] = ninf;
+      }
+    }
+    DTK_UNROLL
+    for (int j = 0; j < K; ++j) {
+      DTK_UNROLL
+      for (int v = 0; v < V; ++v) {
+        constexpr int base = L * P - PAD;
+        const int e = base + v * S + j;  // constant once unrolled
+        pool_fold(static_cast<A>(buf[e / P].v[e % P]), i * K + j, m[v], tap[v]);
+      }
+    }
+  }
+  const int64_t o = static_cast<int64_t>(r) * g.Wo + ow0;
+  if (packed) {
+    Pack<T, V> pv;
+    DTK_UNROLL
+    for (int v = 0; v < V; ++v) pv.v[v] = static_cast<T>(m[v]);
+    *reinterpret_cast<Pack<T, V>*>(out + o) = pv;
+    if (off) {
+      Pack<int8_t, V> po;
+      DTK_UNROLL
+      for (int v = 0; v < V; ++v) po.v[v] = static_cast<int8_t>(tap[v]);
+      *reinterpret_cast<Pack<int8_t, V>*>(off + o) = po;
+    }
+  } else {
+    DTK_UNROLL
+    for (int v = 0; v < V; ++v)
+      if (ow0 + v < g.Wo) {
+        out[o + v] = static_cast<T>(m[v]);
+        if (off) off[o + v] = static_cast<int8_t>(tap[v]);
+      }
+  }
+  if (idx) {
+    DTK_UNROLL
+    for (int v = 0; v < V; ++v)
+      if (ow0 + v < g.Wo)
+        idx[o + v] = static_cast<int64_t>(h0 + (tap[v] / K) * g.dh) * g.W + (ow0 + v) * S - PAD + tap[v] % K;
+  }
+}
+
 inline PoolBackward prepare_backward(const at::Tensor& grad_out, const at::Tensor& offsets,
                                      at::IntArrayRef input_size, at::IntArrayRef k, at::IntArrayRef s,
                                      at::IntArrayRef p, at::IntArrayRef d, bool channels_last) {
@@ -258,6 +387,12 @@ inline PoolBackward prepare_backward(const at::Tensor& grad_out, const at::Tenso
 
 namespace cpu {
 // The CUDA NCHW backward (pool_backward_columns per thread item) run on the host.
+// The CUDA NCHW "vec" forward (pool_forward_vec per thread item) run on the host:
+// (out, indices, offsets) as _max_pool2d gives them; an error for a geometry it lacks.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
+    const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+    std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool return_indices,
+    bool return_offsets);
 at::Tensor emulate_cuda_backward_rows(const at::Tensor& grad_out, const at::Tensor& offsets,
                                       std::vector<int64_t> input_size, std::vector<int64_t> kernel_size,
                                       std::vector<int64_t> stride, std::vector<int64_t> padding,

@@ -287,39 +287,130 @@ def test_cuda_rows_backward_code_on_the_host(dtype):
         assert torch.equal(got, want), f"case {shape} k={k} s={s} p={p} d={d} ceil={cm}"
 
 
+# The column shapes the opt-in CUDA "vec" forward specialises (csrc/max_pool2d.h).
+_VEC_COLUMNS = [(2, 2, 0), (3, 2, 1), (3, 2, 0), (3, 1, 1)]
+
+
+def _vec_forward_cases(n, seed):
+    """Random row geometry around one of the vec forward's column shapes, rows of a
+    whole number of 16-byte vectors for every dtype (W % 8 == 0), often with a last
+    group of fewer than V outputs."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        kw, sw, pw = rng.choice(_VEC_COLUMNS)
+        kh = rng.randint(1, 4)
+        k, s, p, d = (kh, kw), (rng.randint(1, 3), sw), (rng.randint(0, kh // 2), pw), (rng.randint(1, 2), 1)
+        shape = (rng.randint(1, 2), rng.choice([1, 3, 5]), rng.randint(1, 13), 8 * rng.randint(1, 9))
+        cm = rng.random() < 0.5
+        try:
+            F.max_pool2d(torch.zeros(shape), k, s, p, d, cm)
+        except RuntimeError:
+            continue
+        out.append((shape, k, s, p, d, cm))
+    return out
+
+
+_VEC_EXTRA = [((2, 3, 14, 112), 3, 2, 1, 1, False),  # the ResNet stem's rows
+              ((1, 2, 16, 64), 2, 2, 0, 1, False), ((1, 2, 9, 24), 3, 2, 0, 1, True),
+              ((1, 2, 7, 8), 3, 1, 1, 1, False), ((1, 1, 5, 16), (3, 3), (2, 2), (1, 1), (2, 1), True)]
+
+
+@pytest.mark.skipif(INTERPRET, reason="host code; the Triton run needs not repeat it")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=["f32", "f16", "bf16", "f64"])
+def test_cuda_vec_forward_code_on_the_host(dtype):
+    """The opt-in CUDA NCHW "vec" forward's per-thread code (pool_forward_vec in
+    csrc/max_pool2d.h: item split, 16-byte loads, -inf outside the row, packed and
+    partial stores), run on the host over every thread item, gives the CPU kernel's
+    values, int64 indices and offsets bit for bit, NaN, -inf and ties included."""
+    cases = _vec_forward_cases(60, seed=4) + _VEC_EXTRA
+    for n, (shape, k, s, p, d, cm) in enumerate(cases + _VEC_EXTRA):
+        k, s, p, d = mp.normalize_args(k, s, p, d)
+        x = _data(shape, dtype, "cpu", seed=n)
+        if n >= len(cases):  # all -inf windows at the edges report their first tap inside the input
+            x[..., :3, :] = -INF
+            x[..., :, :5] = -INF
+            x[..., -2:] = -INF
+        want = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, True, True)
+        got = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, True, True)
+        for a, b in zip(got, want):
+            assert torch.equal(a.view(torch.uint8) if a.is_floating_point() else a,
+                               b.view(torch.uint8) if b.is_floating_point() else b), \
+                f"case {shape} k={k} s={s} p={p} d={d} ceil={cm}"
+        alone = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, False, False)[0]
+        assert torch.equal(alone.view(torch.uint8), want[0].view(torch.uint8))
+
+
+@pytest.mark.skipif(INTERPRET, reason="host code")
+def test_cuda_vec_forward_keeps_to_its_geometries():
+    """The vec forward refuses what it has no kernel for (the CUDA op then runs the
+    generic kernel): dilated columns, other column shapes, rows of a partial vector."""
+    x = _data((1, 2, 9, 16), torch.float16, "cpu")
+    for k, s, p, d in [((3, 3), (2, 2), (1, 1), (1, 2)), ((2, 4), (2, 4), (0, 0), (1, 1))]:
+        with pytest.raises(RuntimeError, match="no kernel for this geometry"):
+            dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, False, False, False)
+    with pytest.raises(RuntimeError, match="no kernel for this geometry"):
+        dtk._C._emulate_cuda_max_pool2d_forward_vec(x[..., :12], [2, 2], [2, 2], [0, 0], [1, 1], False, False, False)
+    # float32 rows need only a multiple of 4
+    dtk._C._emulate_cuda_max_pool2d_forward_vec(x[..., :12].float(), [2, 2], [2, 2], [0, 0], [1, 1], False, False, False)
+
+
 _NEEDS_CUDA_KERNELS = pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in dtk.available_backends(),
                                          reason="needs a CUDA GPU and the CUDA kernels")
 
 
-def _backward_kernels(args):
-    """The backward's result and the names of the CUDA kernels it launched."""
+def _run_and_kernels(fn, *args):
+    """fn(*args) and the names of the CUDA kernels it launched."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        out = torch.ops.dtkernels._max_pool2d_backward(*args)
+        out = fn(*args)
         torch.cuda.synchronize()
     return out, " ".join(e.key for e in prof.key_averages())
 
 
-def _rows_backward_matches_default(monkeypatch, dtype, cases, check_kernels=True):
+def _same_bits(a, b):
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.is_floating_point() else torch.equal(a, b)
+
+
+def _switch_matches_default(monkeypatch, env, kernel, fn, args_list, check_kernels=True):
+    """An opt-in CUDA kernel (env = "NAME=value") gives the default kernel's bits on
+    every call in args_list; the first call checks that the switch really launches it."""
+    name, value = env.split("=")
+    for n, args in enumerate(args_list):
+        monkeypatch.delenv(name, raising=False)
+        if n == 0 and check_kernels:
+            want, ran = _run_and_kernels(fn, *args)
+            assert kernel not in ran, ran
+            monkeypatch.setenv(name, value)
+            got, ran = _run_and_kernels(fn, *args)
+            assert kernel in ran, ran
+        else:
+            want = fn(*args)
+            monkeypatch.setenv(name, value)
+            got = fn(*args)
+        want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+        assert all(_same_bits(a, b) for a, b in zip(got, want)), f"call {n}: {[getattr(a, 'shape', a) for a in args]}"
+
+
+def _backward_args(dtype, cases):
+    out = []
     for n, (shape, k, s, p, d, cm) in enumerate(cases):
         k, s, p, d = mp.normalize_args(k, s, p, d)
         x = _data(shape, dtype, "cuda", seed=n)
         _, _, off = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, False, True)
         g = rand(*off.shape, dtype=dtype, device="cuda", generator=torch.Generator().manual_seed(n))
-        args = (g, off, list(shape), k, s, p, d, False)
-        monkeypatch.delenv("DTK_CUDA_MAXPOOL_BWD", raising=False)
-        if n == 0 and check_kernels:  # the switch really picks the other kernel
-            want, ran = _backward_kernels(args)
-            assert "backward_rows_kernel" not in ran, ran
-            monkeypatch.setenv("DTK_CUDA_MAXPOOL_BWD", "rows")
-            got, ran = _backward_kernels(args)
-            assert "backward_rows_kernel" in ran, ran
-        else:
-            want = torch.ops.dtkernels._max_pool2d_backward(*args)
-            monkeypatch.setenv("DTK_CUDA_MAXPOOL_BWD", "rows")
-            got = torch.ops.dtkernels._max_pool2d_backward(*args)
-        assert torch.equal(got, want), f"case {shape} k={k} s={s} p={p} d={d} ceil={cm}"
+        out.append((g, off, list(shape), k, s, p, d, False))
+    return out
+
+
+def _forward_args(dtype, cases):
+    out = []
+    for n, (shape, k, s, p, d, cm) in enumerate(cases):
+        k, s, p, d = mp.normalize_args(k, s, p, d)
+        out.append((_data(shape, dtype, "cuda", seed=n), k, s, p, d, cm, False, True, True))
+    return out
 
 
 @pytest.mark.cuda
@@ -328,19 +419,38 @@ def _rows_backward_matches_default(monkeypatch, dtype, cases, check_kernels=True
 def test_cuda_rows_backward_matches_the_default(monkeypatch, dtype):
     """DTK_CUDA_MAXPOOL_BWD=rows (the opt-in NCHW backward) gives the default CUDA
     kernel's bits: the same sums in the same order."""
-    _rows_backward_matches_default(monkeypatch, dtype, _aten_cases(40, seed=3) + [((2, 3, 57, 61), 3, 2, 1, 1, False)])
+    cases = _aten_cases(40, seed=3) + [((2, 3, 57, 61), 3, 2, 1, 1, False)]
+    _switch_matches_default(monkeypatch, "DTK_CUDA_MAXPOOL_BWD=rows", "backward_rows_kernel",
+                            torch.ops.dtkernels._max_pool2d_backward, _backward_args(dtype, cases))
+
+
+@pytest.mark.cuda
+@_NEEDS_CUDA_KERNELS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+def test_cuda_vec_forward_matches_the_default(monkeypatch, dtype):
+    """DTK_CUDA_MAXPOOL_FWD=vec (the opt-in NCHW forward) gives the default CUDA
+    kernel's values, indices and offsets bit for bit, on the geometries it has."""
+    cases = [((2, 3, 14, 112), 3, 2, 1, 1, False)] + _vec_forward_cases(40, seed=5) + _VEC_EXTRA
+    _switch_matches_default(monkeypatch, "DTK_CUDA_MAXPOOL_FWD=vec", "max_pool2d_vec_kernel",
+                            torch.ops.dtkernels._max_pool2d, _forward_args(dtype, cases))
 
 
 @pytest.mark.cuda
 @pytest.mark.sanitize
 @_NEEDS_CUDA_KERNELS
-def test_cuda_rows_backward_memcheck(monkeypatch):
-    """A few shapes for compute-sanitizer: 16-byte stores (W = 64), rows that end
-    mid-pack (W = 61, 5), int16 offsets."""
+def test_cuda_opt_in_kernels_memcheck(monkeypatch):
+    """A few shapes for compute-sanitizer through both opt-in kernels: 16-byte stores
+    (W = 64), rows that end mid-pack (W = 61, 5), int16 offsets, partial last groups,
+    windows that reach past both ends of a row."""
+    # no profiler here: CUPTI and compute-sanitizer do not mix; the tests above check the switches
     cases = [((2, 3, 16, 64), 3, 2, 1, 1, False), ((1, 2, 9, 61), 3, 2, 1, 1, True), ((2, 3, 7, 5), 2, 1, 0, 2, False),
              ((1, 2, 20, 23), 12, 3, 5, 1, True)]
-    # no profiler here: CUPTI and compute-sanitizer do not mix; the test above checks the switch
-    _rows_backward_matches_default(monkeypatch, torch.float16, cases, check_kernels=False)
+    _switch_matches_default(monkeypatch, "DTK_CUDA_MAXPOOL_BWD=rows", "", torch.ops.dtkernels._max_pool2d_backward,
+                            _backward_args(torch.float16, cases), check_kernels=False)
+    cases = [((2, 3, 16, 64), 3, 2, 1, 1, False), ((1, 2, 9, 24), 3, 2, 0, 1, True), ((1, 2, 7, 8), 3, 1, 1, 1, False),
+             ((1, 3, 6, 40), 2, 2, 0, 1, True)]
+    _switch_matches_default(monkeypatch, "DTK_CUDA_MAXPOOL_FWD=vec", "", torch.ops.dtkernels._max_pool2d,
+                            _forward_args(torch.float16, cases), check_kernels=False)
 
 
 class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):

@@ -627,6 +627,38 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
+    const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+    std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool return_indices,
+    bool return_offsets) {
+  PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, false, return_indices,
+                                  return_offsets);
+  PoolOutputs& res = f.res;
+  if (res.out.numel() == 0) return {res.out, res.indices, res.offsets};
+  const PoolDims g = pool_dims(f.g);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "emulate_cuda_forward_vec", [&] {
+    using T = scalar_t;
+    const bool ok = with_pool_vec_geometry<T>(g, [&](auto k, auto s, auto p) {
+      constexpr int K = decltype(k)::value, S = decltype(s)::value, PAD = decltype(p)::value;
+      constexpr int V = PoolVec<T, K, S, PAD>::V;
+      const uint32_t groups = static_cast<uint32_t>((g.Wo + V - 1) / V);
+      const int64_t n = res.out.numel() / g.Wo * groups;
+      TORCH_CHECK(n < (int64_t(1) << 31), "emulate_cuda_forward_vec: too many thread items");
+      const FastDivmod d_groups(groups), d_ho(static_cast<uint32_t>(g.Ho));
+      T* out = res.out.mutable_data_ptr<T>();
+      int8_t* off = return_offsets ? res.offsets.mutable_data_ptr<int8_t>() : nullptr;
+      const bool packed = g.Wo % V == 0;  // CPU outputs are 64-byte aligned
+      for (uint32_t q = 0; q < static_cast<uint32_t>(n); ++q)  // one CUDA thread item each
+        pool_forward_vec<T, K, S, PAD>(q, f.x.const_data_ptr<T>(), out,
+                                       return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr, off, g,
+                                       d_groups, d_ho, packed);
+      return true;
+    });
+    TORCH_CHECK(ok, "emulate_cuda_forward_vec: the vec forward has no kernel for this geometry");
+  });
+  return {res.out, res.indices, res.offsets};
+}
+
 at::Tensor emulate_cuda_backward_rows(const at::Tensor& grad_out, const at::Tensor& offsets,
                                       std::vector<int64_t> input_size, std::vector<int64_t> kernel_size,
                                       std::vector<int64_t> stride, std::vector<int64_t> padding,

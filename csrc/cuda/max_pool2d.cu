@@ -8,8 +8,9 @@
 // Backward is a gather: one thread per input element (or pack of channels) visits the
 // few windows that can hold it in ascending (oh, ow) order and adds the gradient of
 // those whose offset names it. Deterministic, no atomics, every element written once.
-// An NCHW variant that gathers 16 bytes of a row per thread is opt-in
-// (DTK_CUDA_MAXPOOL_BWD=rows) until a GPU run has measured it.
+// Two NCHW variants are opt-in until a GPU run has measured them: a forward from
+// 16-byte loads for common column shapes (DTK_CUDA_MAXPOOL_FWD=vec) and a backward
+// that gathers 16 bytes of a row per thread (DTK_CUDA_MAXPOOL_BWD=rows).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -40,15 +41,6 @@ Geo device_geo(const Pool2d& g) {
 __device__ __forceinline__ int first_tap(int o, int s, int p, int d) {
   const int lead = p - o * s;
   return lead > 0 ? (lead + d - 1) / d : 0;
-}
-
-// ATen's rule: a value replaces the running max when it is greater, or NaN.
-template <typename A>
-__device__ __forceinline__ void fold(A a, int t, A& m, int& tap) {
-  if (a > m || a != a) {
-    m = a;
-    tap = t;
-  }
 }
 
 template <typename O>
@@ -103,7 +95,7 @@ __global__ void max_pool2d_kernel(const T* __restrict__ x, T* __restrict__ out, 
       for (int j = j0, iw = w0 + j0 * g.dw; j < g.kw && iw < g.W; ++j, iw += g.dw) {
         const P v = *reinterpret_cast<const P*>(xp + (static_cast<int64_t>(ih) * g.W + iw) * B);
 #pragma unroll
-        for (int k = 0; k < N; ++k) fold(static_cast<A>(v.v[k]), i * g.kw + j, m[k], tap[k]);
+        for (int k = 0; k < N; ++k) pool_fold(static_cast<A>(v.v[k]), i * g.kw + j, m[k], tap[k]);
       }
     P res;
 #pragma unroll
@@ -144,7 +136,7 @@ __global__ void max_pool2d_rows_kernel(const T* __restrict__ x, T* __restrict__ 
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           const int iw = w0 + v * g.sw + j * g.dw;
-          if (v < nv && iw >= 0 && iw < g.W) fold(static_cast<A>(row[iw]), i * g.kw + j, m[v], tap[v]);
+          if (v < nv && iw >= 0 && iw < g.W) pool_fold(static_cast<A>(row[iw]), i * g.kw + j, m[v], tap[v]);
         }
       }
     }
@@ -156,6 +148,42 @@ __global__ void max_pool2d_rows_kernel(const T* __restrict__ x, T* __restrict__ 
         store_results(idx, off, o + v, tap[v], h0, w0 + v * g.sw, g);
       }
   }
+}
+
+// NCHW "vec" (opt-in: DTK_CUDA_MAXPOOL_FWD=vec, until an H100 run has measured it
+// against the kernel above): V outputs of a row per thread from 16-byte loads, the
+// column geometry a template, the item split in 32-bit multiply-shifts. The
+// per-thread code is pool_forward_vec (csrc/max_pool2d.h), which the CPU tests run.
+template <typename T, int K, int S, int PAD>
+__global__ void __launch_bounds__(kThreads)
+    max_pool2d_vec_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __restrict__ idx,
+                          int8_t* __restrict__ off, Geo g, FastDivmod groups, FastDivmod ho, uint32_t n, bool packed) {
+  const uint32_t stride = gridDim.x * blockDim.x;
+  for (uint32_t q = blockIdx.x * blockDim.x + threadIdx.x; q < n; q += stride)
+    pool_forward_vec<T, K, S, PAD>(q, x, out, idx, off, g, groups, ho, packed);
+}
+
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::string(v) == value;
+}
+
+// Launches the vec forward when asked for and it has this geometry; false otherwise.
+template <typename T>
+bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& g, int64_t planes,
+                        cudaStream_t stream) {
+  if (!env_is("DTK_CUDA_MAXPOOL_FWD", "vec") || !aligned_to(x, 16)) return false;
+  return with_pool_vec_geometry<T>(g, [&](auto k, auto s, auto p) {
+    constexpr int K = decltype(k)::value, S = decltype(s)::value, PAD = decltype(p)::value;
+    constexpr int V = PoolVec<T, K, S, PAD>::V;
+    const int64_t groups = (g.Wo + V - 1) / V, n = planes * g.Ho * groups;
+    if (n >= (int64_t(1) << 31)) return false;
+    const bool packed = g.Wo % V == 0 && aligned_to(out, sizeof(Pack<T, V>)) && (off == nullptr || aligned_to(off, V));
+    max_pool2d_vec_kernel<T, K, S, PAD><<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(
+        x, out, idx, static_cast<int8_t*>(off), g, FastDivmod(static_cast<uint32_t>(groups)),
+        FastDivmod(static_cast<uint32_t>(g.Ho)), static_cast<uint32_t>(n), packed);
+    return true;
+  });
 }
 
 // Backward: one thread per input pixel and pack, gathering in ascending (oh, ow)
@@ -230,11 +258,6 @@ __global__ void max_pool2d_backward_rows_kernel(const T* __restrict__ go, const 
   }
 }
 
-bool rows_backward_requested() {
-  const char* v = std::getenv("DTK_CUDA_MAXPOOL_BWD");
-  return v != nullptr && std::string(v) == "rows";
-}
-
 // Calls f(O{}) with the offsets' integer type (int8 when the forward kept none).
 template <typename F>
 void with_offset_type(int64_t elem_size, F f) {
@@ -275,15 +298,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
     with_offset_type(res.offsets.element_size(), [&](auto o_type) {
       using O = decltype(o_type);
       O* off = return_offsets ? static_cast<O*>(res.offsets.data_ptr()) : nullptr;
-      if (!channels_last) {
-        constexpr int V = 4;
-        const int64_t n = res.out.numel() / g.Wo * ((g.Wo + V - 1) / V);
-        max_pool2d_rows_kernel<T, O, V><<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n);
-      } else {
+      if (channels_last) {
         launch_layout<T, O>(true, g.C, res.out.numel(), xp, op, [&](auto n_, auto nhwc_, unsigned grid, int64_t n) {
           max_pool2d_kernel<T, O, decltype(n_)::value, decltype(nhwc_)::value>
               <<<grid, kThreads, 0, stream>>>(xp, op, idx, off, g, n);
         });
+      } else if (!launch_vec_forward<T>(xp, op, idx, off, g, res.out.numel() / (g.Ho * g.Wo), stream)) {
+        constexpr int V = 4;
+        const int64_t n = res.out.numel() / g.Wo * ((g.Wo + V - 1) / V);
+        max_pool2d_rows_kernel<T, O, V><<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -309,7 +332,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
       const O* op = static_cast<const O*>(b.offsets.const_data_ptr());
       constexpr int V = 16 / sizeof(T);
       const int64_t rows = b.grad_input.numel() / g.W, groups = (g.W + V - 1) / V;
-      if (!channels_last && rows_backward_requested() && rows * groups < (int64_t(1) << 31)) {
+      if (!channels_last && env_is("DTK_CUDA_MAXPOOL_BWD", "rows") && rows * groups < (int64_t(1) << 31)) {
         const int64_t n = rows * groups;
         const bool vec = (g.W * sizeof(T)) % 16 == 0 && aligned_to(ip, 16);
         max_pool2d_backward_rows_kernel<T, O, V><<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(
