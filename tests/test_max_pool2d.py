@@ -405,11 +405,12 @@ def _backward_args(dtype, cases):
     return out
 
 
-def _forward_args(dtype, cases):
+def _forward_args(dtype, cases, channels_last=False):
     out = []
     for n, (shape, k, s, p, d, cm) in enumerate(cases):
         k, s, p, d = mp.normalize_args(k, s, p, d)
-        out.append((_data(shape, dtype, "cuda", seed=n), k, s, p, d, cm, False, True, True))
+        x = _data(shape, dtype, "cuda", CL if channels_last else None, seed=n)
+        out.append((x, k, s, p, d, cm, channels_last, True, True))
     return out
 
 
@@ -428,11 +429,15 @@ def test_cuda_rows_backward_matches_the_default(monkeypatch, dtype):
 @_NEEDS_CUDA_KERNELS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
 def test_cuda_vec_forward_matches_the_default(monkeypatch, dtype):
-    """DTK_CUDA_MAXPOOL_FWD=vec (the opt-in NCHW forward) gives the default CUDA
-    kernel's values, indices and offsets bit for bit, on the geometries it has."""
+    """DTK_CUDA_MAXPOOL_FWD=vec (the opt-in NCHW forward, and 32-bit item splits for
+    channels_last) gives the default CUDA kernels' values, indices and offsets bit
+    for bit: on the geometries the NCHW kernel has, and on any for channels_last."""
     cases = [((2, 3, 14, 112), 3, 2, 1, 1, False)] + _vec_forward_cases(40, seed=5) + _VEC_EXTRA
     _switch_matches_default(monkeypatch, "DTK_CUDA_MAXPOOL_FWD=vec", "max_pool2d_vec_kernel",
                             torch.ops.dtkernels._max_pool2d, _forward_args(dtype, cases))
+    cl = [((2, 16, 14, 28), 3, 2, 1, 1, False), ((2, 8, 9, 10), 2, 2, 0, 1, True)] + _aten_cases(30, seed=6)
+    _switch_matches_default(monkeypatch, "DTK_CUDA_MAXPOOL_FWD=vec", "", torch.ops.dtkernels._max_pool2d,
+                            _forward_args(dtype, cl, channels_last=True), check_kernels=False)
 
 
 @pytest.mark.cuda
@@ -451,6 +456,9 @@ def test_cuda_opt_in_kernels_memcheck(monkeypatch):
              ((1, 3, 6, 40), 2, 2, 0, 1, True)]
     _switch_matches_default(monkeypatch, "DTK_CUDA_MAXPOOL_FWD=vec", "", torch.ops.dtkernels._max_pool2d,
                             _forward_args(torch.float16, cases), check_kernels=False)
+    cases = [((2, 16, 7, 9), 3, 2, 1, 1, False), ((1, 3, 5, 6), 2, 2, 0, 1, True)]  # packs of 8, and of 1
+    _switch_matches_default(monkeypatch, "DTK_CUDA_MAXPOOL_FWD=vec", "", torch.ops.dtkernels._max_pool2d,
+                            _forward_args(torch.float16, cases, channels_last=True), check_kernels=False)
 
 
 class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):

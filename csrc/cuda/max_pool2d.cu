@@ -8,9 +8,10 @@
 // Backward is a gather: one thread per input element (or pack of channels) visits the
 // few windows that can hold it in ascending (oh, ow) order and adds the gradient of
 // those whose offset names it. Deterministic, no atomics, every element written once.
-// Two NCHW variants are opt-in until a GPU run has measured them: a forward from
-// 16-byte loads for common column shapes (DTK_CUDA_MAXPOOL_FWD=vec) and a backward
-// that gathers 16 bytes of a row per thread (DTK_CUDA_MAXPOOL_BWD=rows).
+// Variants opt-in until a GPU run has measured them: DTK_CUDA_MAXPOOL_FWD=vec, an
+// NCHW forward from 16-byte loads for common column shapes and, for channels_last,
+// item splits in 32-bit multiply-shifts; DTK_CUDA_MAXPOOL_BWD=rows, an NCHW backward
+// that gathers 16 bytes of a row per thread.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -28,6 +29,11 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::string(v) == value;
+}
 
 // int32 geometry for the device (sizes are checked to fit).
 using Geo = PoolDims;
@@ -59,9 +65,26 @@ struct Item {
   int64_t pix;    // pixel index over all planes
 };
 
+// split_item's divisors as 32-bit multiply-shifts, for launches of fewer than 2^31
+// items; `on` only with the opt-in vec forward until a GPU run has measured it.
+struct FastSplit {
+  bool on = false;
+  FastDivmod packs, ws, hs;  // C / N, Ws, Hs
+};
+
 template <int N, bool NHWC>
-__device__ __forceinline__ Item split_item(int64_t q, const Geo& g, int Hs, int Ws) {
+__device__ __forceinline__ Item split_item(int64_t q, const Geo& g, int Hs, int Ws, const FastSplit& f) {
   Item it;
+  if (f.on) {
+    const uint32_t q32 = static_cast<uint32_t>(q), pix = NHWC ? f.packs.div(q32) : q32;
+    const uint32_t r = f.ws.div(pix), plane = f.hs.div(r);
+    it.c = NHWC ? static_cast<int>(q32 - pix * f.packs.d) * N : 0;
+    it.pix = pix;
+    it.x = static_cast<int>(pix - r * f.ws.d);
+    it.y = static_cast<int>(r - plane * f.hs.d);
+    it.plane = plane;
+    return it;
+  }
   it.c = NHWC ? static_cast<int>(q % (g.C / N)) * N : 0;
   it.pix = NHWC ? q / (g.C / N) : q;
   it.x = static_cast<int>(it.pix % Ws);
@@ -73,13 +96,13 @@ __device__ __forceinline__ Item split_item(int64_t q, const Geo& g, int Hs, int 
 
 template <typename T, typename O, int N, bool NHWC>
 __global__ void max_pool2d_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __restrict__ idx,
-                                  O* __restrict__ off, Geo g, int64_t n) {
+                                  O* __restrict__ off, Geo g, int64_t n, FastSplit fs) {
   using A = acc_t<T>;
   using P = Pack<T, N>;
   const int B = NHWC ? g.C : 1;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n; q += stride) {
-    const Item it = split_item<N, NHWC>(q, g, g.Ho, g.Wo);
+    const Item it = split_item<N, NHWC>(q, g, g.Ho, g.Wo, fs);
     const int oh = it.y, ow = it.x;
     const T* xp = x + it.plane * g.H * g.W * B + it.c;
     const int h0 = oh * g.sh - g.ph, w0 = ow * g.sw - g.pw;
@@ -163,10 +186,6 @@ __global__ void __launch_bounds__(kThreads)
     pool_forward_vec<T, K, S, PAD>(q, x, out, idx, off, g, groups, ho, packed);
 }
 
-bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::string(v) == value;
-}
 
 // Launches the vec forward when asked for and it has this geometry; false otherwise.
 template <typename T>
@@ -196,7 +215,7 @@ __global__ void max_pool2d_backward_kernel(const T* __restrict__ go, const O* __
   const int B = NHWC ? g.C : 1;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n; q += stride) {
-    const Item it = split_item<N, NHWC>(q, g, g.H, g.W);
+    const Item it = split_item<N, NHWC>(q, g, g.H, g.W, FastSplit{});
     const int ih = it.y, iw = it.x;
     const int64_t base = it.plane * g.Ho * g.Wo;
     int ohl, ohh, owl, owh;
@@ -300,8 +319,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
       O* off = return_offsets ? static_cast<O*>(res.offsets.data_ptr()) : nullptr;
       if (channels_last) {
         launch_layout<T, O>(true, g.C, res.out.numel(), xp, op, [&](auto n_, auto nhwc_, unsigned grid, int64_t n) {
-          max_pool2d_kernel<T, O, decltype(n_)::value, decltype(nhwc_)::value>
-              <<<grid, kThreads, 0, stream>>>(xp, op, idx, off, g, n);
+          constexpr int N = decltype(n_)::value;
+          FastSplit fs;
+          if (env_is("DTK_CUDA_MAXPOOL_FWD", "vec") && n < (int64_t(1) << 31))
+            fs = FastSplit{true, FastDivmod(static_cast<uint32_t>(g.C / N)), FastDivmod(static_cast<uint32_t>(g.Wo)),
+                           FastDivmod(static_cast<uint32_t>(g.Ho))};
+          max_pool2d_kernel<T, O, N, decltype(nhwc_)::value><<<grid, kThreads, 0, stream>>>(xp, op, idx, off, g, n, fs);
         });
       } else if (!launch_vec_forward<T>(xp, op, idx, off, g, res.out.numel() / (g.Ho * g.Wo), stream)) {
         constexpr int V = 4;
