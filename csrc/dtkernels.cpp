@@ -14,6 +14,7 @@
 #include "common.h"
 #include "dispatch.h"
 #include "max_pool2d.h"
+#include "cpu/simd.h"
 
 #ifdef DTK_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -139,6 +140,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Test aid: the opt-in CUDA NCHW max_pool2d forward's per-thread code, run on the host.");
   m.def("_emulate_cuda_max_pool2d_backward", &dtkernels::cpu::emulate_cuda_backward_rows,
         "Test aid: the CUDA NCHW max_pool2d backward's per-thread code, run on the host.");
+  m.def("_set_cpu_f16c", [](bool on) {
+        dtkernels::cpu::f16c_flag().store(on && dtkernels::cpu::cpu_has_f16c());
+        return dtkernels::cpu::cpu_f16c();
+      }, "Test aid: float16 CPU kernels through F16C (if the CPU has it; returns whether they are) or the clones.");
   m.def("_set_poison", [](bool on) { dtkernels::poison_flag().store(on); },
         "Debug: fill native kernel outputs with NaN / -77 before writing them.");
   m.def("_poison", []() { return dtkernels::poison_flag().load(); });

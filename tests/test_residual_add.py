@@ -228,3 +228,30 @@ def test_triton_kernels_compile_for_sm90(dtype):
                        {"FP64": dtype == "fp64", "BLOCK": 2048})
     if dtype != "fp64":  # 16-byte vector accesses when aligned
         assert "ld.global.v4" in c.asm["ptx"] or "ld.global.v2" in c.asm["ptx"]
+
+
+@pytest.mark.skipif(INTERPRET, reason="host code; the Triton run needs not repeat it")
+def test_float16_f16c_kernels_match_the_clones():
+    """float16 on a CPU with F16C runs its own kernels (eight conversions per
+    instruction); they give the generic clones' bits: lengths around the 8-lane
+    tails, NaN, -inf, -0, zero outputs, alpha != 1, relu or none, flat and strided."""
+    if not dtk._C._set_cpu_f16c(True):
+        pytest.skip("this CPU has no F16C")
+    results = {}
+    try:
+        for on in (True, False):
+            assert dtk._C._set_cpu_f16c(on) == on
+            out = []
+            for n in (1, 7, 8, 9, 31, 1000, 70001, 2**20 + 3):  # the last: FMA vs multiply-add shows
+                x, fx, go = (torch.randn(n, generator=torch.Generator().manual_seed(n + k)).half() for k in range(3))
+                x[::17], fx[::13], x[::19], fx[::23] = float("nan"), float("-inf"), -0.0, 0.0
+                for alpha, act in ((1.0, True), (0.37, False), (-2.5, True)):
+                    y = torch.ops.dtkernels._residual_add(x, fx, alpha, act)
+                    out += [y, torch.ops.dtkernels._residual_add(x[::2], fx[::2], alpha, act),
+                            torch.ops.dtkernels._residual_add_backward(go, y, alpha)]
+            results[on] = out
+    finally:
+        dtk._C._set_cpu_f16c(True)
+    assert len(results[True]) == len(results[False])
+    for a, b in zip(results[True], results[False]):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))

@@ -10,6 +10,12 @@
 #include "../common.h"
 #include "simd.h"
 
+#if DTK_HAVE_F16C
+#include <immintrin.h>
+#endif
+
+#include <type_traits>
+
 namespace dtkernels {
 namespace cpu {
 namespace {
@@ -47,6 +53,58 @@ DTK_RA_CLONES(double)
 DTK_RA_CLONES(c10::Half)
 DTK_RA_CLONES(c10::BFloat16)
 #undef DTK_RA_CLONES
+
+#if DTK_HAVE_F16C
+// float16 with F16C: the x86-64-v3/v4 clones' arithmetic (GCC contracts x + alpha * fx
+// into one FMA there) on eight lanes, so the results are theirs bit for bit (NaN
+// payloads aside).
+DTK_F16C void add_act_f16c(const c10::Half* x, const c10::Half* fx, c10::Half* out, int64_t n, float alpha,
+                           bool act) {
+  const __m256 a = _mm256_set1_ps(alpha), zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 vx = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+    const __m256 vf = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(fx + i)));
+    __m256 v = _mm256_fmadd_ps(a, vf, vx);
+    if (act) v = _mm256_max_ps(zero, v);  // 0 > v ? 0 : v, so NaN and -0 pass as relu()
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  add_act<c10::Half>(x + i, fx + i, out + i, n - i, alpha, act);
+}
+
+DTK_F16C void masked_scale_f16c(const c10::Half* g, const c10::Half* out, c10::Half* gin, int64_t n, float scale) {
+  const __m256 s = _mm256_set1_ps(scale), zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 vo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(out + i)));
+    const __m256 vg = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + i)));
+    const __m256 v = _mm256_and_ps(_mm256_cmp_ps(vo, zero, _CMP_GT_OQ), _mm256_mul_ps(s, vg));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(gin + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  masked_scale<c10::Half>(g + i, out + i, gin + i, n - i, scale);
+}
+#endif
+
+// The flat kernels per type: F16C for float16 where the CPU has it, else the clones.
+template <typename T>
+void add_act_flat(const T* x, const T* fx, T* out, int64_t n, acc_t<T> alpha, bool act) {
+#if DTK_HAVE_F16C
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    if (cpu_f16c()) return add_act_f16c(x, fx, out, n, alpha, act);
+  }
+#endif
+  add_act_k(x, fx, out, n, alpha, act);
+}
+
+template <typename T>
+void masked_scale_flat(const T* g, const T* out, T* gin, int64_t n, acc_t<T> scale) {
+#if DTK_HAVE_F16C
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    if (cpu_f16c()) return masked_scale_f16c(g, out, gin, n, scale);
+  }
+#endif
+  masked_scale_k(g, out, gin, n, scale);
+}
 
 // Runs `flat(a, b, out, n)` over matching dense layouts, or `strided` element by
 // element through a TensorIterator for everything else.
@@ -93,7 +151,7 @@ at::Tensor residual_add(const at::Tensor& x, const at::Tensor& fx, double alpha,
     binary_map<scalar_t>(
         x, fx, out,
         [&](const scalar_t* px, const scalar_t* pf, scalar_t* po, int64_t n) {
-          add_act_k(px, pf, po, n, a, act);
+          add_act_flat(px, pf, po, n, a, act);
         },
         [&](scalar_t vx, scalar_t vf) {
           A v = A(vx) + a * A(vf);
@@ -113,7 +171,7 @@ at::Tensor residual_add_backward(const at::Tensor& grad_out, const at::Tensor& o
     binary_map<scalar_t>(
         grad_out, out, grad_in,
         [&](const scalar_t* pg, const scalar_t* po, scalar_t* pi, int64_t n) {
-          masked_scale_k(pg, po, pi, n, s);
+          masked_scale_flat(pg, po, pi, n, s);
         },
         [&](scalar_t g, scalar_t o) { return A(o) > A(0) ? scalar_t(s * A(g)) : scalar_t(0); });
   });

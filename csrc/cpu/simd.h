@@ -10,6 +10,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <atomic>
 #include <cstdint>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(DTK_NO_CLONES)
@@ -150,6 +151,38 @@ DTK_INLINE void stream_fence() { __builtin_ia32_sfence(); }
 template <typename T, typename V> DTK_INLINE void vstream(T* p, V v) { vstore(p, v); }
 DTK_INLINE void stream_fence() {}
 #endif
+
+// ---- float16 through F16C ---------------------------------------------------------------
+// GCC 12 converts c10::Half (and _Float16) one element at a time even in the x86-64-v3/v4
+// clones, and c10's bit tricks on eight lanes are slower still; F16C's vcvtph2ps and
+// vcvtps2ph convert eight at once. A function marked DTK_F16C may use them (with AVX2
+// and FMA), must be called only when cpu_f16c() is true, and has a name ending in _f16c,
+// which is what the build test's check for wide-vector code outside dispatched clones
+// allows.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(DTK_NO_CLONES)
+#define DTK_HAVE_F16C 1
+#define DTK_F16C __attribute__((target("avx2,fma,f16c")))
+#else
+#define DTK_HAVE_F16C 0
+#endif
+
+inline bool cpu_has_f16c() {
+#if DTK_HAVE_F16C
+  static const bool has =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Whether the F16C kernels run: the CPU has F16C, AVX2 and FMA, and no test has turned them
+// off (to compare them with the generic clones).
+inline std::atomic<bool>& f16c_flag() {
+  static std::atomic<bool> on{cpu_has_f16c()};
+  return on;
+}
+inline bool cpu_f16c() { return f16c_flag().load(std::memory_order_relaxed); }
 
 }  // namespace cpu
 }  // namespace dtkernels
