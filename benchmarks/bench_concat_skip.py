@@ -16,11 +16,12 @@ import dtkernels as dtk
 from dtkernels import reference as ref
 from dtkernels.testing import saved_tensor_bytes
 
-from common import Case, IMPLS, run_pytest_benchmark
+from common import Case, IMPLS, cuda_next, run_pytest_benchmark
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
 X, SKIP = (16, 64, 64, 64), (16, 64, 128, 128)  # the U-Net level
+CUDA_NEXT = {"DTK_CUDA_CONCAT": "next"}  # the opt-in CUDA forward
 
 
 def _numel(shape):
@@ -78,9 +79,11 @@ def _concat_skip_cases():
                     main = dtype == torch.float32 and mode == "nearest" and fmt is NCHW
                     moved = _bytes(dtype, bwd)
                     run = _fwd_bwd if bwd else _fwd
+                    # the opt-in CUDA forward, float32 forward only (the GPU check's time is short)
+                    nxt = cuda_next(CUDA_NEXT, run(_dtk, mode)) if dtype == torch.float32 and not bwd else {}
                     out.append(Case("concat_skip", f"{'fwd+bwd' if bwd else 'fwd'} {mode}", label + tag, dtype,
                                     _inputs(dtype, fmt, bwd, moved=moved), baseline=run(ref.concat_skip, mode),
-                                    candidate=run(_dtk, mode), extras={"clone": lambda i: i["yard"].clone()},
+                                    candidate=run(_dtk, mode), extras={"clone": lambda i: i["yard"].clone(), **nxt},
                                     bytes=moved, target=(1.25 if bwd else 1.3) if main else None,
                                     note="GPU target: >= 0.85 of the clone's bandwidth (H100)", devices=devices))
     # Tiny tensors: what one call costs besides its kernels (dispatch, autograd).

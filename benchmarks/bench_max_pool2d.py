@@ -9,16 +9,13 @@ The GPU cases are the issue's H100 ones: the ResNet stem (32x64x112x112 fp16,
 k3s2p1) and a large forward measured against a copy of the same number of bytes."""
 from __future__ import annotations
 
-import os
-from unittest import mock
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dtkernels as dtk
 
-from common import Case, IMPLS, run_pytest_benchmark
+from common import Case, IMPLS, cuda_next, run_pytest_benchmark
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
@@ -49,20 +46,9 @@ def _fwd_bwd(f, pool, indices=False):
     return run
 
 
-# The opt-in CUDA kernels (NCHW forward "vec", backward "rows"), timed beside the
-# default ones in the same run until a GPU run has shown which to keep.
+# The opt-in CUDA kernels: NCHW forward "vec" (and channels_last 32-bit splits), NCHW
+# backward "rows".
 CUDA_NEXT = {"DTK_CUDA_MAXPOOL_FWD": "vec", "DTK_CUDA_MAXPOOL_BWD": "rows"}
-
-
-def _with_env(env, fn):
-    def run(i):
-        with mock.patch.dict(os.environ, env):
-            return fn(i)
-    return run
-
-
-def _next(run_fn):
-    return {"dtk-cuda-next": _with_env(CUDA_NEXT, run_fn)} if "cuda" in dtk.available_backends() else {}
 
 
 def _nbytes(shape, dtype, pool):
@@ -101,7 +87,7 @@ def _cases():
     stem, f16 = (32, 64, 112, 112), torch.float16
     for name, grad, target in [("k3s2p1-fwd", False, None), ("k3s2p1-fwd+bwd", True, 2.0)]:
         run = _fwd_bwd if grad else _fwd
-        extras = _next(run(dtk.max_pool2d, K3))
+        extras = cuda_next(CUDA_NEXT, run(dtk.max_pool2d, K3))
         out.append(Case("max_pool2d", name, "32x64x112x112", f16, _inputs(stem, f16, NCHW, K3, grad=grad),
                         baseline=run(F.max_pool2d, K3), candidate=run(dtk.max_pool2d, K3), extras=extras,
                         bytes=_nbytes(stem, f16, K3), target=target, devices=("cuda",)))
@@ -112,7 +98,7 @@ def _cases():
                         _inputs(large, f16, fmt, K2, copy_bytes=nb),
                         baseline=_fwd(F.max_pool2d, K2), candidate=_fwd(dtk.max_pool2d, K2),
                         extras={"clone": lambda i: i["c"].clone(),
-                                **(_next(_fwd(dtk.max_pool2d, K2)) if fmt is NCHW else {})},
+                                **cuda_next(CUDA_NEXT, _fwd(dtk.max_pool2d, K2))},
                         bytes=nb, devices=("cuda",),
                         note="target: >= 0.85 of the copy bandwidth (clone of the same bytes)"))
     # A ResNet-sized map whose rows (28 outputs) are not a multiple of the vector length

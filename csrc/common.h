@@ -25,6 +25,10 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+C10_HOST_DEVICE inline bool aligned_to(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
 // Division by a runtime constant in a few instructions (a magic multiplier and a
 // shift, as ATen's IntDivider), for GPU index math that would otherwise cost more
 // than the bytes it moves. Exact for 0 <= n < 2^31 and 1 <= divisor < 2^31. Host

@@ -140,6 +140,70 @@ def test_strided_inputs(backend, case, mode):
     _check(x, skip, mode, s, g)
 
 
+def _emulation_inputs(dtype, device="cpu"):
+    """Packs of every kind: output rows of whole 16-byte packs and not, channels_last
+    packs inside x, across the x/skip boundary and inside skip; strided and
+    misaligned views (made on `device`)."""
+    g = torch.Generator().manual_seed(7)
+
+    def r(*shape, fmt=NCHW):
+        return torch.randn(*shape, generator=g).to(dtype=dtype, device=device).contiguous(memory_format=fmt)
+    for n, cx, cs, h, w in [(2, 3, 5, 3, 4), (1, 8, 8, 2, 8), (2, 13, 6, 3, 5), (1, 16, 3, 4, 12)]:
+        for fx, fs in [(NCHW, NCHW), (CL, CL), (CL, NCHW)]:
+            for mode, s in MODES:
+                yield r(n, cx, h, w, fmt=fx), r(n, cs, h * s, w * s, fmt=fs), mode, s
+    for mode, s in [(None, 1), ("nearest", 2), ("bilinear", 2)]:
+        yield r(2, 9, 3, 8)[:, 1:6], r(2, 7, 3 * s, 8 * s, fmt=CL)[:, 2:6], mode, s  # channel slices
+        yield r(2, 4, 8, 3).transpose(2, 3), r(2, 3, 8 * s, 3 * s).transpose(2, 3), mode, s
+        yield (r(2 * 4 * 3 * 8 + 1)[1:].view(2, 4, 3, 8), r(2 * 3 * 3 * s * 8 * s + 1)[1:].view(2, 3, 3 * s, 8 * s),
+               mode, s)  # misaligned
+
+
+@pytest.mark.skipif(INTERPRET, reason="host code; the Triton run needs not repeat it")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=["f32", "f16", "bf16", "f64"])
+@pytest.mark.parametrize("next_", [False, True], ids=["default", "next"])
+def test_cuda_forward_code_on_the_host(dtype, next_):
+    """The CUDA forward's per-thread code (csrc/concat_skip.h: pack walk, 16-byte
+    loads, and with next the pack-at-a-time upsampling of DTK_CUDA_CONCAT=next), run
+    on the host over every pack, gives the CPU kernel's bits."""
+    for k, (x, skip, mode, s) in enumerate(_emulation_inputs(dtype)):
+        want = torch.ops.dtkernels._concat_skip(x, skip, mode, s)
+        got = dtk._C._emulate_cuda_concat_skip(x, skip, mode, s, next_)
+        assert got.stride() == want.stride()
+        assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), \
+            f"input {k}: x {tuple(x.shape)} {x.stride()}, skip {tuple(skip.shape)} {skip.stride()}, {mode} x{s}"
+
+
+_NEEDS_CUDA_KERNELS = pytest.mark.skipif(not HAS_GPU or "cuda" not in dtk.available_backends(),
+                                         reason="needs a CUDA GPU and the CUDA kernels")
+
+
+@pytest.mark.cuda
+@_NEEDS_CUDA_KERNELS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+def test_cuda_next_matches_the_default(monkeypatch, dtype):
+    """DTK_CUDA_CONCAT=next (the opt-in forward) gives the default CUDA kernel's bits."""
+    _next_matches_default(monkeypatch, _emulation_inputs(dtype, "cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.sanitize
+@_NEEDS_CUDA_KERNELS
+def test_cuda_next_memcheck(monkeypatch):
+    """Every seventh input above, for compute-sanitizer."""
+    _next_matches_default(monkeypatch, list(_emulation_inputs(torch.float16, "cuda"))[::7])
+
+
+def _next_matches_default(monkeypatch, inputs):
+    for k, (x, skip, mode, s) in enumerate(inputs):
+        monkeypatch.delenv("DTK_CUDA_CONCAT", raising=False)
+        want = torch.ops.dtkernels._concat_skip(x, skip, mode, s)
+        monkeypatch.setenv("DTK_CUDA_CONCAT", "next")
+        got = torch.ops.dtkernels._concat_skip(x, skip, mode, s)
+        assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), f"input {k}"
+
+
 def test_scale_factor_is_ignored_without_upsample(backend):
     _, device = backend
     x, skip = _inputs(2, 3, 4, 5, 6, 1, device=device, grad=False)

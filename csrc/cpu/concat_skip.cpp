@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "../concat_skip.h"
 #include "simd.h"
 
 namespace dtkernels {
@@ -435,6 +436,27 @@ at::Tensor concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::st
 }
 
 }  // namespace
+at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
+                                    std::optional<c10::string_view> upsample, int64_t scale_factor, bool next) {
+  const Upsample mode = parse_upsample(upsample, "concat_skip");
+  check_concat_skip(x, skip, mode, scale_factor, "concat_skip");
+  at::Tensor out = new_concat_skip_output(x, skip);
+  if (out.numel() == 0) return out;
+  const int s = mode == Upsample::None ? 1 : static_cast<int>(scale_factor);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "emulate_cuda_concat_skip", [&] {
+    using T = scalar_t;
+    using A = at::opmath_type<T>;
+    for_concat_packs<Concat, T>(out, mode, [&](auto v, auto cl, const auto& f, const Walk& o) {
+      constexpr int V = decltype(v)::value;
+      constexpr bool CL = decltype(cl)::value;
+      T* po = out.mutable_data_ptr<T>();
+      for (int64_t q = 0; q < o.rows * o.per_row; ++q) concat_pack_item<T, V, CL>(po, o, f, q);
+    }, strided4<T>(x), strided4<T>(skip), x.size(1), x.size(2), x.size(3), s, static_cast<A>(1.0 / s),
+       FastDivmod(static_cast<uint32_t>(s)), next);
+  });
+  return out;
+}
+
 }  // namespace cpu
 }  // namespace dtkernels
 

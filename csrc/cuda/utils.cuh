@@ -38,9 +38,6 @@ inline unsigned grid_for(int64_t work, int threads, int blocks_per_sm = 4) {
   return static_cast<unsigned>(g < 1 ? 1 : g);
 }
 
-__host__ __device__ inline bool aligned_to(const void* p, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
 
 __device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
 __device__ __forceinline__ double relu(double v) { return v < 0.0 ? 0.0 : v; }

@@ -1,0 +1,322 @@
+// concat_skip's CUDA kernels, per thread: where a pack of the output lives (Walk) and
+// what goes in it (Concat for the forward, Adjoint for the upsample's adjoint).
+// Written C10_HOST_DEVICE so that the CPU build runs the very code the GPU runs
+// (cpu::emulate_cuda_concat_skip): the tests check it against the CPU kernel, bit for
+// bit, without a GPU. csrc/cuda/concat_skip.cu launches it.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common.h"
+
+namespace dtkernels {
+
+template <typename T>
+struct Strided4 {
+  const T* p;
+  int64_t s0, s1, s2, s3;
+  C10_HOST_DEVICE C10_ALWAYS_INLINE const T* at(int64_t n, int64_t c, int64_t h, int64_t w) const {
+    return p + n * s0 + c * s1 + h * s2 + w * s3;
+  }
+};
+
+template <typename T>
+Strided4<T> strided4(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// Where element (n, c, h, w) of a dense output walked as rows x cols of V-element
+// packs lives: NCHW rows are (n, c, h) and columns w; channels_last rows are pixels,
+// columns c. Both split a row index r the same way, n = r / outer, t = r / inner,
+// mid = t % mid, r - t * inner. Outputs under 2^31 elements (nearly all) use
+// FastDivmod: 64-bit divisions would cost more than the 16 bytes a pack moves.
+struct Walk {
+  int64_t rows, cols, c, h, w, per_row;
+  bool cl, small;
+  FastDivmod d_row, d_outer, d_inner, d_mid;
+
+  Walk(const at::Tensor& out, bool channels_last, int v)
+      : c(out.size(1)), h(out.size(2)), w(out.size(3)), cl(channels_last) {
+    const int64_t n = out.size(0);
+    rows = cl ? n * h * w : n * c * h;
+    cols = cl ? c : w;
+    per_row = cols / v;
+    small = out.numel() < (int64_t(1) << 31);
+    if (small) {
+      d_row = FastDivmod(static_cast<uint32_t>(per_row));
+      d_outer = FastDivmod(static_cast<uint32_t>(cl ? h * w : c * h));
+      d_inner = FastDivmod(static_cast<uint32_t>(cl ? w : h));
+      d_mid = FastDivmod(static_cast<uint32_t>(cl ? h : c));
+    }
+  }
+
+  // Pack q's row r and first column k, and the (n, c, h, w) of that element.
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void locate(int64_t q, int v, int64_t& r, int64_t& k, int64_t& n, int64_t& ch,
+                                         int64_t& hh, int64_t& ww) const {
+    int64_t mid, inner;
+    if (small) {
+      const uint32_t q32 = static_cast<uint32_t>(q), r32 = d_row.div(q32);
+      const uint32_t t = d_inner.div(r32);
+      r = r32;
+      k = static_cast<int64_t>(q32 - r32 * d_row.d) * v;
+      n = d_outer.div(r32);
+      mid = d_mid.mod(t);
+      inner = r32 - t * d_inner.d;
+    } else {
+      r = q / per_row;
+      const int64_t in = cl ? w : h, t = r / in;
+      k = (q - r * per_row) * v;
+      n = r / (cl ? h * w : c * h);
+      mid = t % (cl ? h : c);
+      inner = r - t * in;
+    }
+    if (cl) {
+      ch = k, hh = mid, ww = inner;
+    } else {
+      ch = mid, hh = inner, ww = k;
+    }
+  }
+};
+
+template <typename T, int V>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void load_pack(const T* src, int64_t stride, Pack<T, V>& o) {
+  if (stride == 1 && aligned_to(src, sizeof(Pack<T, V>))) {
+    o = *reinterpret_cast<const Pack<T, V>*>(src);
+  } else {
+DTK_UNROLL
+    for (int j = 0; j < V; ++j) o.v[j] = src[j * stride];
+  }
+}
+
+// The forward's elements: cat([up(x), skip], 1) at (n, c, h, w) of the output.
+template <typename T, int MODE>
+struct Concat {
+  Strided4<T> x, skip;
+  int64_t cx, hi, wi;
+  int s;
+  at::opmath_type<T> scale;
+  FastDivmod ds;  // nearest's source index h / s, per element
+  // Opt-in (DTK_CUDA_CONCAT=next) until a GPU run has measured it: the upsampled
+  // part a pack at a time (one load for a nearest NCHW pack at s = 2, row pointers
+  // and per-pack vertical weights for bilinear, four pack loads for a bilinear
+  // channels_last pack); same arithmetic, so the same bits.
+  bool next;
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T up(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
+    using A = at::opmath_type<T>;
+    if constexpr (MODE == 0) return *x.at(n, c, h, w);
+    if constexpr (MODE == 1) return *x.at(n, c, ds.div(static_cast<uint32_t>(h)), ds.div(static_cast<uint32_t>(w)));
+    int64_t h0, h1, w0, w1;
+    A hl0, hl1, wl0, wl1;
+    linear_source<A>(h, scale, hi, o.h, h0, h1, hl0, hl1);
+    linear_source<A>(w, scale, wi, o.w, w0, w1, wl0, wl1);
+    // ATen's generic CPU kernel: rows, then columns, each one fused multiply-add.
+    const A t0 = fma_op(static_cast<A>(*x.at(n, c, h0, w0)), wl0, static_cast<A>(*x.at(n, c, h0, w1)) * wl1);
+    const A t1 = fma_op(static_cast<A>(*x.at(n, c, h1, w0)), wl0, static_cast<A>(*x.at(n, c, h1, w1)) * wl1);
+    return static_cast<T>(fma_op(t0, hl0, t1 * hl1));
+  }
+
+  // V bilinear outputs: along w at one (n, c, h) for NCHW, along c at one pixel for
+  // channels_last; up()'s arithmetic, with what the V outputs share computed once.
+  template <int V, bool CL>
+  C10_HOST_DEVICE C10_ALWAYS_INLINE Pack<T, V> bilinear_pack(int64_t n, int64_t c, int64_t h, int64_t w,
+                                                             const Walk& o) const {
+    using A = at::opmath_type<T>;
+    int64_t h0, h1, w0, w1;
+    A hl0, hl1, wl0, wl1;
+    linear_source<A>(h, scale, hi, o.h, h0, h1, hl0, hl1);
+    Pack<T, V> p;
+    if constexpr (CL) {
+      linear_source<A>(w, scale, wi, o.w, w0, w1, wl0, wl1);
+      Pack<T, V> a, b, d, e;
+      load_pack<T, V>(x.at(n, c, h0, w0), x.s1, a);
+      load_pack<T, V>(x.at(n, c, h0, w1), x.s1, b);
+      load_pack<T, V>(x.at(n, c, h1, w0), x.s1, d);
+      load_pack<T, V>(x.at(n, c, h1, w1), x.s1, e);
+      DTK_UNROLL
+      for (int j = 0; j < V; ++j) {
+        const A t0 = fma_op(static_cast<A>(a.v[j]), wl0, static_cast<A>(b.v[j]) * wl1);
+        const A t1 = fma_op(static_cast<A>(d.v[j]), wl0, static_cast<A>(e.v[j]) * wl1);
+        p.v[j] = static_cast<T>(fma_op(t0, hl0, t1 * hl1));
+      }
+    } else {
+      const T* r0 = x.at(n, c, h0, 0);
+      const T* r1 = x.at(n, c, h1, 0);
+      DTK_UNROLL
+      for (int j = 0; j < V; ++j) {
+        linear_source<A>(w + j, scale, wi, o.w, w0, w1, wl0, wl1);
+        const A t0 = fma_op(static_cast<A>(r0[w0 * x.s3]), wl0, static_cast<A>(r0[w1 * x.s3]) * wl1);
+        const A t1 = fma_op(static_cast<A>(r1[w0 * x.s3]), wl0, static_cast<A>(r1[w1 * x.s3]) * wl1);
+        p.v[j] = static_cast<T>(fma_op(t0, hl0, t1 * hl1));
+      }
+    }
+    return p;
+  }
+
+  template <int V, bool CL>
+  C10_HOST_DEVICE C10_ALWAYS_INLINE Pack<T, V> pack(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
+    if (next && c < cx) {
+      if constexpr (!CL && MODE == 1 && V % 2 == 0) {
+        if (s == 2 && x.s3 == 1) {  // w is a multiple of V: source columns w/2 .. w/2 + V/2 - 1
+          Pack<T, V / 2> half;
+          load_pack<T, V / 2>(x.at(n, c, ds.div(static_cast<uint32_t>(h)), w / 2), 1, half);
+          Pack<T, V> p;
+          DTK_UNROLL
+          for (int j = 0; j < V; ++j) p.v[j] = half.v[j / 2];
+          return p;
+        }
+      }
+      if constexpr (MODE == 2) {
+        if (!CL || c + V <= cx) return bilinear_pack<V, CL>(n, c, h, w, o);
+      }
+    }
+    // The pack's single strided source, when it has one.
+    const T* src = nullptr;
+    int64_t st = 0;
+    if (c >= cx) {  // NCHW: the whole pack is one skip row segment; CL: from c on
+      src = skip.at(n, c - cx, h, w);
+      st = CL ? skip.s1 : skip.s3;
+    } else if (!CL && MODE == 0) {
+      src = x.at(n, c, h, w);
+      st = x.s3;
+    } else if (CL && MODE != 2 && c + V <= cx) {  // V channels of one x pixel
+      src = MODE == 1 ? x.at(n, c, ds.div(static_cast<uint32_t>(h)), ds.div(static_cast<uint32_t>(w)))
+                      : x.at(n, c, h, w);
+      st = x.s1;
+    }
+    Pack<T, V> p;
+    if (src != nullptr) {
+      load_pack<T, V>(src, st, p);
+    } else {
+DTK_UNROLL
+      for (int j = 0; j < V; ++j) {
+        const int64_t cj = CL ? c + j : c, wj = CL ? w : w + j;
+        p.v[j] = cj >= cx ? *skip.at(n, cj - cx, h, wj) : up(n, cj, h, wj, o);
+      }
+    }
+    return p;
+  }
+};
+
+// The backward's elements: x's gradient at (n, c, h, w) from the x-part g of the
+// output gradient.
+template <typename T, int MODE>
+struct Adjoint {
+  Strided4<T> g;
+  int64_t ho, wo;
+  int s;
+  at::opmath_type<T> scale;
+
+  // Whether output index o (in range or not) reads input index i through its first
+  // / second source index, and the two weights.
+  C10_HOST_DEVICE C10_ALWAYS_INLINE static void reads(int64_t o, int64_t i, int64_t n_in, int64_t n_out, at::opmath_type<T> scale,
+                                               bool& hit0, bool& hit1, at::opmath_type<T>& l0, at::opmath_type<T>& l1) {
+    int64_t i0 = -1, i1 = -1;
+    if (o >= 0 && o < n_out) linear_source<at::opmath_type<T>>(o, scale, n_in, n_out, i0, i1, l0, l1);
+    hit0 = i0 == i;
+    hit1 = i1 == i;
+  }
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T value(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
+    using A = at::opmath_type<T>;
+    if constexpr (MODE == 0) {
+      return *g.at(n, c, h, w);
+    } else if constexpr (MODE == 1) {  // the s x s block, row by row, from +0 (ATen's order)
+      A acc = A(0);
+      for (int dy = 0; dy < s; ++dy)
+        for (int dx = 0; dx < s; ++dx) acc += static_cast<A>(*g.at(n, c, h * s + dy, w * s + dx));
+      return static_cast<T>(acc);
+    } else {
+      // Output indices that can read input index i lie in [s*i - s, s*i + 2s). Order:
+      // output row, column, then corners 00, 01, 10, 11 (zero weights included, as ATen).
+      A acc = A(0), hl0, hl1, wl0, wl1;
+      bool a0, a1, b0, b1;
+      for (int64_t oh = h * s - s; oh < h * s + 2 * s; ++oh) {
+        reads(oh, h, o.h, ho, scale, a0, a1, hl0, hl1);
+        if (!a0 && !a1) continue;
+        for (int64_t ow = w * s - s; ow < w * s + 2 * s; ++ow) {
+          reads(ow, w, o.w, wo, scale, b0, b1, wl0, wl1);
+          if (!b0 && !b1) continue;
+          const A gv = static_cast<A>(*g.at(n, c, oh, ow));
+          if (a0 && b0) acc = fma_op(hl0 * wl0, gv, acc);
+          if (a0 && b1) acc = fma_op(hl0 * wl1, gv, acc);
+          if (a1 && b0) acc = fma_op(hl1 * wl0, gv, acc);
+          if (a1 && b1) acc = fma_op(hl1 * wl1, gv, acc);
+        }
+      }
+      return static_cast<T>(acc);
+    }
+  }
+
+  template <int V, bool CL>
+  C10_HOST_DEVICE C10_ALWAYS_INLINE Pack<T, V> pack(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
+    Pack<T, V> p;
+    if (CL && MODE == 1) {
+      // V channels of one pixel: each of the s*s gradient pixels is one pack load.
+      using A = at::opmath_type<T>;
+      A acc[V];
+DTK_UNROLL
+      for (int j = 0; j < V; ++j) acc[j] = A(0);
+      for (int dy = 0; dy < s; ++dy) {
+        for (int dx = 0; dx < s; ++dx) {
+          Pack<T, V> gp;
+          load_pack<T, V>(g.at(n, c, h * s + dy, w * s + dx), g.s1, gp);
+DTK_UNROLL
+          for (int j = 0; j < V; ++j) acc[j] += static_cast<A>(gp.v[j]);
+        }
+      }
+DTK_UNROLL
+      for (int j = 0; j < V; ++j) p.v[j] = static_cast<T>(acc[j]);
+    } else {
+DTK_UNROLL
+      for (int j = 0; j < V; ++j) p.v[j] = value(n, CL ? c + j : c, h, CL ? w : w + j, o);
+    }
+    return p;
+  }
+};
+
+// One thread item: pack q of the output.
+template <typename T, int V, bool CL, typename F>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void concat_pack_item(T* out, const Walk& o, const F& f, int64_t q) {
+  int64_t r, k0, n, c, h, w;
+  o.locate(q, V, r, k0, n, c, h, w);
+  reinterpret_cast<Pack<T, V>*>(out + r * o.cols)[k0 / V] = f.template pack<V, CL>(n, c, h, w, o);
+}
+
+// Calls run(V, CL, f, walk) (V and CL std::integral_constants) for functor
+// Op<T, MODE>{args...} over `out`: V = 16 bytes of T when rows are whole packs (the
+// output is always 16-byte aligned), else 1.
+template <template <typename, int> class Op, typename T, typename Run, typename... Args>
+void for_concat_packs(const at::Tensor& out, Upsample mode, Run run, Args... args) {
+  const bool cl = out.is_contiguous(at::MemoryFormat::ChannelsLast) && !out.is_contiguous();
+  auto go = [&](auto v, auto m) {
+    constexpr int V = decltype(v)::value, M = decltype(m)::value;
+    const Op<T, M> f{args...};
+    const Walk o(out, cl, V);
+    if (cl) run(v, std::true_type{}, f, o);
+    else run(v, std::false_type{}, f, o);
+  };
+  auto with_mode = [&](auto v) {
+    switch (mode) {
+      case Upsample::None: return go(v, std::integral_constant<int, 0>{});
+      case Upsample::Nearest: return go(v, std::integral_constant<int, 1>{});
+      default: return go(v, std::integral_constant<int, 2>{});
+    }
+  };
+  constexpr int kPack = 16 / sizeof(T);
+  if ((cl ? out.size(1) : out.size(3)) % kPack == 0) with_mode(std::integral_constant<int, kPack>{});
+  else with_mode(std::integral_constant<int, 1>{});
+}
+
+namespace cpu {
+// The CUDA forward (concat_pack_item over every pack) run on the host; `next` as
+// DTK_CUDA_CONCAT=next.
+at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
+                                    std::optional<c10::string_view> upsample, int64_t scale_factor, bool next);
+}  // namespace cpu
+
+}  // namespace dtkernels
