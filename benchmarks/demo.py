@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", default="", help="comma-separated op names (default: all)")
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("DTK_DEMO_ROUNDS", 11)))
     ap.add_argument("--quick", action="store_true", help="only the cases with a target (and GPU-only ones)")
+    ap.add_argument("--first", default="", help="comma-separated op names to run before the others (a time "
+                    "limit then cuts the least wanted)")
     ap.add_argument("--json")
     ap.add_argument("--md")
     args = ap.parse_args(argv)
@@ -72,6 +74,9 @@ def main(argv=None) -> int:
     cases = [c for c in load_cases() if device.type in c.devices]
     if args.ops:
         cases = [c for c in cases if c.op in args.ops.split(",")]
+    if args.first:
+        first = args.first.split(",")
+        cases.sort(key=lambda c: first.index(c.op) if c.op in first else len(first))  # stable: file order within
     if args.quick:  # the cases with a target, and those that exist only for the GPU check
         cases = [c for c in cases if c.target is not None or (device.type == "cuda" and c.devices == ("cuda",))]
     info = machine(device)
