@@ -82,15 +82,13 @@ def test_forward_backward(backend_dtype, case, shape, memory_format):
     assert_close(gi, _grad_ref(x, g, args, ceil_mode), dtype=dtype)
 
 
-def _aten_cases(n, seed):
+def _valid_cases(n, seed, draw):
+    """n argument sets (shape, k, s, p, d, ceil_mode) that F.max_pool2d accepts, each
+    drawn by draw(rng) -> (shape, k, s, p, d)."""
     rng = random.Random(seed)
     out = []
     while len(out) < n:
-        k = (rng.randint(1, 4), rng.randint(1, 4))
-        d = (rng.randint(1, 3), rng.randint(1, 3))
-        s = (rng.randint(1, 4), rng.randint(1, 4))
-        p = (rng.randint(0, k[0] // 2), rng.randint(0, k[1] // 2))
-        shape = (rng.randint(1, 2), rng.choice([1, 2, 3, 4, 33]), rng.randint(1, 12), rng.randint(1, 19))
+        shape, k, s, p, d = draw(rng)
         cm = rng.random() < 0.5
         try:
             F.max_pool2d(torch.zeros(shape), k, s, p, d, cm)
@@ -98,6 +96,17 @@ def _aten_cases(n, seed):
             continue
         out.append((shape, k, s, p, d, cm))
     return out
+
+
+def _aten_cases(n, seed):
+    def draw(rng):
+        k = (rng.randint(1, 4), rng.randint(1, 4))
+        d = (rng.randint(1, 3), rng.randint(1, 3))
+        s = (rng.randint(1, 4), rng.randint(1, 4))
+        p = (rng.randint(0, k[0] // 2), rng.randint(0, k[1] // 2))
+        shape = (rng.randint(1, 2), rng.choice([1, 2, 3, 4, 33]), rng.randint(1, 12), rng.randint(1, 19))
+        return shape, k, s, p, d
+    return _valid_cases(n, seed, draw)
 
 
 def _has_empty_window(shape, k, s, p, d, out_hw):
@@ -295,20 +304,12 @@ def _vec_forward_cases(n, seed):
     """Random row geometry around one of the vec forward's column shapes, rows of a
     whole number of 16-byte vectors for every dtype (W % 8 == 0), often with a last
     group of fewer than V outputs."""
-    rng = random.Random(seed)
-    out = []
-    while len(out) < n:
+    def draw(rng):
         kw, sw, pw = rng.choice(_VEC_COLUMNS)
         kh = rng.randint(1, 4)
-        k, s, p, d = (kh, kw), (rng.randint(1, 3), sw), (rng.randint(0, kh // 2), pw), (rng.randint(1, 2), 1)
         shape = (rng.randint(1, 2), rng.choice([1, 3, 5]), rng.randint(1, 13), 8 * rng.randint(1, 9))
-        cm = rng.random() < 0.5
-        try:
-            F.max_pool2d(torch.zeros(shape), k, s, p, d, cm)
-        except RuntimeError:
-            continue
-        out.append((shape, k, s, p, d, cm))
-    return out
+        return shape, (kh, kw), (rng.randint(1, 3), sw), (rng.randint(0, kh // 2), pw), (rng.randint(1, 2), 1)
+    return _valid_cases(n, seed, draw)
 
 
 _VEC_EXTRA = [((2, 3, 14, 112), 3, 2, 1, 1, False),  # the ResNet stem's rows
