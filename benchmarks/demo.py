@@ -49,13 +49,35 @@ def _figures_md(figures: dict[str, dict]) -> str:
     return "".join(f"- {g}: " + ", ".join(f"{k} {v}" for k, v in f.items()) + "\n" for g, f in figures.items())
 
 
+def _next_md(rows: list[dict]) -> str:
+    """Where a case times the opt-in CUDA kernels (dtk-cuda-next) beside the default
+    ones: the default's time over next's (> 1: next is faster), to decide which to keep."""
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by_case.setdefault((r["op"], r["case"], r["shape"], r["dtype"]), {})[r["impl"]] = r
+    lines = []
+    for (op, case, shape, dtype), impls in by_case.items():
+        if "dtk-cuda" in impls and "dtk-cuda-next" in impls:
+            a, b = impls["dtk-cuda"], impls["dtk-cuda-next"]
+            bw = f", of clone BW {a['frac_of_clone_bw']} -> {b['frac_of_clone_bw']}" if b.get("frac_of_clone_bw") else ""
+            lines.append(f"| {op} {case} {shape} {dtype} | {a['median_ms']:.3f} | {b['median_ms']:.3f} | "
+                         f"{a['median_ms'] / b['median_ms']:.2f} | x torch {a['speedup_vs_torch']} -> "
+                         f"{b['speedup_vs_torch']}{bw} |")
+    if not lines:
+        return ""
+    return ("\n## Opt-in CUDA kernels (dtk-cuda-next) against the default ones\n\n"
+            "| case | dtk-cuda ms | dtk-cuda-next ms | default / next | |\n|---|---|---|---|---|\n"
+            + "\n".join(lines) + "\n")
+
+
 def write(args, info: dict, device: torch.device, rows: list[dict], figures: dict) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "rows": rows, "figures": figures}, indent=1))
     if args.md:
         head = "\n".join(f"- {k}: {v}" for k, v in info.items())
         more = f"\n{_figures_md(figures)}" if figures else ""
-        Path(args.md).write_text(f"# dtkernels benchmark ({device.type})\n\n{head}\n\n{markdown(rows)}\n{more}")
+        Path(args.md).write_text(f"# dtkernels benchmark ({device.type})\n\n{head}\n\n{markdown(rows)}\n{more}"
+                                 + _next_md(rows))
 
 
 def main(argv=None) -> int:
