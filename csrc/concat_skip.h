@@ -87,7 +87,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void load_pack(const T* src, int64_t stride, P
   if (stride == 1 && aligned_to(src, sizeof(Pack<T, V>))) {
     o = *reinterpret_cast<const Pack<T, V>*>(src);
   } else {
-DTK_UNROLL
+    DTK_UNROLL
     for (int j = 0; j < V; ++j) o.v[j] = src[j * stride];
   }
 }
@@ -192,7 +192,7 @@ struct Concat {
     if (src != nullptr) {
       load_pack<T, V>(src, st, p);
     } else {
-DTK_UNROLL
+      DTK_UNROLL
       for (int j = 0; j < V; ++j) {
         const int64_t cj = CL ? c + j : c, wj = CL ? w : w + j;
         p.v[j] = cj >= cx ? *skip.at(n, cj - cx, h, wj) : up(n, cj, h, wj, o);
@@ -210,19 +210,20 @@ struct Adjoint {
   int64_t ho, wo;
   int s;
   at::opmath_type<T> scale;
+  bool next;  // DTK_CUDA_CONCAT=next: a nearest NCHW pack at s = 2 from row packs
 
   // Whether output index o (in range or not) reads input index i through its first
   // / second source index, and the two weights.
-  C10_HOST_DEVICE C10_ALWAYS_INLINE static void reads(int64_t o, int64_t i, int64_t n_in, int64_t n_out, at::opmath_type<T> scale,
-                                               bool& hit0, bool& hit1, at::opmath_type<T>& l0, at::opmath_type<T>& l1) {
+  using A = at::opmath_type<T>;
+  C10_HOST_DEVICE C10_ALWAYS_INLINE static void reads(int64_t o, int64_t i, int64_t n_in, int64_t n_out, A scale,
+                                                      bool& hit0, bool& hit1, A& l0, A& l1) {
     int64_t i0 = -1, i1 = -1;
-    if (o >= 0 && o < n_out) linear_source<at::opmath_type<T>>(o, scale, n_in, n_out, i0, i1, l0, l1);
+    if (o >= 0 && o < n_out) linear_source<A>(o, scale, n_in, n_out, i0, i1, l0, l1);
     hit0 = i0 == i;
     hit1 = i1 == i;
   }
 
   C10_HOST_DEVICE C10_ALWAYS_INLINE T value(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
-    using A = at::opmath_type<T>;
     if constexpr (MODE == 0) {
       return *g.at(n, c, h, w);
     } else if constexpr (MODE == 1) {  // the s x s block, row by row, from +0 (ATen's order)
@@ -255,24 +256,46 @@ struct Adjoint {
   template <int V, bool CL>
   C10_HOST_DEVICE C10_ALWAYS_INLINE Pack<T, V> pack(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
     Pack<T, V> p;
+    if constexpr (!CL && MODE == 1) {
+      if (next && s == 2 && g.s3 == 1) {
+        // V columns w.. of x's gradient: two gradient rows, 2V columns each (two packs
+        // a row); per element the order of value(): row by row, from +0.
+        A acc[V];
+        DTK_UNROLL
+        for (int j = 0; j < V; ++j) acc[j] = A(0);
+        for (int dy = 0; dy < 2; ++dy) {
+          const T* row = g.at(n, c, h * 2 + dy, w * 2);
+          Pack<T, V> lo, hi;
+          load_pack<T, V>(row, 1, lo);
+          load_pack<T, V>(row + V, 1, hi);
+          DTK_UNROLL
+          for (int j = 0; j < V; ++j) {
+            acc[j] += static_cast<A>(2 * j < V ? lo.v[2 * j] : hi.v[2 * j - V]);
+            acc[j] += static_cast<A>(2 * j + 1 < V ? lo.v[2 * j + 1] : hi.v[2 * j + 1 - V]);
+          }
+        }
+        DTK_UNROLL
+        for (int j = 0; j < V; ++j) p.v[j] = static_cast<T>(acc[j]);
+        return p;
+      }
+    }
     if (CL && MODE == 1) {
       // V channels of one pixel: each of the s*s gradient pixels is one pack load.
-      using A = at::opmath_type<T>;
       A acc[V];
-DTK_UNROLL
+      DTK_UNROLL
       for (int j = 0; j < V; ++j) acc[j] = A(0);
       for (int dy = 0; dy < s; ++dy) {
         for (int dx = 0; dx < s; ++dx) {
           Pack<T, V> gp;
           load_pack<T, V>(g.at(n, c, h * s + dy, w * s + dx), g.s1, gp);
-DTK_UNROLL
+          DTK_UNROLL
           for (int j = 0; j < V; ++j) acc[j] += static_cast<A>(gp.v[j]);
         }
       }
-DTK_UNROLL
+      DTK_UNROLL
       for (int j = 0; j < V; ++j) p.v[j] = static_cast<T>(acc[j]);
     } else {
-DTK_UNROLL
+      DTK_UNROLL
       for (int j = 0; j < V; ++j) p.v[j] = value(n, CL ? c + j : c, h, CL ? w : w + j, o);
     }
     return p;
@@ -313,10 +336,12 @@ void for_concat_packs(const at::Tensor& out, Upsample mode, Run run, Args... arg
 }
 
 namespace cpu {
-// The CUDA forward (concat_pack_item over every pack) run on the host; `next` as
+// The CUDA kernels (concat_pack_item over every pack) run on the host; `next` as
 // DTK_CUDA_CONCAT=next.
 at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
                                     std::optional<c10::string_view> upsample, int64_t scale_factor, bool next);
+at::Tensor emulate_cuda_concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::string_view> upsample,
+                                             int64_t scale_factor, bool next);
 }  // namespace cpu
 
 }  // namespace dtkernels

@@ -141,6 +141,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Test aid: the opt-in CUDA NCHW max_pool2d forward's per-thread code, run on the host.");
   m.def("_emulate_cuda_concat_skip", &dtkernels::cpu::emulate_cuda_concat_skip,
         "Test aid: the CUDA concat_skip forward's per-thread code (next: DTK_CUDA_CONCAT=next), run on the host.");
+  m.def("_emulate_cuda_concat_skip_backward", &dtkernels::cpu::emulate_cuda_concat_skip_backward,
+        "Test aid: the CUDA concat_skip backward's per-thread code (next: DTK_CUDA_CONCAT=next), run on the host.");
   m.def("_emulate_cuda_max_pool2d_backward", &dtkernels::cpu::emulate_cuda_backward_rows,
         "Test aid: the CUDA NCHW max_pool2d backward's per-thread code, run on the host.");
   m.def("_set_cpu_f16c", [](bool on) {

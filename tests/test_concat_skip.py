@@ -175,6 +175,37 @@ def test_cuda_forward_code_on_the_host(dtype, next_):
             f"input {k}: x {tuple(x.shape)} {x.stride()}, skip {tuple(skip.shape)} {skip.stride()}, {mode} x{s}"
 
 
+def _emulation_grads(dtype, device="cpu"):
+    """Gradients of up(x) for the adjoint: both formats, packed and odd widths, a
+    transposed and a misaligned view."""
+    g = torch.Generator().manual_seed(8)
+
+    def r(*shape, fmt=NCHW):
+        return torch.randn(*shape, generator=g).to(dtype=dtype, device=device).contiguous(memory_format=fmt)
+    for n, c, h, w in [(2, 3, 3, 4), (1, 8, 2, 8), (2, 13, 3, 5), (1, 16, 4, 12)]:
+        for fmt in (NCHW, CL):
+            for mode, s in MODES:
+                yield r(n, c, h * s, w * s, fmt=fmt), mode, s
+    for mode, s in [("nearest", 2), ("bilinear", 2), ("nearest", 3)]:
+        yield r(2, 3, 8 * s, 3 * s).transpose(2, 3), mode, s
+        yield r(2 * 3 * 3 * s * 8 * s + 1)[1:].view(2, 3, 3 * s, 8 * s), mode, s
+
+
+@pytest.mark.skipif(INTERPRET, reason="host code; the Triton run needs not repeat it")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=["f32", "f16", "bf16", "f64"])
+@pytest.mark.parametrize("next_", [False, True], ids=["default", "next"])
+def test_cuda_backward_code_on_the_host(dtype, next_):
+    """The CUDA adjoint's per-thread code, run on the host over every pack, gives the
+    CPU kernel's bits (with next: nearest NCHW packs at s = 2 from row packs)."""
+    for k, (g, mode, s) in enumerate(_emulation_grads(dtype)):
+        want = torch.ops.dtkernels._concat_skip_backward(g, mode, s)
+        got = dtk._C._emulate_cuda_concat_skip_backward(g, mode, s, next_)
+        assert got.stride() == want.stride()
+        assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), \
+            f"input {k}: {tuple(g.shape)} {g.stride()}, {mode} x{s}"
+
+
 _NEEDS_CUDA_KERNELS = pytest.mark.skipif(not HAS_GPU or "cuda" not in dtk.available_backends(),
                                          reason="needs a CUDA GPU and the CUDA kernels")
 
@@ -183,25 +214,32 @@ _NEEDS_CUDA_KERNELS = pytest.mark.skipif(not HAS_GPU or "cuda" not in dtk.availa
 @_NEEDS_CUDA_KERNELS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
 def test_cuda_next_matches_the_default(monkeypatch, dtype):
-    """DTK_CUDA_CONCAT=next (the opt-in forward) gives the default CUDA kernel's bits."""
-    _next_matches_default(monkeypatch, _emulation_inputs(dtype, "cuda"))
+    """DTK_CUDA_CONCAT=next (the opt-in kernels) gives the default CUDA kernels' bits,
+    forward and backward."""
+    _next_matches_default(monkeypatch, _cuda_calls(dtype))
 
 
 @pytest.mark.cuda
 @pytest.mark.sanitize
 @_NEEDS_CUDA_KERNELS
 def test_cuda_next_memcheck(monkeypatch):
-    """Every seventh input above, for compute-sanitizer."""
-    _next_matches_default(monkeypatch, list(_emulation_inputs(torch.float16, "cuda"))[::7])
+    """Every seventh call above, for compute-sanitizer."""
+    _next_matches_default(monkeypatch, _cuda_calls(torch.float16)[::7])
 
 
-def _next_matches_default(monkeypatch, inputs):
-    for k, (x, skip, mode, s) in enumerate(inputs):
+def _next_matches_default(monkeypatch, calls):
+    """Each (op, args) call gives the same bits with DTK_CUDA_CONCAT=next as without."""
+    for k, (op, args) in enumerate(calls):
         monkeypatch.delenv("DTK_CUDA_CONCAT", raising=False)
-        want = torch.ops.dtkernels._concat_skip(x, skip, mode, s)
+        want = op(*args)
         monkeypatch.setenv("DTK_CUDA_CONCAT", "next")
-        got = torch.ops.dtkernels._concat_skip(x, skip, mode, s)
-        assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), f"input {k}"
+        got = op(*args)
+        assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), f"call {k}"
+
+
+def _cuda_calls(dtype):
+    fwd = [(torch.ops.dtkernels._concat_skip, a) for a in _emulation_inputs(dtype, "cuda")]
+    return fwd + [(torch.ops.dtkernels._concat_skip_backward, a) for a in _emulation_grads(dtype, "cuda")]
 
 
 def test_scale_factor_is_ignored_without_upsample(backend):

@@ -436,6 +436,16 @@ at::Tensor concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::st
 }
 
 }  // namespace
+// What the CUDA launch does with a functor, one pack after another.
+template <typename T>
+auto every_pack(at::Tensor& out) {
+  return [&out](auto v, auto cl, const auto& f, const Walk& o) {
+    T* po = out.mutable_data_ptr<T>();
+    for (int64_t q = 0; q < o.rows * o.per_row; ++q)
+      concat_pack_item<T, decltype(v)::value, decltype(cl)::value>(po, o, f, q);
+  };
+}
+
 at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
                                     std::optional<c10::string_view> upsample, int64_t scale_factor, bool next) {
   const Upsample mode = parse_upsample(upsample, "concat_skip");
@@ -446,15 +456,26 @@ at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "emulate_cuda_concat_skip", [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;
-    for_concat_packs<Concat, T>(out, mode, [&](auto v, auto cl, const auto& f, const Walk& o) {
-      constexpr int V = decltype(v)::value;
-      constexpr bool CL = decltype(cl)::value;
-      T* po = out.mutable_data_ptr<T>();
-      for (int64_t q = 0; q < o.rows * o.per_row; ++q) concat_pack_item<T, V, CL>(po, o, f, q);
-    }, strided4<T>(x), strided4<T>(skip), x.size(1), x.size(2), x.size(3), s, static_cast<A>(1.0 / s),
-       FastDivmod(static_cast<uint32_t>(s)), next);
+    for_concat_packs<Concat, T>(out, mode, every_pack<T>(out), strided4<T>(x), strided4<T>(skip), x.size(1),
+                                x.size(2), x.size(3), s, static_cast<A>(1.0 / s), FastDivmod(static_cast<uint32_t>(s)),
+                                next);
   });
   return out;
+}
+
+at::Tensor emulate_cuda_concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::string_view> upsample,
+                                             int64_t scale_factor, bool next) {
+  const Upsample mode = parse_upsample(upsample, "concat_skip_backward");
+  at::Tensor gx = new_upsample_grad(grad_up, mode, scale_factor, "concat_skip_backward");
+  if (gx.numel() == 0) return gx;
+  const int s = mode == Upsample::None ? 1 : static_cast<int>(scale_factor);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_up.scalar_type(), "emulate_cuda_concat_skip_backward",
+                                  [&] {
+    using T = scalar_t;
+    for_concat_packs<Adjoint, T>(gx, mode, every_pack<T>(gx), strided4<T>(grad_up), grad_up.size(2), grad_up.size(3),
+                                 s, static_cast<at::opmath_type<T>>(1.0 / s), next);
+  });
+  return gx;
 }
 
 }  // namespace cpu

@@ -83,10 +83,11 @@ at::Tensor concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::st
   at::Tensor gx = new_upsample_grad(grad_up, mode, scale_factor, "concat_skip_backward");
   if (gx.numel() == 0) return gx;
   const int s = mode == Upsample::None ? 1 : static_cast<int>(scale_factor);
+  const bool next = next_requested();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_up.scalar_type(), "concat_skip_backward_cuda", [&] {
     using A = acc_t<scalar_t>;
-    launch<Adjoint, scalar_t>(gx, mode, 4, strided4<scalar_t>(grad_up), grad_up.size(2), grad_up.size(3), s,
-                              static_cast<A>(1.0 / s));
+    launch<Adjoint, scalar_t>(gx, mode, next ? 8 : 4, strided4<scalar_t>(grad_up), grad_up.size(2), grad_up.size(3),
+                              s, static_cast<A>(1.0 / s), next);
   });
   return gx;
 }
