@@ -564,12 +564,14 @@ bool windows_overlap(const Pool2d& g) {
 template <typename T, typename O>
 void scatter_planes(const Pool2d& g, int64_t B, const T* go, const O* off, T* gi, int64_t p0, int64_t p1) {
   using A = acc_t<T>;
+  constexpr bool in_place = std::is_same_v<A, T>;  // float and double accumulate in the output itself
   const int64_t in_plane = g.H * g.W * B, out_plane = g.Ho * g.Wo * B, taps = g.taps();
-  std::vector<A> acc(in_plane);
+  std::vector<A> tmp(in_place ? 0 : in_plane);
   std::vector<int64_t> di(taps), dj(taps);  // tap -> row and column from the window's origin
   for (int64_t t = 0; t < taps; ++t) di[t] = (t / g.kw) * g.dh, dj[t] = (t % g.kw) * g.dw;
   for (int64_t plane = p0; plane < p1; ++plane) {
-    std::fill(acc.begin(), acc.end(), A(0));
+    A* acc = in_place ? reinterpret_cast<A*>(gi + plane * in_plane) : tmp.data();
+    std::fill(acc, acc + in_plane, A(0));
     const T* gp = go + plane * out_plane;
     const O* op = off + plane * out_plane;
     for (int64_t oh = 0, q = 0; oh < g.Ho; ++oh) {
@@ -584,8 +586,10 @@ void scatter_planes(const Pool2d& g, int64_t B, const T* go, const O* off, T* gi
         }
       }
     }
-    T* dst = gi + plane * in_plane;
-    for (int64_t e = 0; e < in_plane; ++e) dst[e] = static_cast<T>(acc[e]);
+    if constexpr (!in_place) {
+      T* dst = gi + plane * in_plane;
+      for (int64_t e = 0; e < in_plane; ++e) dst[e] = static_cast<T>(acc[e]);
+    }
   }
 }
 
