@@ -41,15 +41,16 @@ bool next_requested() {
   return v != nullptr && std::string(v) == "next";
 }
 
-// Launches pack_kernel over `out` with functor Op<T, MODE>{args...}. `blocks_per_sm`:
-// how many 256-thread blocks per SM the grid-stride loop starts with.
+// Launches pack_kernel over `out` with functor Op<T, MODE>{args...}: 4 blocks of 256
+// threads per SM, or with `full` as many as fit (resident_grid).
 template <template <typename, int> class Op, typename T, typename... Args>
-void launch(at::Tensor& out, Upsample mode, int blocks_per_sm, Args... args) {
+void launch(at::Tensor& out, Upsample mode, bool full, Args... args) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   for_concat_packs<Op, T>(out, mode, [&](auto v, auto cl, const auto& f, const Walk& o) {
-    using F = std::decay_t<decltype(f)>;
-    pack_kernel<T, decltype(v)::value, decltype(cl)::value, F>
-        <<<grid_for(o.rows * o.per_row, kThreads, blocks_per_sm), kThreads, 0, stream>>>(out.mutable_data_ptr<T>(), o, f);
+    const auto kernel = pack_kernel<T, decltype(v)::value, decltype(cl)::value, std::decay_t<decltype(f)>>;
+    const int64_t packs = o.rows * o.per_row;
+    const unsigned grid = full ? resident_grid(kernel, packs, kThreads) : grid_for(packs, kThreads);
+    kernel<<<grid, kThreads, 0, stream>>>(out.mutable_data_ptr<T>(), o, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }, args...);
 }
@@ -64,12 +65,12 @@ at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, std::optiona
   TORCH_CHECK(out.size(2) < (int64_t(1) << 31) && out.size(3) < (int64_t(1) << 31),
               "concat_skip: H and W must each be below 2^31 on CUDA, got ", out.sizes());
   const int s = mode == Upsample::None ? 1 : static_cast<int>(scale_factor);
-  // next: also a full SM of threads (8 blocks of 256; these kernels fit in 32 to 48
-  // registers), twice the bytes in flight of the default 4
+  // next: also as many blocks as fit (up to 8 of 256 threads per SM, twice the bytes
+  // in flight of the default 4)
   const bool next = next_requested();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_skip_cuda", [&] {
     using A = acc_t<scalar_t>;
-    launch<Concat, scalar_t>(out, mode, next ? 8 : 4, strided4<scalar_t>(x), strided4<scalar_t>(skip), x.size(1),
+    launch<Concat, scalar_t>(out, mode, next, strided4<scalar_t>(x), strided4<scalar_t>(skip), x.size(1),
                              x.size(2), x.size(3), s, static_cast<A>(1.0 / s), FastDivmod(static_cast<uint32_t>(s)),
                              next);
   });
@@ -86,7 +87,7 @@ at::Tensor concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::st
   const bool next = next_requested();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_up.scalar_type(), "concat_skip_backward_cuda", [&] {
     using A = acc_t<scalar_t>;
-    launch<Adjoint, scalar_t>(gx, mode, next ? 8 : 4, strided4<scalar_t>(grad_up), grad_up.size(2), grad_up.size(3),
+    launch<Adjoint, scalar_t>(gx, mode, next, strided4<scalar_t>(grad_up), grad_up.size(2), grad_up.size(3),
                               s, static_cast<A>(1.0 / s), next);
   });
   return gx;

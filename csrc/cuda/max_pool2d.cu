@@ -198,7 +198,8 @@ bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& 
     const int64_t groups = (g.Wo + V - 1) / V, n = planes * g.Ho * groups;
     if (n >= (int64_t(1) << 31)) return false;
     const bool packed = g.Wo % V == 0 && aligned_to(out, sizeof(Pack<T, V>)) && (off == nullptr || aligned_to(off, V));
-    max_pool2d_vec_kernel<T, K, S, PAD><<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(
+    const auto kernel = max_pool2d_vec_kernel<T, K, S, PAD>;
+    kernel<<<resident_grid(kernel, n, kThreads), kThreads, 0, stream>>>(
         x, out, idx, static_cast<int8_t*>(off), g, FastDivmod(static_cast<uint32_t>(groups)),
         FastDivmod(static_cast<uint32_t>(g.Ho)), static_cast<uint32_t>(n), packed);
     return true;
@@ -358,7 +359,8 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
       if (!channels_last && env_is("DTK_CUDA_MAXPOOL_BWD", "rows") && rows * groups < (int64_t(1) << 31)) {
         const int64_t n = rows * groups;
         const bool vec = (g.W * sizeof(T)) % 16 == 0 && aligned_to(ip, 16);
-        max_pool2d_backward_rows_kernel<T, O, V><<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(
+        const auto kernel = max_pool2d_backward_rows_kernel<T, O, V>;
+        kernel<<<resident_grid(kernel, n, kThreads), kThreads, 0, stream>>>(
             gp, op, ip, g, FastDivmod(static_cast<uint32_t>(groups)), FastDivmod(static_cast<uint32_t>(g.H)),
             static_cast<uint32_t>(n), vec);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
