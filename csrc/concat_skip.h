@@ -100,16 +100,19 @@ struct Concat {
   int s;
   at::opmath_type<T> scale;
   FastDivmod ds;  // nearest's source index h / s, per element
-  // Opt-in (DTK_CUDA_CONCAT=next) until a GPU run has measured it: the upsampled
+  // MODE: the upsample (0 none, 1 nearest, 2 bilinear), plus 3 for the opt-in
+  // kernels (DTK_CUDA_CONCAT=next) until a GPU run has measured them: the upsampled
   // part a pack at a time (one load for a nearest NCHW pack at s = 2, row pointers
   // and per-pack vertical weights for bilinear, four pack loads for a bilinear
-  // channels_last pack); same arithmetic, so the same bits.
-  bool next;
+  // channels_last pack); same arithmetic, so the same bits. Separate instances, so
+  // the default kernels' registers stay as they were.
+  static constexpr int M = MODE % 3;
+  static constexpr bool next = MODE >= 3;
 
   C10_HOST_DEVICE C10_ALWAYS_INLINE T up(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
     using A = at::opmath_type<T>;
-    if constexpr (MODE == 0) return *x.at(n, c, h, w);
-    if constexpr (MODE == 1) return *x.at(n, c, ds.div(static_cast<uint32_t>(h)), ds.div(static_cast<uint32_t>(w)));
+    if constexpr (M == 0) return *x.at(n, c, h, w);
+    if constexpr (M == 1) return *x.at(n, c, ds.div(static_cast<uint32_t>(h)), ds.div(static_cast<uint32_t>(w)));
     int64_t h0, h1, w0, w1;
     A hl0, hl1, wl0, wl1;
     linear_source<A>(h, scale, hi, o.h, h0, h1, hl0, hl1);
@@ -160,7 +163,7 @@ struct Concat {
   template <int V, bool CL>
   C10_HOST_DEVICE C10_ALWAYS_INLINE Pack<T, V> pack(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
     if (next && c < cx) {
-      if constexpr (!CL && MODE == 1 && V % 2 == 0) {
+      if constexpr (!CL && M == 1 && V % 2 == 0) {
         if (s == 2 && x.s3 == 1) {  // w is a multiple of V: source columns w/2 .. w/2 + V/2 - 1
           Pack<T, V / 2> half;
           load_pack<T, V / 2>(x.at(n, c, ds.div(static_cast<uint32_t>(h)), w / 2), 1, half);
@@ -170,7 +173,7 @@ struct Concat {
           return p;
         }
       }
-      if constexpr (MODE == 2) {
+      if constexpr (M == 2) {
         if (!CL || c + V <= cx) return bilinear_pack<V, CL>(n, c, h, w, o);
       }
     }
@@ -180,11 +183,11 @@ struct Concat {
     if (c >= cx) {  // NCHW: the whole pack is one skip row segment; CL: from c on
       src = skip.at(n, c - cx, h, w);
       st = CL ? skip.s1 : skip.s3;
-    } else if (!CL && MODE == 0) {
+    } else if (!CL && M == 0) {
       src = x.at(n, c, h, w);
       st = x.s3;
-    } else if (CL && MODE != 2 && c + V <= cx) {  // V channels of one x pixel
-      src = MODE == 1 ? x.at(n, c, ds.div(static_cast<uint32_t>(h)), ds.div(static_cast<uint32_t>(w)))
+    } else if (CL && M != 2 && c + V <= cx) {  // V channels of one x pixel
+      src = M == 1 ? x.at(n, c, ds.div(static_cast<uint32_t>(h)), ds.div(static_cast<uint32_t>(w)))
                       : x.at(n, c, h, w);
       st = x.s1;
     }
@@ -210,7 +213,9 @@ struct Adjoint {
   int64_t ho, wo;
   int s;
   at::opmath_type<T> scale;
-  bool next;  // DTK_CUDA_CONCAT=next: a nearest NCHW pack at s = 2 from row packs
+  // MODE as Concat's; next: a nearest NCHW pack at s = 2 from row packs
+  static constexpr int M = MODE % 3;
+  static constexpr bool next = MODE >= 3;
 
   // Whether output index o (in range or not) reads input index i through its first
   // / second source index, and the two weights.
@@ -224,9 +229,9 @@ struct Adjoint {
   }
 
   C10_HOST_DEVICE C10_ALWAYS_INLINE T value(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
-    if constexpr (MODE == 0) {
+    if constexpr (M == 0) {
       return *g.at(n, c, h, w);
-    } else if constexpr (MODE == 1) {  // the s x s block, row by row, from +0 (ATen's order)
+    } else if constexpr (M == 1) {  // the s x s block, row by row, from +0 (ATen's order)
       A acc = A(0);
       for (int dy = 0; dy < s; ++dy)
         for (int dx = 0; dx < s; ++dx) acc += static_cast<A>(*g.at(n, c, h * s + dy, w * s + dx));
@@ -256,7 +261,7 @@ struct Adjoint {
   template <int V, bool CL>
   C10_HOST_DEVICE C10_ALWAYS_INLINE Pack<T, V> pack(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
     Pack<T, V> p;
-    if constexpr (!CL && MODE == 1) {
+    if constexpr (!CL && M == 1) {
       if (next && s == 2 && g.s3 == 1) {
         // V columns w.. of x's gradient: two gradient rows, 2V columns each (two packs
         // a row); per element the order of value(): row by row, from +0.
@@ -279,7 +284,7 @@ struct Adjoint {
         return p;
       }
     }
-    if (CL && MODE == 1) {
+    if (CL && M == 1) {
       // V channels of one pixel: each of the s*s gradient pixels is one pack load.
       A acc[V];
       DTK_UNROLL
@@ -312,9 +317,9 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void concat_pack_item(T* out, const Walk& o, c
 
 // Calls run(V, CL, f, walk) (V and CL std::integral_constants) for functor
 // Op<T, MODE>{args...} over `out`: V = 16 bytes of T when rows are whole packs (the
-// output is always 16-byte aligned), else 1.
+// output is always 16-byte aligned), else 1; MODE the upsample, plus 3 with `next`.
 template <template <typename, int> class Op, typename T, typename Run, typename... Args>
-void for_concat_packs(const at::Tensor& out, Upsample mode, Run run, Args... args) {
+void for_concat_packs(const at::Tensor& out, Upsample mode, bool next, Run run, Args... args) {
   const bool cl = out.is_contiguous(at::MemoryFormat::ChannelsLast) && !out.is_contiguous();
   auto go = [&](auto v, auto m) {
     constexpr int V = decltype(v)::value, M = decltype(m)::value;
@@ -326,8 +331,10 @@ void for_concat_packs(const at::Tensor& out, Upsample mode, Run run, Args... arg
   auto with_mode = [&](auto v) {
     switch (mode) {
       case Upsample::None: return go(v, std::integral_constant<int, 0>{});
-      case Upsample::Nearest: return go(v, std::integral_constant<int, 1>{});
-      default: return go(v, std::integral_constant<int, 2>{});
+      case Upsample::Nearest:
+        return next ? go(v, std::integral_constant<int, 4>{}) : go(v, std::integral_constant<int, 1>{});
+      default:
+        return next ? go(v, std::integral_constant<int, 5>{}) : go(v, std::integral_constant<int, 2>{});
     }
   };
   constexpr int kPack = 16 / sizeof(T);

@@ -456,9 +456,8 @@ at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "emulate_cuda_concat_skip", [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;
-    for_concat_packs<Concat, T>(out, mode, every_pack<T>(out), strided4<T>(x), strided4<T>(skip), x.size(1),
-                                x.size(2), x.size(3), s, static_cast<A>(1.0 / s), FastDivmod(static_cast<uint32_t>(s)),
-                                next);
+    for_concat_packs<Concat, T>(out, mode, next, every_pack<T>(out), strided4<T>(x), strided4<T>(skip), x.size(1),
+                                x.size(2), x.size(3), s, static_cast<A>(1.0 / s), FastDivmod(static_cast<uint32_t>(s)));
   });
   return out;
 }
@@ -472,8 +471,8 @@ at::Tensor emulate_cuda_concat_skip_backward(const at::Tensor& grad_up, std::opt
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_up.scalar_type(), "emulate_cuda_concat_skip_backward",
                                   [&] {
     using T = scalar_t;
-    for_concat_packs<Adjoint, T>(gx, mode, every_pack<T>(gx), strided4<T>(grad_up), grad_up.size(2), grad_up.size(3),
-                                 s, static_cast<at::opmath_type<T>>(1.0 / s), next);
+    for_concat_packs<Adjoint, T>(gx, mode, next, every_pack<T>(gx), strided4<T>(grad_up), grad_up.size(2),
+                                 grad_up.size(3), s, static_cast<at::opmath_type<T>>(1.0 / s));
   });
   return gx;
 }

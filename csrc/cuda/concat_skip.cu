@@ -42,14 +42,15 @@ bool next_requested() {
 }
 
 // Launches pack_kernel over `out` with functor Op<T, MODE>{args...}: 4 blocks of 256
-// threads per SM, or with `full` as many as fit (resident_grid).
+// threads per SM, or with `next` the opt-in functors and as many blocks as fit
+// (resident_grid).
 template <template <typename, int> class Op, typename T, typename... Args>
-void launch(at::Tensor& out, Upsample mode, bool full, Args... args) {
+void launch(at::Tensor& out, Upsample mode, bool next, Args... args) {
   auto stream = c10::cuda::getCurrentCUDAStream();
-  for_concat_packs<Op, T>(out, mode, [&](auto v, auto cl, const auto& f, const Walk& o) {
+  for_concat_packs<Op, T>(out, mode, next, [&](auto v, auto cl, const auto& f, const Walk& o) {
     const auto kernel = pack_kernel<T, decltype(v)::value, decltype(cl)::value, std::decay_t<decltype(f)>>;
     const int64_t packs = o.rows * o.per_row;
-    const unsigned grid = full ? resident_grid(kernel, packs, kThreads) : grid_for(packs, kThreads);
+    const unsigned grid = next ? resident_grid(kernel, packs, kThreads) : grid_for(packs, kThreads);
     kernel<<<grid, kThreads, 0, stream>>>(out.mutable_data_ptr<T>(), o, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }, args...);
@@ -71,8 +72,7 @@ at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, std::optiona
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_skip_cuda", [&] {
     using A = acc_t<scalar_t>;
     launch<Concat, scalar_t>(out, mode, next, strided4<scalar_t>(x), strided4<scalar_t>(skip), x.size(1),
-                             x.size(2), x.size(3), s, static_cast<A>(1.0 / s), FastDivmod(static_cast<uint32_t>(s)),
-                             next);
+                             x.size(2), x.size(3), s, static_cast<A>(1.0 / s), FastDivmod(static_cast<uint32_t>(s)));
   });
   return out;
 }
@@ -88,7 +88,7 @@ at::Tensor concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::st
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_up.scalar_type(), "concat_skip_backward_cuda", [&] {
     using A = acc_t<scalar_t>;
     launch<Adjoint, scalar_t>(gx, mode, next, strided4<scalar_t>(grad_up), grad_up.size(2), grad_up.size(3),
-                              s, static_cast<A>(1.0 / s), next);
+                              s, static_cast<A>(1.0 / s));
   });
   return gx;
 }
