@@ -186,7 +186,6 @@ __global__ void __launch_bounds__(kThreads)
     pool_forward_vec<T, K, S, PAD>(q, x, out, idx, off, g, groups, ho, packed);
 }
 
-
 // Launches the vec forward when asked for and it has this geometry; false otherwise.
 template <typename T>
 bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& g, int64_t planes,
