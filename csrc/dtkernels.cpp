@@ -139,6 +139,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       });
   m.def("_emulate_cuda_max_pool2d_forward_vec", &dtkernels::cpu::emulate_cuda_forward_vec,
         "Test aid: the opt-in CUDA NCHW max_pool2d forward's per-thread code, run on the host.");
+  m.def("_fast_divmod", [](const at::Tensor& n, int64_t d) {
+        TORCH_CHECK(d >= 1 && d < (int64_t(1) << 31), "_fast_divmod: divisor out of range");
+        const dtkernels::FastDivmod f(static_cast<uint32_t>(d));
+        at::Tensor q = at::empty_like(n);
+        auto ni = n.contiguous();
+        const int64_t* src = ni.const_data_ptr<int64_t>();
+        int64_t* dst = q.mutable_data_ptr<int64_t>();
+        for (int64_t i = 0; i < n.numel(); ++i) dst[i] = f.div(static_cast<uint32_t>(src[i]));
+        return q;
+      }, "Test aid: FastDivmod's quotients (the CUDA kernels' index divisions) for int64 numerators below 2^31.");
   m.def("_emulate_cuda_concat_skip", &dtkernels::cpu::emulate_cuda_concat_skip,
         "Test aid: the CUDA concat_skip forward's per-thread code (next: DTK_CUDA_CONCAT=next), run on the host.");
   m.def("_emulate_cuda_concat_skip_backward", &dtkernels::cpu::emulate_cuda_concat_skip_backward,

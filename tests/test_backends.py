@@ -161,3 +161,19 @@ def test_build_info_and_cli():
     p = subprocess.run([sys.executable, "-m", "dtkernels", "info"], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     assert "torch_built_with" in p.stdout and "available_backends" in p.stdout
+
+
+def test_fast_divmod_is_exact():
+    """FastDivmod, the CUDA kernels' multiply-shift division (csrc/common.h; host code
+    computes the same bits), against integer division: numerators up to 2^31 - 1,
+    divisors from 1 to 2^31 - 1, powers of two and their neighbours."""
+    g = torch.Generator().manual_seed(0)
+    top = 2**31 - 1
+    edges = torch.tensor([0, 1, 2, 3, top - 1, top], dtype=torch.int64)
+    divisors = [1, 2, 3, 5, 7, 56, 112, top - 1, top] + [2**k + e for k in range(1, 31) for e in (-1, 0, 1)]
+    divisors += torch.randint(1, top, (200,), generator=g).tolist()
+    for d in divisors:
+        multiples = d * torch.arange(0, 3)
+        n = torch.cat([edges, torch.randint(0, top, (500,), generator=g), multiples, multiples + d - 1])
+        n = n[(n >= 0) & (n <= top)]
+        assert torch.equal(dtk._C._fast_divmod(n, d), n // d), f"divisor {d}"
