@@ -188,7 +188,7 @@ struct Concat {
       st = x.s3;
     } else if (CL && M != 2 && c + V <= cx) {  // V channels of one x pixel
       src = M == 1 ? x.at(n, c, ds.div(static_cast<uint32_t>(h)), ds.div(static_cast<uint32_t>(w)))
-                      : x.at(n, c, h, w);
+                   : x.at(n, c, h, w);
       st = x.s1;
     }
     Pack<T, V> p;
