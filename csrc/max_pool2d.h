@@ -221,9 +221,20 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void window_range(int i, int k, int s, int p, 
 // ascending (oh, ow) order (ATen's order, so results are bit-identical to a gather
 // per element). Each window's gradient and offset are read once for all V columns,
 // and the only divisions are per thread, not per element or window.
-template <int V, typename T, typename O, typename A>
-C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_backward_columns(const T* go, const O* off, const PoolDims& g, int64_t plane,
-                                                  int ih, int iw0, A (&acc)[V]) {
+// K > 0: a square window of side K, stride S, padding PAD and dilation 1 in both
+// dimensions, known at compile time (the caller checked g), so every division by the
+// stride and the dilation is by a constant.
+template <int V, int K = 0, int S = 0, int PAD = 0, typename T, typename O, typename A>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_backward_columns(const T* go, const O* off, const PoolDims& g_in,
+                                                             int64_t plane, int ih, int iw0, A (&acc)[V]) {
+  PoolDims g = g_in;
+  if constexpr (K > 0) {
+    g.kh = g.kw = K;
+    g.sh = g.sw = S;
+    g.ph = g.pw = PAD;
+    g.dh = g.dw = 1;
+  }
+  DTK_UNROLL
   for (int v = 0; v < V; ++v) acc[v] = A(0);
   int ohl, ohh, owl, owh, unused;
   window_range(ih, g.kh, g.sh, g.ph, g.dh, g.Ho, ohl, ohh);
@@ -240,6 +251,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_backward_columns(const T* go, const 
       const int v = ow * g.sw - g.pw + j * g.dw - iw0;
       if (j < 0 || j >= g.kw) continue;
       const A gv = static_cast<A>(go[base + ow]);
+      DTK_UNROLL  // constant indices: acc stays in registers
       for (int k = 0; k < V; ++k)
         if (v == k) acc[k] += gv;
     }
@@ -281,6 +293,23 @@ bool with_pool_vec_geometry(const PoolDims& g, F f) {
   if (g.kw == 3 && g.sw == 2 && g.pw == 0) return f(three{}, two{}, zero{});
   if (g.kw == 3 && g.sw == 1 && g.pw == 1) return f(three{}, one{}, one{});
   return false;
+}
+
+// Returns f(K, S, PAD) (std::integral_constants) for a square window of a common
+// shape (side K, stride S, padding PAD, dilation 1, in both dimensions), else
+// f(0, 0, 0): the geometry stays a runtime value.
+template <typename F>
+auto with_pool_square_geometry(const PoolDims& g, F f) {
+  using two = std::integral_constant<int, 2>;
+  using three = std::integral_constant<int, 3>;
+  using zero = std::integral_constant<int, 0>;
+  using one = std::integral_constant<int, 1>;
+  const bool square = g.kh == g.kw && g.sh == g.sw && g.ph == g.pw && g.dh == 1 && g.dw == 1;
+  if (square && g.kw == 2 && g.sw == 2 && g.pw == 0) return f(two{}, two{}, zero{});
+  if (square && g.kw == 3 && g.sw == 2 && g.pw == 1) return f(three{}, two{}, one{});
+  if (square && g.kw == 3 && g.sw == 2 && g.pw == 0) return f(three{}, two{}, zero{});
+  if (square && g.kw == 3 && g.sw == 1 && g.pw == 1) return f(three{}, one{}, one{});
+  return f(zero{}, zero{}, zero{});
 }
 
 // ATen's scan rule: a value replaces the running maximum when greater, or NaN.

@@ -280,12 +280,14 @@ def test_deterministic_backward(backend):
 def test_cuda_rows_backward_code_on_the_host(dtype):
     """The CUDA NCHW "rows" backward's per-thread code (pool_backward_columns in
     csrc/max_pool2d.h), run on the host over every thread item, is bit-identical to the
-    CPU kernel (the same sums in the same order): random geometry, windows with no tap
-    in the input, rows that are not a whole number of 16-byte groups, int16 offsets."""
-    cases = _aten_cases(80, seed=2) + [((1, 2, 20, 23), (12, 12), (3, 3), (5, 5), (1, 1), True),
-                                       ((2, 1, 2, 5), (2, 2), (1, 1), (1, 1), (3, 3), False),
-                                       ((1, 2, 40, 61), 3, 2, 1, 1, False),  # planes the CPU kernel gathers
-                                       ((1, 2, 33, 47), (3, 5), 1, (1, 2), (1, 1), True)]
+    CPU kernel (the same sums in the same order): random geometry, common square
+    windows (compiled in), windows with no tap in the input, rows that are not a
+    whole number of 16-byte groups, int16 offsets."""
+    cases = _aten_cases(80, seed=2) + _square_cases(30, seed=9) + [
+        ((1, 2, 20, 23), (12, 12), (3, 3), (5, 5), (1, 1), True),
+        ((2, 1, 2, 5), (2, 2), (1, 1), (1, 1), (3, 3), False),
+        ((1, 2, 40, 61), 3, 2, 1, 1, False),  # planes the CPU kernel gathers
+        ((1, 2, 33, 47), (3, 5), 1, (1, 2), (1, 1), True)]
     for n, (shape, k, s, p, d, cm) in enumerate(cases):
         k, s, p, d = mp.normalize_args(k, s, p, d)
         x = _data(shape, dtype, "cpu", seed=n)
@@ -309,6 +311,16 @@ def _vec_forward_cases(n, seed):
         kh = rng.randint(1, 4)
         shape = (rng.randint(1, 2), rng.choice([1, 3, 5]), rng.randint(1, 13), 8 * rng.randint(1, 9))
         return shape, (kh, kw), (rng.randint(1, 3), sw), (rng.randint(0, kh // 2), pw), (rng.randint(1, 2), 1)
+    return _valid_cases(n, seed, draw)
+
+
+def _square_cases(n, seed):
+    """The square windows the CUDA rows backward compiles in (k2s2, k3s2p1, k3s2,
+    k3s1p1), on random shapes."""
+    def draw(rng):
+        k, st, p = rng.choice(_VEC_COLUMNS)
+        shape = (rng.randint(1, 2), rng.choice([1, 3]), rng.randint(1, 15), rng.randint(1, 40))
+        return shape, k, st, p, 1
     return _valid_cases(n, seed, draw)
 
 

@@ -677,18 +677,21 @@ at::Tensor emulate_cuda_backward_rows(const at::Tensor& grad_out, const at::Tens
     constexpr int V = 16 / sizeof(T);  // the CUDA kernel's 16-byte groups
     const T* go = b.grad_out.const_data_ptr<T>();
     T* gi = b.grad_input.mutable_data_ptr<T>();
-    const auto run = [&](const auto* off) {
+    const auto run = [&](const auto* off, auto k, auto s, auto p) {
+      constexpr int K = decltype(k)::value, S = decltype(s)::value, PAD = decltype(p)::value;
       for (int64_t r = 0; r < rows; ++r)
         for (int iw0 = 0; iw0 < g.W; iw0 += V) {  // one CUDA thread item
           A acc[V];
-          pool_backward_columns<V>(go, off, g, r / g.H, static_cast<int>(r % g.H), iw0, acc);
-          for (int k = 0; k < V && iw0 + k < g.W; ++k) gi[r * g.W + iw0 + k] = static_cast<T>(acc[k]);
+          pool_backward_columns<V, K, S, PAD>(go, off, g, r / g.H, static_cast<int>(r % g.H), iw0, acc);
+          for (int j = 0; j < V && iw0 + j < g.W; ++j) gi[r * g.W + iw0 + j] = static_cast<T>(acc[j]);
         }
     };
+    using zero = std::integral_constant<int, 0>;
     const int ob = static_cast<int>(b.offsets.element_size());
-    if (ob == 1) run(b.offsets.const_data_ptr<int8_t>());
-    else if (ob == 2) run(b.offsets.const_data_ptr<int16_t>());
-    else run(b.offsets.const_data_ptr<int32_t>());
+    if (ob == 1)  // as the CUDA launch: common square windows compiled in
+      with_pool_square_geometry(g, [&](auto k, auto s, auto p) { run(b.offsets.const_data_ptr<int8_t>(), k, s, p); });
+    else if (ob == 2) run(b.offsets.const_data_ptr<int16_t>(), zero{}, zero{}, zero{});
+    else run(b.offsets.const_data_ptr<int32_t>(), zero{}, zero{}, zero{});
   });
   return b.grad_input;
 }

@@ -251,7 +251,9 @@ __global__ void max_pool2d_backward_kernel(const T* __restrict__ go, const O* __
 // columns, gathered by pool_backward_columns (csrc/max_pool2d.h, which the CPU tests
 // also run). The item splits are 32-bit multiply-shifts, not the 64-bit divisions
 // per element that the kernel above pays; each window is read once per V columns.
-template <typename T, typename O, int V>
+// K > 0: a common square window compiled in (with_pool_square_geometry), so its
+// divisions by the stride are by constants.
+template <typename T, typename O, int V, int K, int S, int PAD>
 __global__ void max_pool2d_backward_rows_kernel(const T* __restrict__ go, const O* __restrict__ off,
                                                 T* __restrict__ gi, Geo g, FastDivmod groups, FastDivmod height,
                                                 uint32_t n, bool vec) {
@@ -262,7 +264,7 @@ __global__ void max_pool2d_backward_rows_kernel(const T* __restrict__ go, const 
     const int iw0 = static_cast<int>(q - r * groups.d) * V;
     const uint32_t plane = height.div(r);
     A acc[V];
-    pool_backward_columns<V>(go, off, g, plane, static_cast<int>(r - plane * height.d), iw0, acc);
+    pool_backward_columns<V, K, S, PAD>(go, off, g, plane, static_cast<int>(r - plane * height.d), iw0, acc);
     T* dst = gi + static_cast<int64_t>(r) * g.W + iw0;
     if (vec && iw0 + V <= g.W) {
       Pack<T, V> p;
@@ -358,10 +360,16 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
       if (!channels_last && env_is("DTK_CUDA_MAXPOOL_BWD", "rows") && rows * groups < (int64_t(1) << 31)) {
         const int64_t n = rows * groups;
         const bool vec = (g.W * sizeof(T)) % 16 == 0 && aligned_to(ip, 16);
-        const auto kernel = max_pool2d_backward_rows_kernel<T, O, V>;
-        kernel<<<resident_grid(kernel, n, kThreads), kThreads, 0, stream>>>(
-            gp, op, ip, g, FastDivmod(static_cast<uint32_t>(groups)), FastDivmod(static_cast<uint32_t>(g.H)),
-            static_cast<uint32_t>(n), vec);
+        const auto go = [&](auto k, auto s, auto p) {
+          const auto kernel =
+              max_pool2d_backward_rows_kernel<T, O, V, decltype(k)::value, decltype(s)::value, decltype(p)::value>;
+          kernel<<<resident_grid(kernel, n, kThreads), kThreads, 0, stream>>>(
+              gp, op, ip, g, FastDivmod(static_cast<uint32_t>(groups)), FastDivmod(static_cast<uint32_t>(g.H)),
+              static_cast<uint32_t>(n), vec);
+        };
+        using zero = std::integral_constant<int, 0>;
+        if constexpr (std::is_same_v<O, int8_t>) with_pool_square_geometry(g, go);  // their taps fit int8
+        else go(zero{}, zero{}, zero{});
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
