@@ -3,6 +3,8 @@ backend that runs here. Outputs are poisoned (conftest), so an element a kernel
 forgets to write shows up as NaN."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -215,8 +217,19 @@ _NEEDS_CUDA_KERNELS = pytest.mark.skipif(not HAS_GPU or "cuda" not in dtk.availa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
 def test_cuda_next_matches_the_default(monkeypatch, dtype):
     """DTK_CUDA_CONCAT=next (the opt-in kernels) gives the default CUDA kernels' bits,
-    forward and backward."""
+    forward and backward; the switch really launches the opt-in instances."""
     _next_matches_default(monkeypatch, _cuda_calls(dtype))
+    from torch.profiler import ProfilerActivity, profile  # here: CUPTI, GPU runs only
+
+    x, skip, _, _ = next(a for a in _emulation_inputs(dtype, "cuda") if a[2] == "bilinear")
+    opt_in = re.compile(r"(Concat|Adjoint)<[^<>]*, [45]>")  # functor MODE + 3
+    for on in (False, True):
+        monkeypatch.setenv("DTK_CUDA_CONCAT", "next" if on else "default")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            torch.ops.dtkernels._concat_skip(x, skip, "bilinear", 2)
+            torch.cuda.synchronize()
+        names = " ".join(e.key for e in prof.key_averages())
+        assert bool(opt_in.search(names)) == on, names
 
 
 @pytest.mark.cuda

@@ -436,6 +436,7 @@ at::Tensor concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::st
 }
 
 }  // namespace
+namespace {
 // What the CUDA launch does with a functor, one pack after another.
 template <typename T>
 auto every_pack(at::Tensor& out) {
@@ -445,6 +446,7 @@ auto every_pack(at::Tensor& out) {
       concat_pack_item<T, decltype(v)::value, decltype(cl)::value>(po, o, f, q);
   };
 }
+}  // namespace
 
 at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
                                     std::optional<c10::string_view> upsample, int64_t scale_factor, bool next) {
