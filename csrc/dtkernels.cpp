@@ -159,6 +159,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         dtkernels::cpu::f16c_flag().store(on && dtkernels::cpu::cpu_has_f16c());
         return dtkernels::cpu::cpu_f16c();
       }, "Test aid: float16 CPU kernels through F16C (if the CPU has it; returns whether they are) or the clones.");
+  m.def("_set_cpu_max_pool2d_whole", &dtkernels::cpu::set_whole_planes,
+        "Test aid: whether the CPU max_pool2d kernels take small NCHW planes whole (default) or by rows.");
   m.def("_set_poison", [](bool on) { dtkernels::poison_flag().store(on); },
         "Debug: fill native kernel outputs with NaN / -77 before writing them.");
   m.def("_poison", []() { return dtkernels::poison_flag().load(); });

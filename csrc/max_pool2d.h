@@ -415,13 +415,16 @@ inline PoolBackward prepare_backward(const at::Tensor& grad_out, const at::Tenso
 }
 
 namespace cpu {
-// The CUDA NCHW backward (pool_backward_columns per thread item) run on the host.
+// Test aid: whether the CPU kernels take small NCHW planes whole (the default) or by
+// rows, as larger planes go; returns the setting.
+bool set_whole_planes(bool on);
 // The CUDA NCHW "vec" forward (pool_forward_vec per thread item) run on the host:
 // (out, indices, offsets) as _max_pool2d gives them; an error for a geometry it lacks.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool return_indices,
     bool return_offsets);
+// The CUDA NCHW backward (pool_backward_columns per thread item) run on the host.
 at::Tensor emulate_cuda_backward_rows(const at::Tensor& grad_out, const at::Tensor& offsets,
                                       std::vector<int64_t> input_size, std::vector<int64_t> kernel_size,
                                       std::vector<int64_t> stride, std::vector<int64_t> padding,

@@ -538,6 +538,61 @@ def test_cpu_backward_both_algorithms_match_aten(memory_format):
         assert torch.equal(got, want), f"case {shape} k={k} s={s} p={p} d={d}"
 
 
+def _cpu_paths(x, g_seed, args):
+    """(forward (out, indices, offsets), backward) of the native CPU kernels with small
+    planes taken whole, then by rows."""
+    k, s, p, d, cm = (list(a) if isinstance(a, tuple) else a for a in args)
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=CL) and not x.is_contiguous()
+    res = []
+    try:
+        for whole in (True, False):
+            assert dtk._C._set_cpu_max_pool2d_whole(whole) == whole
+            fwd = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, cl, True, True)
+            go = rand(*fwd[0].shape, dtype=x.dtype, generator=torch.Generator().manual_seed(g_seed))
+            if cl:
+                go = go.contiguous(memory_format=CL)
+            gi = torch.ops.dtkernels._max_pool2d_backward(go, fwd[2], list(x.shape), k, s, p, d, cl)
+            res.append((fwd, go, gi))
+    finally:
+        dtk._C._set_cpu_max_pool2d_whole(True)
+    return res
+
+
+def _pairs(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=["f32", "f16", "bf16", "f64"])
+def test_cpu_whole_planes_and_rows_match_the_reference(dtype):
+    """The CPU kernels take small NCHW planes whole (each tap one run over the plane)
+    and larger ones row by row. Most test shapes are small, so here both paths run on
+    the same inputs: random geometry, the named cases, and planes either side of the
+    limits, against the reference (forward values, indices and offsets; backward in
+    the reference's order, so exactly)."""
+    cases = [c[:1] + tuple(_pairs(a) for a in c[1:5]) + c[5:] for c in _aten_cases(50, seed=7)]
+    cases += [(shape, *(_pairs(a) if a is not None else _pairs(c.values[0][0]) for a in c.values[0][:4]),
+               c.values[0][4]) for c in CASES for shape in SHAPES]
+    cases += [((1, 2, 20, 127), (2, 2), (2, 2), (0, 0), (1, 1), False),  # P = 64: whole
+              ((1, 2, 20, 129), (2, 2), (2, 2), (0, 0), (1, 1), True),   # P = 65: rows
+              ((1, 3, 90, 90), (3, 3), (2, 2), (1, 1), (1, 1), False),   # split of 16 * 46^2 > 16384: rows
+              ((2, 5, 1, 1), (1, 1), (1, 1), (0, 0), (1, 1), False),
+              ((1, 2, 13, 17), (4, 3), (3, 4), (2, 1), (2, 3), True)]
+    for n, (shape, k, s, p, d, cm) in enumerate(cases):
+        fmts = [None, CL] if len(shape) == 4 else [None]
+        for fmt in fmts:
+            x = _data(shape, dtype, "cpu", fmt, seed=n)
+            msg = f"case {shape} k={k} s={s} p={p} d={d} ceil={cm} fmt={fmt}"
+            r_out, r_idx, r_taps = ref.max_pool2d_with_taps(x, k, s, p, d, cm)
+            for (out, idx, off), go, gi in _cpu_paths(x, n, (k, s, p, d, cm)):
+                _same(out, r_out)
+                assert torch.equal(idx, r_idx), msg
+                assert torch.equal(off.long(), r_taps), msg
+                want = ref.max_pool2d_backward(go, off, shape, k, s, p, d)
+                torch.testing.assert_close(gi, want, rtol=0, atol=0, msg=msg)
+                assert gi.stride() == x.stride(), msg
+
+
 @pytest.mark.parametrize("dtype,memory_format,shape", [
     (torch.float32, None, (1, 33, 256, 1022)),   # odd output width: unaligned rows too
     (torch.float16, CL, (1, 128, 256, 512)),

@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -60,9 +61,85 @@ struct Plan {
   // itself (indices then need no table lookup).
   int32_t ci = 0, cj = 1;
   bool codes_are_delta = false;
+  // Whole small NCHW planes, `np` at a time (see plan_whole): sub-images of np*R rows
+  // by P columns, plane k's rows from k*R, the first row and column of each plane's
+  // at tlo and ulo (<= 0) in its own coordinates; `size` elements in all.
+  bool whole = false;
+  int64_t R = 0, P = 0, tlo = 0, ulo = 0, np = 1, sub = 0, size = 0;
+  std::vector<int64_t> wrel;   // tap i*kw + j -> start of its run
+  std::vector<int32_t> wcode;  // tap -> the code it records
+  std::vector<int32_t> winit;  // output q = (k*R + oh)*P + ow -> code of its first tap past the padding
 };
 
-Plan make_plan(const Pool2d& g, bool delta_codes) {
+// ---- small NCHW planes, whole --------------------------------------------------------
+// On short rows the per-row work (split, cache look-up, then one vector block, or
+// scalar code for rows shorter than a vector) costs more than the pooling itself:
+// 1x512x14x14 k2s2 ran at 0.9x ATen's speed forward and 0.6x forward+backward. Small
+// planes are instead split by row and column residue at once: sub-image (a, b) holds
+// input pixel (t*sh + a, u*sw + b) at row t, column u, with -inf (forward) or 0
+// (backward) around it, and np planes are stacked R rows apart. Output (oh, ow) of
+// plane k is placed at q = (k*R + oh)*P + ow, and tap (i, j) of every output is the
+// element wrel[i*kw + j] + q: each tap is one run over np planes, vectorised across
+// output rows and planes (rows R - Ho .. R of each plane and columns past Wo are
+// computed from the padding or the next plane, and dropped).
+
+// A plane goes whole when its split takes at most kWholePlane elements and P <=
+// kWholeCols; planes are stacked up to about kWholeStack elements (L1-sized).
+constexpr int64_t kWholePlane = 16384;
+constexpr int64_t kWholeCols = 64;
+constexpr int64_t kWholeStack = 4096;
+
+// Along one dimension: tap k at output o reads sub-image row (column) o + shift[k] of
+// residue res[k]; a plane's rows (columns) span [lo, lo + n).
+void whole_axis(int64_t k, int64_t s, int64_t pad, int64_t d, int64_t in, int64_t out, std::vector<int64_t>& shift,
+                std::vector<int64_t>& res, int64_t& lo, int64_t& n) {
+  shift.resize(k);
+  res.resize(k);
+  int64_t mx = 0;
+  lo = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t e = i * d - pad;
+    shift[i] = div_floor(e, s);
+    res[i] = e - shift[i] * s;
+    lo = std::min(lo, shift[i]);
+    mx = std::max(mx, shift[i]);
+  }
+  n = std::max((in + s - 1) / s, out + mx) - lo;
+}
+
+std::atomic<bool>& whole_planes_flag() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+void plan_whole(Plan& p, int64_t planes) {
+  const Pool2d& g = p.g;
+  if (p.B != 1 || !whole_planes_flag().load(std::memory_order_relaxed)) return;
+  std::vector<int64_t> sh_i, rh_i, sh_j, rh_j;
+  whole_axis(g.kh, g.sh, g.ph, g.dh, g.H, g.Ho, sh_i, rh_i, p.tlo, p.R);
+  whole_axis(g.kw, g.sw, g.pw, g.dw, g.W, g.Wo, sh_j, rh_j, p.ulo, p.P);
+  const int64_t split = g.sh * g.sw * p.R * p.P;
+  if (p.P > kWholeCols || split > kWholePlane) return;
+  p.whole = true;
+  p.np = std::max<int64_t>(1, std::min(planes, kWholeStack / split));
+  p.sub = p.np * p.R * p.P;
+  p.size = g.sh * g.sw * p.sub + p.P;  // the last tap's run may read up to P - 1 elements past the split
+  p.wrel.resize(g.taps());
+  p.wcode.resize(g.taps());
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j) {
+      p.wrel[i * g.kw + j] = (rh_i[i] * g.sw + rh_j[j]) * p.sub + (sh_i[i] - p.tlo) * p.P + sh_j[j] - p.ulo;
+      p.wcode[i * g.kw + j] = static_cast<int32_t>(i * p.ci + j * p.cj);
+    }
+  p.winit.assign(p.np * p.R * p.P, 0);
+  for (int64_t k = 0; k < p.np; ++k)
+    for (int64_t oh = 0; oh < g.Ho; ++oh)
+      for (int64_t ow = 0; ow < g.Wo; ++ow)
+        p.winit[(k * p.R + oh) * p.P + ow] = static_cast<int32_t>(Pool2d::first_tap(oh, g.sh, g.ph, g.dh) * p.ci +
+                                                                  Pool2d::first_tap(ow, g.sw, g.pw, g.dw) * p.cj);
+}
+
+Plan make_plan(const Pool2d& g, bool delta_codes, int64_t planes) {
   Plan p;
   p.g = g;
   p.B = g.channels_last ? g.C : 1;
@@ -94,6 +171,7 @@ Plan make_plan(const Pool2d& g, bool delta_codes) {
   p.delta.resize(g.taps());
   for (int64_t i = 0; i < g.kh; ++i)
     for (int64_t j = 0; j < g.kw; ++j) p.delta[i * g.kw + j] = i * g.dh * g.W + j * g.dw;
+  plan_whole(p, planes);
   return p;
 }
 
@@ -231,6 +309,16 @@ DTK_INLINE void convert(D* DTK_RESTRICT dst, const S* DTK_RESTRICT src, int64_t 
   for (int64_t o = 0; o < n; ++o) dst[o] = static_cast<D>(src[o]);
 }
 
+// dst[o] = src[o] in the output type, a vector at a time (GCC rounds float to the
+// 16-bit types one element at a time).
+template <typename T, typename A>
+DTK_INLINE void convert_out(T* DTK_RESTRICT dst, const A* DTK_RESTRICT src, int64_t n) {
+  constexpr int N = Lanes<A>::N;
+  int64_t o = 0;
+  for (; o + N <= n; o += N) vstore(dst + o, loadu<typename Lanes<A>::V>(src + o));
+  for (; o < n; ++o) dst[o] = static_cast<T>(src[o]);
+}
+
 // ATen's flat index ih*W + iw = (oh*sh - ph)*W + (ow*sw - pw) + (tap's i*dh*W + j*dw).
 DTK_INLINE void store_indices(int64_t* DTK_RESTRICT idx, const int32_t* DTK_RESTRICT t, const Plan& p,
                               const int64_t* DTK_RESTRICT col, int64_t rowbase, int64_t n) {
@@ -249,10 +337,13 @@ DTK_INLINE void store_offsets(void* off, int obytes, const int32_t* t, int64_t n
 }
 
 // N window offsets (int8, int16 or int32) as the lanes of comparison mask type M.
+// Written as a vector literal, which GCC 12 turns into one vpmovsx load; its
+// __builtin_convertvector of an 8-byte vector went through scalar registers.
 template <typename M, int N, typename O>
 DTK_INLINE M load_offsets(const O* p) {
-  typedef O OV __attribute__((vector_size(N * sizeof(O))));
-  return __builtin_convertvector(loadu<OV>(p), M);
+  static_assert(N == 4 || N == 8, "4 or 8 lanes");
+  if constexpr (N == 8) return M{p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]};
+  else return M{p[0], p[1], p[2], p[3]};
 }
 
 // acc[o] += g[o] where off[o] is `tap`. Adding +0 elsewhere leaves every sum exactly
@@ -287,15 +378,41 @@ DTK_INLINE void gather_add(A* DTK_RESTRICT acc, const T* DTK_RESTRICT g, const O
   }
 }
 
-// row[2o + j] = g[o] where off[o] is tap0 + j, else 0 (j = 0, 1): columns tiled by
-// 2-wide, stride-2 windows, written once.
+// {a0, b0, a1, b1, ...}: the first and second halves of a and b interleaved.
+DTK_INLINE f32x8 interleave_lo(f32x8 a, f32x8 b) { return __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11); }
+DTK_INLINE f32x8 interleave_hi(f32x8 a, f32x8 b) { return __builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15); }
+DTK_INLINE f64x4 interleave_lo(f64x4 a, f64x4 b) { return __builtin_shufflevector(a, b, 0, 4, 1, 5); }
+DTK_INLINE f64x4 interleave_hi(f64x4 a, f64x4 b) { return __builtin_shufflevector(a, b, 2, 6, 3, 7); }
+
+// row[2o + j] = 0 + g[o] where off[o] is tap0 + j, else 0 (j = 0, 1): columns tiled
+// by 2-wide, stride-2 windows, written once. The sum with +0 is ATen's (its -0
+// gradients become +0). Explicit vectors, the last block overlapping its predecessor:
+// GCC's own vectorisation of this loop took 64 int8 offsets at a time and left rows
+// of 28 or 56 outputs to scalar code (and 16-bit types entirely): 14x slower at W = 56.
 template <typename T, typename O>
 DTK_INLINE void unpool_pairs(T* DTK_RESTRICT row, const T* DTK_RESTRICT g, const O* DTK_RESTRICT off, int64_t n,
                              int32_t tap0) {
-  for (int64_t o = 0; o < n; ++o) {
-    const int32_t t = static_cast<int32_t>(off[o]);
-    row[2 * o] = t == tap0 ? g[o] : T(0);
-    row[2 * o + 1] = t == tap0 + 1 ? g[o] : T(0);
+  using A = acc_t<T>;
+  using L = Lanes<A>;
+  using V = typename L::V;
+  constexpr int N = L::N;
+  if (n < N) {
+    for (int64_t o = 0; o < n; ++o) {
+      const int32_t t = static_cast<int32_t>(off[o]);
+      const A v = static_cast<A>(g[o]) + A(0);
+      row[2 * o] = static_cast<T>(t == tap0 ? v : A(0));
+      row[2 * o + 1] = static_cast<T>(t == tap0 + 1 ? v : A(0));
+    }
+    return;
+  }
+  for (int64_t o = 0;; o += N) {
+    if (o + N > n) o = n - N;
+    const typename L::M t = load_offsets<typename L::M, N>(off + o);
+    const V v = vload(g + o) + A(0);
+    const V v0 = t == tap0 ? v : V{}, v1 = t == tap0 + 1 ? v : V{};
+    vstore(row + 2 * o, interleave_lo(v0, v1));
+    vstore(row + 2 * o + N, interleave_hi(v0, v1));
+    if (o + N == n) break;
   }
 }
 
@@ -316,7 +433,12 @@ DTK_INLINE void split_row(const T* DTK_RESTRICT row, A* DTK_RESTRICT d, const Pl
     }
     if (W & 1) d0[h] = static_cast<A>(row[W - 1]);
   } else {
-    for (int64_t w = 0; w < W; ++w) convert(d0 + ((w % sw) * p.len + w / sw) * B, row + w * B, B);
+    // no divisions, and no per-pixel copy calls (GCC makes convert a memmove) when B = 1
+    for (int64_t w0 = 0, t = 0; w0 < W; w0 += sw, ++t)
+      for (int64_t c = 0; c < sw && w0 + c < W; ++c) {
+        if (B == 1) d0[c * p.len + t] = static_cast<A>(row[w0 + c]);
+        else convert(d0 + (c * p.len + t) * B, row + (w0 + c) * B, B);
+      }
   }
 }
 
@@ -336,7 +458,62 @@ DTK_INLINE void merge_row(const A* DTK_RESTRICT d, T* DTK_RESTRICT row, const Pl
     }
     if (W & 1) row[W - 1] = static_cast<T>(d0[h]);
   } else {
-    for (int64_t w = 0; w < W; ++w) convert(row + w * B, d0 + ((w % sw) * p.len + w / sw) * B, B);
+    for (int64_t w0 = 0, t = 0; w0 < W; w0 += sw, ++t)
+      for (int64_t c = 0; c < sw && w0 + c < W; ++c) {
+        if (B == 1) row[w0 + c] = static_cast<T>(d0[c * p.len + t]);
+        else convert(row + (w0 + c) * B, d0 + (c * p.len + t) * B, B);
+      }
+  }
+}
+
+// The residue split of plane k of a stack (see plan_whole): pixel (ih, iw) goes to
+// sub-image (ih % sh, iw % sw), row k*R + ih / sh, column iw / sw (less tlo, ulo).
+// Positions that hold no pixel are not written.
+template <typename T, typename A>
+DTK_INLINE void split_plane(const T* DTK_RESTRICT x, A* DTK_RESTRICT s, const Plan& p, int64_t k) {
+  const Pool2d& g = p.g;
+  for (int64_t ih = 0; ih < g.H; ++ih) {
+    const T* row = x + ih * g.W;
+    // d[b*sub + u]: pixel u*sw + b of the row
+    A* d = s + (ih % g.sh) * g.sw * p.sub + (k * p.R + ih / g.sh - p.tlo) * p.P - p.ulo;
+    if (g.sw == 1) {
+      convert(d, row, g.W);
+    } else if (g.sw == 2) {
+      A* d1 = d + p.sub;
+      const int64_t h = g.W / 2;
+      for (int64_t u = 0; u < h; ++u) {
+        d[u] = static_cast<A>(row[2 * u]);
+        d1[u] = static_cast<A>(row[2 * u + 1]);
+      }
+      if (g.W & 1) d[h] = static_cast<A>(row[g.W - 1]);
+    } else {
+      for (int64_t w0 = 0, u = 0; w0 < g.W; w0 += g.sw, ++u)  // no divisions: they cost more than the copy
+        for (int64_t b = 0; b < g.sw && w0 + b < g.W; ++b) d[b * p.sub + u] = static_cast<A>(row[w0 + b]);
+    }
+  }
+}
+
+// The inverse, converting to the output type.
+template <typename T, typename A>
+DTK_INLINE void merge_plane(const A* DTK_RESTRICT s, T* DTK_RESTRICT x, const Plan& p, int64_t k) {
+  const Pool2d& g = p.g;
+  for (int64_t ih = 0; ih < g.H; ++ih) {
+    T* row = x + ih * g.W;
+    const A* d = s + (ih % g.sh) * g.sw * p.sub + (k * p.R + ih / g.sh - p.tlo) * p.P - p.ulo;
+    if (g.sw == 1) {
+      convert(row, d, g.W);
+    } else if (g.sw == 2) {
+      const A* d1 = d + p.sub;
+      const int64_t h = g.W / 2;
+      for (int64_t u = 0; u < h; ++u) {
+        row[2 * u] = static_cast<T>(d[u]);
+        row[2 * u + 1] = static_cast<T>(d1[u]);
+      }
+      if (g.W & 1) row[g.W - 1] = static_cast<T>(d[h]);
+    } else {
+      for (int64_t w0 = 0, u = 0; w0 < g.W; w0 += g.sw, ++u)
+        for (int64_t b = 0; b < g.sw && w0 + b < g.W; ++b) row[w0 + b] = static_cast<T>(d[b * p.sub + u]);
+    }
   }
 }
 
@@ -458,6 +635,72 @@ DTK_INLINE void forward_direct(const Plan& p, const T* in, const FwdOut& o, int6
   }
 }
 
+// Planes [p0, p1), np at a time (plan_whole): every tap is one run over the stack's
+// outputs, which are laid out R rows of P apart per plane.
+template <typename T, bool TRACK>
+DTK_INLINE void forward_whole(const Plan& p, const T* in, const FwdOut& o, int64_t p0, int64_t p1) {
+  using A = acc_t<T>;
+  const Pool2d& g = p.g;
+  const int64_t out_plane = g.Ho * g.Wo, in_plane = g.H * g.W;
+  const bool compact = p.P != g.Wo || p.R != g.Ho;  // else the stack's outputs are the planes themselves
+  std::vector<A> s(p.size);
+  std::vector<T> tmp(compact ? p.np * p.R * p.P : 0);
+  std::vector<int32_t> t(TRACK ? p.np * p.R * p.P : 0);
+  const Taps<A> tp{s.data(), 0, p.wrel.data(), p.wcode.data(), g.taps(), false};
+  for (int64_t c0 = p0; c0 < p1; c0 += p.np) {
+    const int64_t cnt = std::min(p.np, p1 - c0);
+    fill(s.data(), p.size, -std::numeric_limits<A>::infinity());
+    for (int64_t k = 0; k < cnt; ++k) split_plane(in + (c0 + k) * in_plane, s.data(), p, k);
+    T* out = static_cast<T*>(o.out) + c0 * out_plane;
+    pool_span<TRACK>(tp, p.winit.data(), 0, ((cnt - 1) * p.R + g.Ho) * p.P, compact ? tmp.data() : out, t.data());
+    for (int64_t k = 0; k < cnt; ++k)
+      for (int64_t oh = 0; oh < g.Ho; ++oh) {
+        const int64_t q = (k * p.R + oh) * p.P, e = k * out_plane + oh * g.Wo;
+        if (compact) std::copy_n(tmp.data() + q, g.Wo, out + e);
+        store_codes<TRACK>(p, o, t.data() + q, c0 * out_plane + e, oh, p.col.data(), g.Wo);
+      }
+  }
+}
+
+// Planes [p0, p1), np at a time: the gradient of each tap in turn, as one run over the
+// stack, taps in descending (i, j) -- ascending (oh, ow) at any input pixel, ATen's
+// order. The gradient is laid out as the outputs, in the compute type.
+template <typename T, typename O>
+DTK_INLINE void backward_whole(const Plan& p, const T* go, const O* off, T* gi, int64_t p0, int64_t p1) {
+  using A = acc_t<T>;
+  const Pool2d& g = p.g;
+  const int64_t out_plane = g.Ho * g.Wo, in_plane = g.H * g.W;
+  const bool expand = p.P != g.Wo || p.R != g.Ho || !std::is_same_v<A, T>;
+  std::vector<A> s(p.size);
+  std::vector<A> gx(expand ? p.np * p.R * p.P : 0, A(0));  // outside the outputs: 0, and no tap matches -1
+  std::vector<O> ox(expand ? p.np * p.R * p.P : 0, O(-1));
+  std::vector<A> staged(std::is_same_v<A, T> ? 0 : p.np * in_plane);
+  for (int64_t c0 = p0; c0 < p1; c0 += p.np) {
+    const int64_t cnt = std::min(p.np, p1 - c0), n = ((cnt - 1) * p.R + g.Ho) * p.P;
+    fill(s.data(), p.size, A(0));
+    const T* gp = go + c0 * out_plane;
+    const O* op = off + c0 * out_plane;
+    if (expand) {
+      for (int64_t k = 0; k < cnt; ++k)
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          const int64_t q = (k * p.R + oh) * p.P, e = k * out_plane + oh * g.Wo;
+          convert(gx.data() + q, gp + e, g.Wo);
+          std::copy_n(op + e, g.Wo, ox.data() + q);
+        }
+      for (int64_t k = g.taps() - 1; k >= 0; --k)
+        gather_add(s.data() + p.wrel[k], gx.data(), ox.data(), n, static_cast<int32_t>(k));
+    } else {
+      for (int64_t k = g.taps() - 1; k >= 0; --k) gather_add(s.data() + p.wrel[k], gp, op, n, static_cast<int32_t>(k));
+    }
+    if constexpr (std::is_same_v<A, T>) {
+      for (int64_t k = 0; k < cnt; ++k) merge_plane(s.data(), gi + (c0 + k) * in_plane, p, k);
+    } else {  // merged in the compute type, then rounded a vector at a time
+      for (int64_t k = 0; k < cnt; ++k) merge_plane(s.data(), staged.data() + k * in_plane, p, k);
+      convert_out(gi + c0 * in_plane, staged.data(), cnt * in_plane);
+    }
+  }
+}
+
 // Input rows [r0, r1); row r = plane * H + ih.
 template <typename T, typename O>
 DTK_INLINE void backward_rows(const Plan& p, const T* go, const O* off, T* gi, int64_t r0, int64_t r1) {
@@ -496,7 +739,10 @@ DTK_INLINE void backward_rows(const Plan& p, const T* go, const O* off, T* gi, i
 #define DTK_MP_CLONES(T)                                                                            \
   DTK_CLONES void forward_k(const Plan& p, const T* in, const FwdOut& o, int64_t r0, int64_t r1) { \
     const bool track = o.off || o.idx;                                                              \
-    if (p.direct) {                                                                                 \
+    if (p.whole) {                                                                                  \
+      if (track) forward_whole<T, true>(p, in, o, r0, r1);                                          \
+      else forward_whole<T, false>(p, in, o, r0, r1);                                               \
+    } else if (p.direct) {                                                                          \
       if (track) forward_direct<T, true>(p, in, o, r0, r1);                                         \
       else forward_direct<T, false>(p, in, o, r0, r1);                                              \
     } else {                                                                                        \
@@ -507,9 +753,17 @@ DTK_INLINE void backward_rows(const Plan& p, const T* go, const O* off, T* gi, i
   }                                                                                                 \
   DTK_CLONES void backward_k(const Plan& p, const T* go, const void* off, int obytes, T* gi,        \
                              int64_t r0, int64_t r1) {                                              \
-    if (obytes == 1) backward_rows(p, go, static_cast<const int8_t*>(off), gi, r0, r1);             \
-    else if (obytes == 2) backward_rows(p, go, static_cast<const int16_t*>(off), gi, r0, r1);       \
-    else backward_rows(p, go, static_cast<const int32_t*>(off), gi, r0, r1);                        \
+    if (p.whole) {                                                                                  \
+      if (obytes == 1) backward_whole(p, go, static_cast<const int8_t*>(off), gi, r0, r1);          \
+      else if (obytes == 2) backward_whole(p, go, static_cast<const int16_t*>(off), gi, r0, r1);    \
+      else backward_whole(p, go, static_cast<const int32_t*>(off), gi, r0, r1);                     \
+    } else if (obytes == 1) {                                                                       \
+      backward_rows(p, go, static_cast<const int8_t*>(off), gi, r0, r1);                            \
+    } else if (obytes == 2) {                                                                       \
+      backward_rows(p, go, static_cast<const int16_t*>(off), gi, r0, r1);                           \
+    } else {                                                                                        \
+      backward_rows(p, go, static_cast<const int32_t*>(off), gi, r0, r1);                           \
+    }                                                                                               \
   }
 DTK_MP_CLONES(float)
 DTK_MP_CLONES(double)
@@ -537,16 +791,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
   // Indices alone: record each tap's flat-index offset directly when it fits int32.
   const bool delta_codes = return_indices && !return_offsets &&
                            (g.kh - 1) * g.dh * g.W + (g.kw - 1) * g.dw <= std::numeric_limits<int32_t>::max();
-  Plan p = make_plan(g, delta_codes);
+  Plan p = make_plan(g, delta_codes, planes(g));
   p.stream = res.out.nbytes() >= kStreamBytes;
   const FwdOut o{res.out.data_ptr(), return_offsets ? res.offsets.data_ptr() : nullptr,
                  static_cast<int>(res.offsets.element_size()),
                  return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr};
-  const int64_t rows = planes(g) * g.Ho;
+  if (p.whole) p.stream = false;
+  // rows, or whole planes; work per unit: outputs x taps
+  const int64_t units = p.whole ? planes(g) : planes(g) * g.Ho;
+  const int64_t grain = grain_rows(p.row_out * g.taps() * (p.whole ? g.Ho : 1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "max_pool2d", [&] {
     const scalar_t* in = f.x.const_data_ptr<scalar_t>();
-    at::parallel_for(0, rows, grain_rows(p.row_out * g.taps()),
-                     [&](int64_t r0, int64_t r1) { forward_k(p, in, o, r0, r1); });
+    at::parallel_for(0, units, grain, [&](int64_t r0, int64_t r1) { forward_k(p, in, o, r0, r1); });
   });
   return {res.out, res.indices, res.offsets};
 }
@@ -554,8 +810,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
 // Small planes with overlapping windows: a scatter in output order into a plane of
 // compute-type accumulators (ATen's own algorithm and order, so the sums are the
 // gather's, bit for bit), then one conversion. On planes this small the gather's
-// per-row set-up dominates: 17 us against ATen's 5 us at 2x16x16x16.
+// per-row set-up dominates: 17 us against ATen's 5 us at 2x16x16x16. Whole planes
+// (plan_whole) cost less from about 16x16 up, and on any plane with stride 1, where
+// the scatter's work per input pixel is highest (measured, float32 and bfloat16).
 constexpr int64_t kScatterPlane = 1024;  // input elements per plane (pixels x B)
+constexpr int64_t kScatterWhole = 256;   // the same where whole planes are the alternative
 
 bool windows_overlap(const Pool2d& g) {
   return (g.kh - 1) * g.dh + 1 > g.sh || (g.kw - 1) * g.dw + 1 > g.sw;
@@ -601,7 +860,15 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
   const Pool2d& g = b.g;
   if (b.grad_input.numel() == 0) return b.grad_input;
   const int64_t B = g.channels_last ? g.C : 1;
-  if (g.H * g.W * B <= kScatterPlane && windows_overlap(g)) {
+  Plan p = make_plan(g, false, planes(g));
+  // MaxPool2d(2) on rows of more than a vector of outputs: unpool_pairs writes each
+  // element once, faster than the whole plane's fill, taps and merge (measured).
+  if (p.whole && !windows_overlap(g) && g.kw == 2 && g.sw == 2 && g.dw == 1 && g.pw == 0 && 2 * g.Wo <= g.W &&
+      g.Wo > 8)
+    p.whole = false;
+  const bool scatter = windows_overlap(g) && (p.whole ? g.H * g.W <= kScatterWhole && g.sh * g.sw > 1
+                                                      : g.H * g.W * B <= kScatterPlane);
+  if (scatter) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.grad_out.scalar_type(), "max_pool2d_backward", [&] {
       const scalar_t* pg = b.grad_out.const_data_ptr<scalar_t>();
       scalar_t* pi = b.grad_input.mutable_data_ptr<scalar_t>();
@@ -614,10 +881,9 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
     });
     return b.grad_input;
   }
-  const Plan p = make_plan(g, false);
-  const int64_t rows = planes(g) * g.H;
-  // work per input row: the output rows reaching it times their width
-  const int64_t per_row = p.row_out * g.kw * std::max<int64_t>(1, g.kh / g.sh);
+  // input rows, or whole planes; work per row: the output rows reaching it times their width
+  const int64_t rows = p.whole ? planes(g) : planes(g) * g.H;
+  const int64_t per_row = p.row_out * g.kw * std::max<int64_t>(1, g.kh / g.sh) * (p.whole ? g.H : 1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.grad_out.scalar_type(), "max_pool2d_backward", [&] {
     const scalar_t* pg = b.grad_out.const_data_ptr<scalar_t>();
     scalar_t* pi = b.grad_input.mutable_data_ptr<scalar_t>();
@@ -630,6 +896,11 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
 }
 
 }  // namespace
+
+bool set_whole_planes(bool on) {
+  whole_planes_flag().store(on);
+  return on;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
