@@ -240,6 +240,19 @@ def test_strided_inputs(backend, case):
     assert_close(gi, _grad_ref(x, g, (3, 2, 1), False), dtype=torch.float32)
 
 
+@pytest.mark.parametrize("memory_format", [None, CL], ids=["nchw", "cl"])
+def test_negative_zero_gradient_is_atens(backend, memory_format):
+    """ATen adds each gradient into a zeroed input gradient, so a -0 gradient lands as
+    +0: the same here, whether the backward adds or writes each element once."""
+    _, device = backend
+    for shape, args in [((2, 3, 6, 40), (2,)), ((1, 2, 14, 14), (2,)), ((2, 3, 9, 11), (3, 2, 1)),
+                        ((1, 40, 8, 8), (2,))]:
+        x = _data(shape, torch.float32, device, memory_format, specials=False).requires_grad_()
+        out = dtk.max_pool2d(x, *args)
+        (gi,) = torch.autograd.grad(out, x, torch.full_like(out, -0.0))
+        assert not torch.signbit(gi).any(), (shape, args)
+
+
 def test_inputs_not_modified(backend_dtype):
     _, device, dtype = backend_dtype
     for fmt in (None, CL):
