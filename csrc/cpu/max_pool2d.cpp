@@ -163,10 +163,9 @@ Plan make_plan(const Pool2d& g, bool delta_codes, int64_t planes) {
   for (int64_t j = 0; j < g.kw; ++j) p.at[j] = (p.res[j] * p.len + p.lpad + p.shift[j]) * p.B;
   p.init_j.resize(p.row_out);
   p.col.resize(p.row_out);
-  for (int64_t e = 0; e < p.row_out; ++e) {
-    const int64_t ow = e / p.B;
-    p.init_j[e] = static_cast<int32_t>(Pool2d::first_tap(ow, g.sw, g.pw, g.dw) * p.cj);
-    p.col[e] = ow * g.sw - g.pw;
+  for (int64_t ow = 0; ow < g.Wo; ++ow) {  // per pixel, not per element: B can be C in the thousands
+    std::fill_n(p.init_j.begin() + ow * p.B, p.B, static_cast<int32_t>(Pool2d::first_tap(ow, g.sw, g.pw, g.dw) * p.cj));
+    std::fill_n(p.col.begin() + ow * p.B, p.B, ow * g.sw - g.pw);
   }
   p.delta.resize(g.taps());
   for (int64_t i = 0; i < g.kh; ++i)
