@@ -586,8 +586,10 @@ def test_cpu_whole_planes_and_rows_match_the_reference(dtype):
     cases = [c[:1] + tuple(_pairs(a) for a in c[1:5]) + c[5:] for c in _aten_cases(50, seed=7)]
     cases += [(shape, *(_pairs(a) if a is not None else _pairs(c.values[0][0]) for a in c.values[0][:4]),
                c.values[0][4]) for c in CASES for shape in SHAPES]
-    cases += [((1, 2, 20, 127), (2, 2), (2, 2), (0, 0), (1, 1), False),  # P = 64: whole
-              ((1, 2, 20, 129), (2, 2), (2, 2), (0, 0), (1, 1), True),   # P = 65: rows
+    cases += [((1, 2, 20, 126), (3, 3), (2, 2), (1, 1), (1, 1), False),  # P = 64: whole
+              ((1, 2, 20, 128), (3, 3), (2, 2), (1, 1), (1, 1), True),   # P = 65: rows
+              ((1, 2, 20, 94), (2, 2), (2, 2), (0, 0), (1, 1), False),   # 47 outputs a row: whole
+              ((1, 2, 20, 96), (2, 2), (2, 2), (0, 0), (1, 1), True),    # 48: rows forward
               ((1, 3, 90, 90), (3, 3), (2, 2), (1, 1), (1, 1), False),   # split of 16 * 46^2 > 16384: rows
               ((2, 5, 1, 1), (1, 1), (1, 1), (0, 0), (1, 1), False),
               ((1, 2, 13, 17), (4, 3), (3, 4), (2, 1), (2, 3), True)]

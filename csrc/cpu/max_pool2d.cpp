@@ -139,7 +139,12 @@ void plan_whole(Plan& p, int64_t planes) {
                                                                   Pool2d::first_tap(ow, g.sw, g.pw, g.dw) * p.cj);
 }
 
-Plan make_plan(const Pool2d& g, bool delta_codes, int64_t planes) {
+bool windows_overlap(const Pool2d& g) {
+  return (g.kh - 1) * g.dh + 1 > g.sh || (g.kw - 1) * g.dw + 1 > g.sw;
+}
+
+// whole: small planes may go whole (plan_whole).
+Plan make_plan(const Pool2d& g, bool delta_codes, int64_t planes, bool whole) {
   Plan p;
   p.g = g;
   p.B = g.channels_last ? g.C : 1;
@@ -170,7 +175,7 @@ Plan make_plan(const Pool2d& g, bool delta_codes, int64_t planes) {
   p.delta.resize(g.taps());
   for (int64_t i = 0; i < g.kh; ++i)
     for (int64_t j = 0; j < g.kw; ++j) p.delta[i * g.kw + j] = i * g.dh * g.W + j * g.dw;
-  plan_whole(p, planes);
+  if (whole) plan_whole(p, planes);
   return p;
 }
 
@@ -790,12 +795,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
   // Indices alone: record each tap's flat-index offset directly when it fits int32.
   const bool delta_codes = return_indices && !return_offsets &&
                            (g.kh - 1) * g.dh * g.W + (g.kw - 1) * g.dw <= std::numeric_limits<int32_t>::max();
-  Plan p = make_plan(g, delta_codes, planes(g));
-  p.stream = res.out.nbytes() >= kStreamBytes;
+  // Whole planes, except where rows do better (measured): outputs large enough to
+  // stream, and MaxPool2d(2)-like windows on rows of 48 outputs or more.
+  const bool stream = res.out.nbytes() >= kStreamBytes;
+  Plan p = make_plan(g, delta_codes, planes(g), !stream && (windows_overlap(g) || g.Wo < 48));
+  p.stream = stream;
   const FwdOut o{res.out.data_ptr(), return_offsets ? res.offsets.data_ptr() : nullptr,
                  static_cast<int>(res.offsets.element_size()),
                  return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr};
-  if (p.whole) p.stream = false;
   // rows, or whole planes; work per unit: outputs x taps
   const int64_t units = p.whole ? planes(g) : planes(g) * g.Ho;
   const int64_t grain = grain_rows(p.row_out * g.taps() * (p.whole ? g.Ho : 1));
@@ -814,10 +821,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
 // the scatter's work per input pixel is highest (measured, float32 and bfloat16).
 constexpr int64_t kScatterPlane = 1024;  // input elements per plane (pixels x B)
 constexpr int64_t kScatterWhole = 256;   // the same where whole planes are the alternative
-
-bool windows_overlap(const Pool2d& g) {
-  return (g.kh - 1) * g.dh + 1 > g.sh || (g.kw - 1) * g.dw + 1 > g.sw;
-}
 
 template <typename T, typename O>
 void scatter_planes(const Pool2d& g, int64_t B, const T* go, const O* off, T* gi, int64_t p0, int64_t p1) {
@@ -859,12 +862,10 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
   const Pool2d& g = b.g;
   if (b.grad_input.numel() == 0) return b.grad_input;
   const int64_t B = g.channels_last ? g.C : 1;
-  Plan p = make_plan(g, false, planes(g));
   // MaxPool2d(2) on rows of more than a vector of outputs: unpool_pairs writes each
   // element once, faster than the whole plane's fill, taps and merge (measured).
-  if (p.whole && !windows_overlap(g) && g.kw == 2 && g.sw == 2 && g.dw == 1 && g.pw == 0 && 2 * g.Wo <= g.W &&
-      g.Wo > 8)
-    p.whole = false;
+  const bool pairs = !windows_overlap(g) && g.kw == 2 && g.sw == 2 && g.dw == 1 && g.pw == 0 && 2 * g.Wo <= g.W;
+  const Plan p = make_plan(g, false, planes(g), !(pairs && g.Wo > 8));
   const bool scatter = windows_overlap(g) && (p.whole ? g.H * g.W <= kScatterWhole && g.sh * g.sw > 1
                                                       : g.H * g.W * B <= kScatterPlane);
   if (scatter) {
