@@ -239,7 +239,7 @@ struct Adjoint {
     } else {
       // Output indices that can read input index i lie in [s*i - s, s*i + 2s). Order:
       // output row, column, then corners 00, 01, 10, 11 (zero weights included, as ATen).
-      A acc = A(0), hl0, hl1, wl0, wl1;
+      A acc = A(0), hl0 = A(0), hl1 = A(0), wl0 = A(0), wl1 = A(0);  // set by reads() where used
       bool a0, a1, b0, b1;
       for (int64_t oh = h * s - s; oh < h * s + 2 * s; ++oh) {
         reads(oh, h, o.h, ho, scale, a0, a1, hl0, hl1);

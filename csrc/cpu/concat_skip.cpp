@@ -39,9 +39,18 @@ template <typename A>
 struct LinearAxis {
   std::vector<int64_t> i0, i1;
   std::vector<A> l0, l1;
+  // Scale 2 away from the edges: output 2i reads inputs i-1, i and output 2i+1 reads
+  // i, i+1, each parity with the same weights (checked against the table, so the
+  // contiguous loops of bilinear_hrow reproduce it exactly).
+  bool pairs = false;
   LinearAxis(int64_t n_in, int64_t n_out, int64_t s) : i0(n_out), i1(n_out), l0(n_out), l1(n_out) {
     const A scale = static_cast<A>(1.0 / static_cast<double>(s));
     for (int64_t d = 0; d < n_out; ++d) linear_source(d, scale, n_in, n_out, i0[d], i1[d], l0[d], l1[d]);
+    pairs = s == 2 && n_in >= 3 && n_out == 2 * n_in;
+    for (int64_t d = 2; pairs && d < n_out - 2; ++d) {
+      const int64_t want = d / 2 - (d % 2 == 0 ? 1 : 0);
+      pairs = i0[d] == want && i1[d] == want + 1 && l0[d] == l0[2 + d % 2] && l1[d] == l1[2 + d % 2];
+    }
   }
 };
 
@@ -53,6 +62,11 @@ struct LinearAdjoint {
   std::vector<int64_t> start, d;
   std::vector<A> la, lb;  // lb is used when cnt == 2
   std::vector<int32_t> cnt;
+  // Scale 2 away from the edges (inputs [2, n_in - 2)): input i is read by outputs
+  // 2i-1 .. 2i+2, one corner each, with the weights pw[0..3] (checked against the
+  // table, so bilinear_adjoint_row's contiguous loop reproduces it exactly).
+  bool pairs = false;
+  A pw[4] = {};
   LinearAdjoint(int64_t n_in, int64_t n_out, int64_t s) : start(n_in + 1, 0) {
     LinearAxis<A> ax(n_in, n_out, s);
     std::vector<std::vector<int64_t>> by_input(n_in);  // indices into ax
@@ -75,6 +89,15 @@ struct LinearAdjoint {
         }
       }
     }
+    pairs = s == 2 && n_in >= 5 && n_out == 2 * n_in;
+    for (int k = 0; pairs && k < 4; ++k) pw[k] = la[start[2] + k];
+    for (int64_t i = 2; pairs && i < n_in - 2; ++i) {
+      pairs = start[i + 1] - start[i] == 4;
+      for (int64_t k = 0; pairs && k < 4; ++k) {
+        const int64_t b = start[i] + k;
+        pairs = d[b] == 2 * i - 1 + k && cnt[b] == 1 && la[b] == pw[k];
+      }
+    }
   }
 };
 
@@ -94,16 +117,40 @@ DTK_INLINE void repeat_row(const E* DTK_RESTRICT x, E* DTK_RESTRICT o, int64_t w
   }
 }
 
-// One output row of bilinear: ATen's generic kernel's arithmetic, fused as it is.
+// Bilinear NCHW in two passes, ATen's generic kernel's arithmetic exactly: a source
+// row interpolated along w (t = fma(x0, w0, x1 * w1): the same for every output row
+// that reads it, so it is kept and reused), then each output row from its two
+// source rows (fma(t0, h0, t1 * h1)). `pairs`: the scale-2 pattern of LinearAxis,
+// where contiguous loads replace the table's gathers.
 template <typename T, typename A = acc_t<T>>
-DTK_INLINE void bilinear_row(const T* DTK_RESTRICT r0, const T* DTK_RESTRICT r1, T* DTK_RESTRICT o,
-                             int64_t w_out, const int64_t* iw0, const int64_t* iw1, const A* w0,
-                             const A* w1, A h0, A h1) {
-  for (int64_t i = 0; i < w_out; ++i) {
-    const A t0 = fma_op(A(r0[iw0[i]]), w0[i], A(r0[iw1[i]]) * w1[i]);
-    const A t1 = fma_op(A(r1[iw0[i]]), w0[i], A(r1[iw1[i]]) * w1[i]);
-    o[i] = T(fma_op(t0, h0, t1 * h1));
+DTK_INLINE void bilinear_hrow(const T* DTK_RESTRICT r, A* DTK_RESTRICT t, int64_t w_in, int64_t w_out,
+                              bool pairs, const int64_t* iw0, const int64_t* iw1, const A* w0, const A* w1) {
+  if (!pairs) {
+    for (int64_t o = 0; o < w_out; ++o) t[o] = fma_op(A(r[iw0[o]]), w0[o], A(r[iw1[o]]) * w1[o]);
+    return;
   }
+  for (int64_t o : {int64_t(0), int64_t(1), w_out - 2, w_out - 1})
+    t[o] = fma_op(A(r[iw0[o]]), w0[o], A(r[iw1[o]]) * w1[o]);
+  const A e0 = w0[2], e1 = w1[2], d0 = w0[3], d1 = w1[3];
+  for (int64_t i = 1; i < w_in - 1; ++i) {
+    t[2 * i] = fma_op(A(r[i - 1]), e0, A(r[i]) * e1);
+    t[2 * i + 1] = fma_op(A(r[i]), d0, A(r[i + 1]) * d1);
+  }
+}
+
+template <typename T, typename A = acc_t<T>>
+DTK_INLINE void bilinear_vmix(const A* DTK_RESTRICT t0, const A* DTK_RESTRICT t1, T* DTK_RESTRICT o, int64_t n,
+                              A h0, A h1) {
+  using L = Lanes<A>;
+  constexpr int N = L::N;
+  int64_t k = 0;
+  for (; k + N <= n; k += N) {  // explicit vectors: GCC rounds to the 16-bit types one at a time
+    const typename L::V a = loadu<typename L::V>(t0 + k), b = loadu<typename L::V>(t1 + k);
+    typename L::V v;
+    for (int j = 0; j < N; ++j) v[j] = fma_op(a[j], h0, b[j] * h1);
+    vstore(o + k, v);
+  }
+  for (; k < n; ++k) o[k] = T(fma_op(t0[k], h0, t1[k] * h1));
 }
 
 // channels_last: one output pixel's channels from four source pixels.
@@ -143,28 +190,57 @@ DTK_INLINE void nearest_adjoint_row(const T* DTK_RESTRICT g, int64_t row, T* DTK
 }
 
 // Bilinear adjoint, NCHW: one x row (input row ih) from the gradient plane; the
-// h-entries are ih's, the w-entries are indexed per input column.
+// h-entries are ih's, the w-entries are indexed per input column. `pairs` (scale 2,
+// see LinearAdjoint): columns [2, w_in - 2) go in one contiguous loop per h-entry,
+// summed in `acc` in the same order and with the same roundings as the table walk.
 template <typename T, typename A = acc_t<T>>
 DTK_INLINE void bilinear_adjoint_row(const T* DTK_RESTRICT plane, int64_t row, T* DTK_RESTRICT o, int64_t w_in,
                                      const int64_t* hd, const A* hla, const A* hlb, const int32_t* hcnt,
                                      int64_t nh, const int64_t* wstart, const int64_t* wd, const A* wla,
-                                     const A* wlb, const int32_t* wcnt) {
-  for (int64_t i = 0; i < w_in; ++i) {
-    A acc = A(0);
+                                     const A* wlb, const int32_t* wcnt, bool pairs, const A* pw,
+                                     A* DTK_RESTRICT acc) {
+  const int64_t lo = pairs ? 2 : w_in, hi = pairs ? w_in - 2 : w_in;
+  for (int64_t i = 0; i < w_in; i = i + 1 == lo ? hi : i + 1) {
+    A sum = A(0);
     for (int64_t a = 0; a < nh; ++a) {
       const T* grow = plane + hd[a] * row;
       for (int64_t b = wstart[i]; b < wstart[i + 1]; ++b) {
         const A gv = A(grow[wd[b]]);
-        acc = fma_op(hla[a] * wla[b], gv, acc);
-        if (wcnt[b] == 2) acc = fma_op(hla[a] * wlb[b], gv, acc);
+        sum = fma_op(hla[a] * wla[b], gv, sum);
+        if (wcnt[b] == 2) sum = fma_op(hla[a] * wlb[b], gv, sum);
         if (hcnt[a] == 2) {
-          acc = fma_op(hlb[a] * wla[b], gv, acc);
-          if (wcnt[b] == 2) acc = fma_op(hlb[a] * wlb[b], gv, acc);
+          sum = fma_op(hlb[a] * wla[b], gv, sum);
+          if (wcnt[b] == 2) sum = fma_op(hlb[a] * wlb[b], gv, sum);
         }
       }
     }
-    o[i] = T(acc);
+    o[i] = T(sum);
   }
+  if (lo >= hi) return;
+  for (int64_t i = lo; i < hi; ++i) acc[i] = A(0);
+  for (int64_t a = 0; a < nh; ++a) {
+    const T* DTK_RESTRICT g = plane + hd[a] * row;
+    const A x0 = hla[a] * pw[0], x1 = hla[a] * pw[1], x2 = hla[a] * pw[2], x3 = hla[a] * pw[3];
+    if (hcnt[a] == 2) {  // both row corners on ih (an edge row): each column weight twice
+      const A y0 = hlb[a] * pw[0], y1 = hlb[a] * pw[1], y2 = hlb[a] * pw[2], y3 = hlb[a] * pw[3];
+      for (int64_t i = lo; i < hi; ++i) {
+        const A g0 = A(g[2 * i - 1]), g1 = A(g[2 * i]), g2 = A(g[2 * i + 1]), g3 = A(g[2 * i + 2]);
+        A v = acc[i];
+        v = fma_op(y0, g0, fma_op(x0, g0, v));
+        v = fma_op(y1, g1, fma_op(x1, g1, v));
+        v = fma_op(y2, g2, fma_op(x2, g2, v));
+        acc[i] = fma_op(y3, g3, fma_op(x3, g3, v));
+      }
+    } else {
+      for (int64_t i = lo; i < hi; ++i)
+        acc[i] = fma_op(x3, A(g[2 * i + 2]),
+                        fma_op(x2, A(g[2 * i + 1]), fma_op(x1, A(g[2 * i]), fma_op(x0, A(g[2 * i - 1]), acc[i]))));
+    }
+  }
+  using L = Lanes<A>;
+  int64_t i = lo;
+  for (; i + L::N <= hi; i += L::N) vstore(o + i, loadu<typename L::V>(acc + i));  // 16-bit: a vector at a time
+  for (; i < hi; ++i) o[i] = T(acc[i]);
 }
 
 template <typename T, typename A = acc_t<T>>
@@ -192,10 +268,14 @@ DTK_CS_COPY_CLONES(uint64_t)
 #undef DTK_CS_COPY_CLONES
 
 #define DTK_CS_CLONES(T)                                                                            \
-  DTK_CLONES void bilinear_row_k(const T* r0, const T* r1, T* o, int64_t w_out, const int64_t* iw0,   \
-                                 const int64_t* iw1, const acc_t<T>* w0, const acc_t<T>* w1,         \
-                                 acc_t<T> h0, acc_t<T> h1) {                                        \
-    bilinear_row<T>(r0, r1, o, w_out, iw0, iw1, w0, w1, h0, h1);                                    \
+  DTK_CLONES void bilinear_hrow_k(const T* r, acc_t<T>* t, int64_t w_in, int64_t w_out, bool pairs,  \
+                                  const int64_t* iw0, const int64_t* iw1, const acc_t<T>* w0,        \
+                                  const acc_t<T>* w1) {                                             \
+    bilinear_hrow<T>(r, t, w_in, w_out, pairs, iw0, iw1, w0, w1);                                   \
+  }                                                                                                 \
+  DTK_CLONES void bilinear_vmix_k(const acc_t<T>* t0, const acc_t<T>* t1, T* o, int64_t n,           \
+                                  acc_t<T> h0, acc_t<T> h1) {                                       \
+    bilinear_vmix<T>(t0, t1, o, n, h0, h1);                                                         \
   }                                                                                                 \
   DTK_CLONES void bilinear_pixel_k(const T* p00, const T* p01, const T* p10, const T* p11, T* o,    \
                                    int64_t c, acc_t<T> w0, acc_t<T> w1, acc_t<T> h0, acc_t<T> h1) { \
@@ -207,9 +287,10 @@ DTK_CS_COPY_CLONES(uint64_t)
   DTK_CLONES void bilinear_adjoint_row_k(                                                           \
       const T* plane, int64_t row, T* o, int64_t w_in, const int64_t* hd, const acc_t<T>* hla,      \
       const acc_t<T>* hlb, const int32_t* hcnt, int64_t nh, const int64_t* wstart, const int64_t* wd, \
-      const acc_t<T>* wla, const acc_t<T>* wlb, const int32_t* wcnt) {                              \
-    bilinear_adjoint_row<T>(plane, row, o, w_in, hd, hla, hlb, hcnt, nh, wstart, wd, wla, wlb,      \
-                            wcnt);                                                                  \
+      const acc_t<T>* wla, const acc_t<T>* wlb, const int32_t* wcnt, bool pairs, const acc_t<T>* pw, \
+      acc_t<T>* acc) {                                                                              \
+    bilinear_adjoint_row<T>(plane, row, o, w_in, hd, hla, hlb, hcnt, nh, wstart, wd, wla, wlb, wcnt, \
+                            pairs, pw, acc);                                                        \
   }                                                                                                 \
   DTK_CLONES void acc_add_k(acc_t<T>* acc, const T* g, int64_t n) { acc_add<T>(acc, g, n); }        \
   DTK_CLONES void acc_fma_k(acc_t<T>* acc, const T* g, acc_t<T> w, int64_t n) {                     \
@@ -279,7 +360,10 @@ void forward_nchw(const at::Tensor& x_in, const at::Tensor& skip_in, at::Tensor&
   const View4<const T>&xv = p.av, &sv = p.bv;
   T* po = out.mutable_data_ptr<T>();
   const int64_t rows = out.size(0) * ct * ho;
+  using A = acc_t<T>;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(wo, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<A> hrow(mode == Upsample::Bilinear ? 2 * wo : 0);
+    int64_t tag[2] = {-1, -1};
     for (int64_t r = begin; r < end;) {
       const int64_t n = r / (ct * ho), c = r / ho % ct, oh = r % ho;
       const int64_t k = std::min(end - r, ho - oh);  // rows of this plane in this chunk
@@ -298,10 +382,22 @@ void forward_nchw(const at::Tensor& x_in, const at::Tensor& skip_in, at::Tensor&
           repeat_row_k(reinterpret_cast<const E*>(xv.at(n, c, (oh + j) / s, 0)), reinterpret_cast<E*>(o + j * wo), wi, s);
       } else {
         const auto &ah = *p.ah, &aw = *p.aw;
+        // Source rows interpolated along w, two kept: consecutive output rows share them.
+        const auto row = [&](int64_t h, int64_t keep) -> const A* {
+          for (int u = 0; u < 2; ++u)
+            if (tag[u] == h) return hrow.data() + u * wo;
+          const int u = tag[0] == keep ? 1 : 0;
+          bilinear_hrow_k(xv.at(n, c, h, 0), hrow.data() + u * wo, wi, wo, aw.pairs, aw.i0.data(), aw.i1.data(),
+                          aw.l0.data(), aw.l1.data());
+          tag[u] = h;
+          return hrow.data() + u * wo;
+        };
+        tag[0] = tag[1] = -1;  // a new plane
         for (int64_t j = 0; j < k; ++j) {
-          const int64_t h = oh + j;
-          bilinear_row_k(xv.at(n, c, ah.i0[h], 0), xv.at(n, c, ah.i1[h], 0), o + j * wo, wo, aw.i0.data(),
-                         aw.i1.data(), aw.l0.data(), aw.l1.data(), ah.l0[h], ah.l1[h]);
+          const int64_t h = oh + j, h0 = ah.i0[h], h1 = ah.i1[h];
+          const A* t0 = row(h0, h1);
+          const A* t1 = row(h1, h0);
+          bilinear_vmix_k(t0, t1, o + j * wo, wo, ah.l0[h], ah.l1[h]);
         }
       }
       r += k;
@@ -363,6 +459,7 @@ void adjoint_nchw(const at::Tensor& g_in, at::Tensor& gx, Upsample mode, int64_t
   const int64_t rows = gx.size(0) * c * hi;
   const int64_t work = mode == Upsample::Bilinear ? 4 * s * s * wi : s * s * wi;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(work, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t<T>> acc(mode == Upsample::Bilinear ? wi : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / (c * hi), ch = r / hi % c, ih = r % hi;
       T* o = po + r * wi;
@@ -373,7 +470,7 @@ void adjoint_nchw(const at::Tensor& g_in, at::Tensor& gx, Upsample mode, int64_t
         const int64_t a0 = ah.start[ih];
         bilinear_adjoint_row_k(gv.at(n, ch, 0, 0), gv.sh, o, wi, ah.d.data() + a0, ah.la.data() + a0,
                                ah.lb.data() + a0, ah.cnt.data() + a0, ah.start[ih + 1] - a0, aw.start.data(),
-                               aw.d.data(), aw.la.data(), aw.lb.data(), aw.cnt.data());
+                               aw.d.data(), aw.la.data(), aw.lb.data(), aw.cnt.data(), aw.pairs, aw.pw, acc.data());
       } else {
         std::memcpy(o, gv.at(n, ch, ih, 0), sizeof(T) * wi);
       }
