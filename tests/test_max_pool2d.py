@@ -253,6 +253,37 @@ def test_negative_zero_gradient_is_atens(backend, memory_format):
         assert not torch.signbit(gi).any(), (shape, args)
 
 
+def test_memory_format_choice_is_atens():
+    """The public op decides NCHW or channels_last as ATen's suggest_memory_format
+    does (its own 4-D rule: prims' costs ~3 us a call): permutations, size-1 and
+    size-0 dimensions, slices, expanded and zero strides, against prims' version and
+    against the output strides of F.max_pool2d itself."""
+    from torch._prims_common import suggest_memory_format as prims_suggest
+
+    from dtkernels.ops._common import suggest_memory_format
+
+    rng = random.Random(3)
+    perms = [(0, 1, 2, 3), (0, 2, 3, 1), (0, 3, 1, 2), (1, 0, 2, 3), (0, 1, 3, 2), (3, 2, 1, 0)]
+    checked = 0
+    for _ in range(400):
+        shape = [rng.choice([1, 1, 2, 3, 5]) for _ in range(4)]
+        base = torch.randn(*[shape[p] for p in rng.choice(perms)])
+        t = base.permute(*rng.choice(perms))
+        if rng.random() < 0.3:
+            t = t[..., ::2] if t.shape[-1] > 1 else t.expand(*t.shape[:-1], 3)
+        if rng.random() < 0.2:
+            t = t.as_strided(t.shape, [0 if rng.random() < 0.3 else st for st in t.stride()])
+        want = prims_suggest(t)
+        assert suggest_memory_format(t) == want, (t.shape, t.stride())
+        if min(t.shape) > 0 and t.shape[2] > 1 and t.shape[3] > 1:
+            out = F.max_pool2d(t, 1)
+            assert out.is_contiguous(memory_format=want), (t.shape, t.stride())
+            checked += 1
+    assert checked > 50
+    for t in (torch.empty(2, 3, 0, 4), torch.empty(0, 3, 4, 4).contiguous(memory_format=CL)):
+        assert suggest_memory_format(t) == prims_suggest(t)
+
+
 def test_inputs_not_modified(backend_dtype):
     _, device, dtype = backend_dtype
     for fmt in (None, CL):
