@@ -69,6 +69,7 @@ struct Plan {
   std::vector<int64_t> wrel;   // tap i*kw + j -> start of its run
   std::vector<int32_t> wcode;  // tap -> the code it records
   std::vector<int32_t> winit;  // output q = (k*R + oh)*P + ow -> code of its first tap past the padding
+                               // (plan_whole_init: only a forward that records codes needs it)
 };
 
 // ---- small NCHW planes, whole --------------------------------------------------------
@@ -131,12 +132,19 @@ void plan_whole(Plan& p, int64_t planes) {
       p.wrel[i * g.kw + j] = (rh_i[i] * g.sw + rh_j[j]) * p.sub + (sh_i[i] - p.tlo) * p.P + sh_j[j] - p.ulo;
       p.wcode[i * g.kw + j] = static_cast<int32_t>(i * p.ci + j * p.cj);
     }
-  p.winit.assign(p.np * p.R * p.P, 0);
-  for (int64_t k = 0; k < p.np; ++k)
-    for (int64_t oh = 0; oh < g.Ho; ++oh)
-      for (int64_t ow = 0; ow < g.Wo; ++ow)
-        p.winit[(k * p.R + oh) * p.P + ow] = static_cast<int32_t>(Pool2d::first_tap(oh, g.sh, g.ph, g.dh) * p.ci +
-                                                                  Pool2d::first_tap(ow, g.sw, g.pw, g.dw) * p.cj);
+}
+
+// winit, for a forward that records codes: one plane's, repeated.
+void plan_whole_init(Plan& p) {
+  const Pool2d& g = p.g;
+  const int64_t plane = p.R * p.P;
+  p.winit.assign(p.np * plane, 0);
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    const int64_t ci = Pool2d::first_tap(oh, g.sh, g.ph, g.dh) * p.ci;
+    for (int64_t ow = 0; ow < g.Wo; ++ow)
+      p.winit[oh * p.P + ow] = static_cast<int32_t>(ci + Pool2d::first_tap(ow, g.sw, g.pw, g.dw) * p.cj);
+  }
+  for (int64_t k = 1; k < p.np; ++k) std::copy_n(p.winit.begin(), plane, p.winit.begin() + k * plane);
 }
 
 bool windows_overlap(const Pool2d& g) {
@@ -800,6 +808,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
   const bool stream = res.out.nbytes() >= kStreamBytes;
   Plan p = make_plan(g, delta_codes, planes(g), !stream && (windows_overlap(g) || g.Wo < 48));
   p.stream = stream;
+  if (p.whole && (return_indices || return_offsets)) plan_whole_init(p);
   const FwdOut o{res.out.data_ptr(), return_offsets ? res.offsets.data_ptr() : nullptr,
                  static_cast<int>(res.offsets.element_size()),
                  return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr};
