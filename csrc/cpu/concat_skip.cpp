@@ -237,10 +237,7 @@ DTK_INLINE void bilinear_adjoint_row(const T* DTK_RESTRICT plane, int64_t row, T
                         fma_op(x2, A(g[2 * i + 1]), fma_op(x1, A(g[2 * i]), fma_op(x0, A(g[2 * i - 1]), acc[i]))));
     }
   }
-  using L = Lanes<A>;
-  int64_t i = lo;
-  for (; i + L::N <= hi; i += L::N) vstore(o + i, loadu<typename L::V>(acc + i));  // 16-bit: a vector at a time
-  for (; i < hi; ++i) o[i] = T(acc[i]);
+  convert_out(o + lo, acc + lo, hi - lo);
 }
 
 template <typename T, typename A = acc_t<T>>

@@ -321,16 +321,6 @@ DTK_INLINE void convert(D* DTK_RESTRICT dst, const S* DTK_RESTRICT src, int64_t 
   for (int64_t o = 0; o < n; ++o) dst[o] = static_cast<D>(src[o]);
 }
 
-// dst[o] = src[o] in the output type, a vector at a time (GCC rounds float to the
-// 16-bit types one element at a time).
-template <typename T, typename A>
-DTK_INLINE void convert_out(T* DTK_RESTRICT dst, const A* DTK_RESTRICT src, int64_t n) {
-  constexpr int N = Lanes<A>::N;
-  int64_t o = 0;
-  for (; o + N <= n; o += N) vstore(dst + o, loadu<typename Lanes<A>::V>(src + o));
-  for (; o < n; ++o) dst[o] = static_cast<T>(src[o]);
-}
-
 // ATen's flat index ih*W + iw = (oh*sh - ph)*W + (ow*sw - pw) + (tap's i*dh*W + j*dw).
 DTK_INLINE void store_indices(int64_t* DTK_RESTRICT idx, const int32_t* DTK_RESTRICT t, const Plan& p,
                               const int64_t* DTK_RESTRICT col, int64_t rowbase, int64_t n) {
@@ -389,12 +379,6 @@ DTK_INLINE void gather_add(A* DTK_RESTRICT acc, const T* DTK_RESTRICT g, const O
     add(n - N, lane >= static_cast<E>(o - (n - N)));
   }
 }
-
-// {a0, b0, a1, b1, ...}: the first and second halves of a and b interleaved.
-DTK_INLINE f32x8 interleave_lo(f32x8 a, f32x8 b) { return __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11); }
-DTK_INLINE f32x8 interleave_hi(f32x8 a, f32x8 b) { return __builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15); }
-DTK_INLINE f64x4 interleave_lo(f64x4 a, f64x4 b) { return __builtin_shufflevector(a, b, 0, 4, 1, 5); }
-DTK_INLINE f64x4 interleave_hi(f64x4 a, f64x4 b) { return __builtin_shufflevector(a, b, 2, 6, 3, 7); }
 
 // row[2o + j] = 0 + g[o] where off[o] is tap0 + j, else 0 (j = 0, 1): columns tiled
 // by 2-wide, stride-2 windows, written once. The sum with +0 is ATen's (its -0

@@ -120,6 +120,22 @@ DTK_INLINE void vstore(double* p, f64x4 v) { storeu(p, v); }
 DTK_INLINE void vstore(c10::Half* p, f32x8 v) { storeu(p, float_to_half(v)); }
 DTK_INLINE void vstore(c10::BFloat16* p, f32x8 v) { storeu(p, float_to_bf16(v)); }
 
+// dst[o] = src[o] from the compute type, a vector at a time (GCC rounds float to the
+// 16-bit types one element at a time).
+template <typename T, typename A>
+DTK_INLINE void convert_out(T* DTK_RESTRICT dst, const A* DTK_RESTRICT src, int64_t n) {
+  constexpr int N = Lanes<A>::N;
+  int64_t o = 0;
+  for (; o + N <= n; o += N) vstore(dst + o, loadu<typename Lanes<A>::V>(src + o));
+  for (; o < n; ++o) dst[o] = static_cast<T>(src[o]);
+}
+
+// The first (lo) or second (hi) halves of a and b interleaved: {a0, b0, a1, b1, ...}.
+DTK_INLINE f32x8 interleave_lo(f32x8 a, f32x8 b) { return __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11); }
+DTK_INLINE f32x8 interleave_hi(f32x8 a, f32x8 b) { return __builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15); }
+DTK_INLINE f64x4 interleave_lo(f64x4 a, f64x4 b) { return __builtin_shufflevector(a, b, 0, 4, 1, 5); }
+DTK_INLINE f64x4 interleave_hi(f64x4 a, f64x4 b) { return __builtin_shufflevector(a, b, 2, 6, 3, 7); }
+
 // Non-temporal stores, for outputs too large to stay in cache: no read-for-ownership
 // of the destination lines, no eviction of the inputs. `p` must be 16-byte aligned;
 // call stream_fence() before the data is handed to another thread.
