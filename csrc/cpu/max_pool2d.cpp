@@ -433,7 +433,7 @@ DTK_INLINE void split_row(const T* DTK_RESTRICT row, A* DTK_RESTRICT d, const Pl
     for (int64_t w0 = 0, t = 0; w0 < W; w0 += sw, ++t)
       for (int64_t c = 0; c < sw && w0 + c < W; ++c) {
         if (B == 1) d0[c * p.len + t] = static_cast<A>(row[w0 + c]);
-        else convert(d0 + (c * p.len + t) * B, row + (w0 + c) * B, B);
+        else convert_px<A>(d0 + (c * p.len + t) * B, row + (w0 + c) * B, B);
       }
   }
 }
@@ -457,7 +457,7 @@ DTK_INLINE void merge_row(const A* DTK_RESTRICT d, T* DTK_RESTRICT row, const Pl
     for (int64_t w0 = 0, t = 0; w0 < W; w0 += sw, ++t)
       for (int64_t c = 0; c < sw && w0 + c < W; ++c) {
         if (B == 1) row[w0 + c] = static_cast<T>(d0[c * p.len + t]);
-        else convert(row + (w0 + c) * B, d0 + (c * p.len + t) * B, B);
+        else convert_px<A>(row + (w0 + c) * B, d0 + (c * p.len + t) * B, B);
       }
   }
 }
