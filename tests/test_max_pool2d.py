@@ -623,6 +623,8 @@ def test_cpu_whole_planes_and_rows_match_the_reference(dtype):
               ((1, 2, 20, 96), (2, 2), (2, 2), (0, 0), (1, 1), True),    # 48: rows forward
               ((1, 3, 90, 90), (3, 3), (2, 2), (1, 1), (1, 1), False),   # split of 16 * 46^2 > 16384: rows
               ((2, 5, 1, 1), (1, 1), (1, 1), (0, 0), (1, 1), False),
+              ((2, 16, 9, 11), (3, 3), (2, 2), (1, 1), (1, 1), True),    # channels_last pixels of whole vectors
+              ((1, 20, 7, 12), (2, 2), (2, 2), (0, 0), (1, 1), False),   # ... and of vectors and a rest
               ((1, 2, 13, 17), (4, 3), (3, 4), (2, 1), (2, 3), True)]
     for n, (shape, k, s, p, d, cm) in enumerate(cases):
         fmts = [None, CL] if len(shape) == 4 else [None]
