@@ -641,6 +641,29 @@ def test_cpu_whole_planes_and_rows_match_the_reference(dtype):
                 assert gi.stride() == x.stride(), msg
 
 
+def test_cpu_whole_planes_split_across_tasks():
+    """Many small planes: stacks of planes cut by parallel chunks at arbitrary planes
+    (partial stacks at each chunk's end), on 2 threads; values, indices and float32
+    gradients bit-exact to ATen."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n, (shape, args) in enumerate([((1, 512, 14, 14), (2,)), ((8, 256, 8, 8), (3, 2, 1)),
+                                           ((3, 300, 9, 13), (3, 2, 1, 1, True))]):
+            x = _data(shape, torch.float32, "cpu", seed=n)
+            a_out, a_idx = F.max_pool2d(x, *args, return_indices=True)
+            xo, xa = x.clone().requires_grad_(), x.clone().requires_grad_()
+            out, idx = dtk.max_pool2d(xo, *args, return_indices=True)
+            _same(out, a_out)
+            assert torch.equal(idx, a_idx), shape
+            g = rand(*out.shape, generator=torch.Generator().manual_seed(n))
+            (gi,) = torch.autograd.grad(out, xo, g)
+            (want,) = torch.autograd.grad(F.max_pool2d(xa, *args), xa, g)
+            assert torch.equal(gi, want), shape
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype,memory_format,shape", [
     (torch.float32, None, (1, 33, 256, 1022)),   # odd output width: unaligned rows too
     (torch.float16, CL, (1, 128, 256, 512)),
