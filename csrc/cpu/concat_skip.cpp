@@ -237,7 +237,7 @@ DTK_INLINE void bilinear_adjoint_row(const T* DTK_RESTRICT plane, int64_t row, T
                         fma_op(x2, A(g[2 * i + 1]), fma_op(x1, A(g[2 * i]), fma_op(x0, A(g[2 * i - 1]), acc[i]))));
     }
   }
-  convert_out(o + lo, acc + lo, hi - lo);
+  convert_px<A>(o + lo, acc + lo, hi - lo);
 }
 
 template <typename T, typename A = acc_t<T>>

@@ -90,18 +90,26 @@ constexpr int64_t kWholePlane = 16384;
 constexpr int64_t kWholeCols = 64;
 constexpr int64_t kWholeStack = 4096;
 
-// Along one dimension: tap k at output o reads sub-image row (column) o + shift[k] of
-// residue res[k]; a plane's rows (columns) span [lo, lo + n).
-void whole_axis(int64_t k, int64_t s, int64_t pad, int64_t d, int64_t in, int64_t out, std::vector<int64_t>& shift,
-                std::vector<int64_t>& res, int64_t& lo, int64_t& n) {
+// Tap i's position in window 0, i*d - pad, as shift[i]*s + res[i] (0 <= res < s): at
+// output o the tap reads element o + shift[i] of residue res[i] along that dimension.
+void residues(int64_t k, int64_t s, int64_t pad, int64_t d, std::vector<int64_t>& shift, std::vector<int64_t>& res) {
   shift.resize(k);
   res.resize(k);
-  int64_t mx = 0;
-  lo = 0;
   for (int64_t i = 0; i < k; ++i) {
     const int64_t e = i * d - pad;
     shift[i] = div_floor(e, s);
     res[i] = e - shift[i] * s;
+  }
+}
+
+// Along one dimension: tap k at output o reads sub-image row (column) o + shift[k] of
+// residue res[k]; a plane's rows (columns) span [lo, lo + n).
+void whole_axis(int64_t k, int64_t s, int64_t pad, int64_t d, int64_t in, int64_t out, std::vector<int64_t>& shift,
+                std::vector<int64_t>& res, int64_t& lo, int64_t& n) {
+  residues(k, s, pad, d, shift, res);
+  int64_t mx = 0;
+  lo = 0;
+  for (int64_t i = 0; i < k; ++i) {
     lo = std::min(lo, shift[i]);
     mx = std::max(mx, shift[i]);
   }
@@ -162,14 +170,8 @@ Plan make_plan(const Pool2d& g, bool delta_codes, int64_t planes, bool whole) {
   p.codes_are_delta = delta_codes;
   p.ci = static_cast<int32_t>(delta_codes ? g.dh * g.W : g.kw);
   p.cj = static_cast<int32_t>(delta_codes ? g.dw : 1);
-  p.res.resize(g.kw);
-  p.shift.resize(g.kw);
+  residues(g.kw, g.sw, g.pw, g.dw, p.shift, p.res);
   p.at.resize(g.kw);
-  for (int64_t j = 0; j < g.kw; ++j) {
-    const int64_t e = j * g.dw - g.pw;  // input column of tap j in window 0
-    p.shift[j] = div_floor(e, g.sw);
-    p.res[j] = e - p.shift[j] * g.sw;
-  }
   const int64_t tw = (g.W + g.sw - 1) / g.sw;
   p.lpad = p.shift[0] < 0 ? -p.shift[0] : 0;
   p.len = p.lpad + std::max(tw, g.Wo + p.shift[g.kw - 1]);
@@ -412,105 +414,76 @@ DTK_INLINE void unpool_pairs(T* DTK_RESTRICT row, const T* DTK_RESTRICT g, const
   }
 }
 
-// Residue split of one input row: pixel t*sw + c goes to D_c[lpad + t]. Positions
-// past the row are never written (the forward's -inf stays there).
+// Residue split of one row of W pixels of B elements each: pixel t*sw + c goes to
+// d[c*stride + t*B]. Positions that hold no pixel are never written (the forward's
+// -inf or the backward's 0 stays there). No divisions, and no per-pixel copy calls.
 template <typename T, typename A>
-DTK_INLINE void split_row(const T* DTK_RESTRICT row, A* DTK_RESTRICT d, const Plan& p) {
-  const int64_t W = p.g.W, sw = p.g.sw, B = p.B;
-  A* d0 = d + p.lpad * B;
+DTK_INLINE void split_pixels(const T* DTK_RESTRICT row, A* DTK_RESTRICT d, int64_t W, int64_t sw, int64_t B,
+                             int64_t stride) {
   if (sw == 1) {
-    convert(d0, row, W * B);
+    convert(d, row, W * B);
   } else if (sw == 2 && B == 1) {
-    A* d1 = d0 + p.len;
+    A* d1 = d + stride;
     const int64_t h = W / 2;
     for (int64_t t = 0; t < h; ++t) {
-      d0[t] = static_cast<A>(row[2 * t]);
+      d[t] = static_cast<A>(row[2 * t]);
       d1[t] = static_cast<A>(row[2 * t + 1]);
     }
-    if (W & 1) d0[h] = static_cast<A>(row[W - 1]);
+    if (W & 1) d[h] = static_cast<A>(row[W - 1]);
   } else {
-    // no divisions, and no per-pixel copy calls (GCC makes convert a memmove) when B = 1
     for (int64_t w0 = 0, t = 0; w0 < W; w0 += sw, ++t)
       for (int64_t c = 0; c < sw && w0 + c < W; ++c) {
-        if (B == 1) d0[c * p.len + t] = static_cast<A>(row[w0 + c]);
-        else convert_px<A>(d0 + (c * p.len + t) * B, row + (w0 + c) * B, B);
+        if (B == 1) d[c * stride + t] = static_cast<A>(row[w0 + c]);
+        else convert_px<A>(d + c * stride + t * B, row + (w0 + c) * B, B);
       }
   }
 }
 
 // The inverse, converting to the output type.
 template <typename T, typename A>
-DTK_INLINE void merge_row(const A* DTK_RESTRICT d, T* DTK_RESTRICT row, const Plan& p) {
-  const int64_t W = p.g.W, sw = p.g.sw, B = p.B;
-  const A* d0 = d + p.lpad * B;
+DTK_INLINE void merge_pixels(const A* DTK_RESTRICT d, T* DTK_RESTRICT row, int64_t W, int64_t sw, int64_t B,
+                             int64_t stride) {
   if (sw == 1) {
-    convert(row, d0, W * B);
+    convert(row, d, W * B);
   } else if (sw == 2 && B == 1) {
-    const A* d1 = d0 + p.len;
+    const A* d1 = d + stride;
     const int64_t h = W / 2;
     for (int64_t t = 0; t < h; ++t) {
-      row[2 * t] = static_cast<T>(d0[t]);
+      row[2 * t] = static_cast<T>(d[t]);
       row[2 * t + 1] = static_cast<T>(d1[t]);
     }
-    if (W & 1) row[W - 1] = static_cast<T>(d0[h]);
+    if (W & 1) row[W - 1] = static_cast<T>(d[h]);
   } else {
     for (int64_t w0 = 0, t = 0; w0 < W; w0 += sw, ++t)
       for (int64_t c = 0; c < sw && w0 + c < W; ++c) {
-        if (B == 1) row[w0 + c] = static_cast<T>(d0[c * p.len + t]);
-        else convert_px<A>(row + (w0 + c) * B, d0 + (c * p.len + t) * B, B);
+        if (B == 1) row[w0 + c] = static_cast<T>(d[c * stride + t]);
+        else convert_px<A>(row + (w0 + c) * B, d + c * stride + t * B, B);
       }
   }
 }
 
-// The residue split of plane k of a stack (see plan_whole): pixel (ih, iw) goes to
-// sub-image (ih % sh, iw % sw), row k*R + ih / sh, column iw / sw (less tlo, ulo).
-// Positions that hold no pixel are not written.
+// One input row into residue arrays D_c (D_c[lpad + t] = pixel t*sw + c), and back.
+template <typename T, typename A>
+DTK_INLINE void split_row(const T* DTK_RESTRICT row, A* DTK_RESTRICT d, const Plan& p) {
+  split_pixels(row, d + p.lpad * p.B, p.g.W, p.g.sw, p.B, p.len * p.B);
+}
+template <typename T, typename A>
+DTK_INLINE void merge_row(const A* DTK_RESTRICT d, T* DTK_RESTRICT row, const Plan& p) {
+  merge_pixels(d + p.lpad * p.B, row, p.g.W, p.g.sw, p.B, p.len * p.B);
+}
+
+// Plane k of a stack (see plan_whole): pixel (ih, iw) goes to sub-image
+// (ih % sh, iw % sw), row k*R + ih / sh, column iw / sw (less tlo, ulo); and back.
+DTK_INLINE int64_t plane_row(const Plan& p, int64_t k, int64_t ih) {
+  return (ih % p.g.sh) * p.g.sw * p.sub + (k * p.R + ih / p.g.sh - p.tlo) * p.P - p.ulo;
+}
 template <typename T, typename A>
 DTK_INLINE void split_plane(const T* DTK_RESTRICT x, A* DTK_RESTRICT s, const Plan& p, int64_t k) {
-  const Pool2d& g = p.g;
-  for (int64_t ih = 0; ih < g.H; ++ih) {
-    const T* row = x + ih * g.W;
-    // d[b*sub + u]: pixel u*sw + b of the row
-    A* d = s + (ih % g.sh) * g.sw * p.sub + (k * p.R + ih / g.sh - p.tlo) * p.P - p.ulo;
-    if (g.sw == 1) {
-      convert(d, row, g.W);
-    } else if (g.sw == 2) {
-      A* d1 = d + p.sub;
-      const int64_t h = g.W / 2;
-      for (int64_t u = 0; u < h; ++u) {
-        d[u] = static_cast<A>(row[2 * u]);
-        d1[u] = static_cast<A>(row[2 * u + 1]);
-      }
-      if (g.W & 1) d[h] = static_cast<A>(row[g.W - 1]);
-    } else {
-      for (int64_t w0 = 0, u = 0; w0 < g.W; w0 += g.sw, ++u)  // no divisions: they cost more than the copy
-        for (int64_t b = 0; b < g.sw && w0 + b < g.W; ++b) d[b * p.sub + u] = static_cast<A>(row[w0 + b]);
-    }
-  }
+  for (int64_t ih = 0; ih < p.g.H; ++ih) split_pixels(x + ih * p.g.W, s + plane_row(p, k, ih), p.g.W, p.g.sw, 1, p.sub);
 }
-
-// The inverse, converting to the output type.
 template <typename T, typename A>
 DTK_INLINE void merge_plane(const A* DTK_RESTRICT s, T* DTK_RESTRICT x, const Plan& p, int64_t k) {
-  const Pool2d& g = p.g;
-  for (int64_t ih = 0; ih < g.H; ++ih) {
-    T* row = x + ih * g.W;
-    const A* d = s + (ih % g.sh) * g.sw * p.sub + (k * p.R + ih / g.sh - p.tlo) * p.P - p.ulo;
-    if (g.sw == 1) {
-      convert(row, d, g.W);
-    } else if (g.sw == 2) {
-      const A* d1 = d + p.sub;
-      const int64_t h = g.W / 2;
-      for (int64_t u = 0; u < h; ++u) {
-        row[2 * u] = static_cast<T>(d[u]);
-        row[2 * u + 1] = static_cast<T>(d1[u]);
-      }
-      if (g.W & 1) row[g.W - 1] = static_cast<T>(d[h]);
-    } else {
-      for (int64_t w0 = 0, u = 0; w0 < g.W; w0 += g.sw, ++u)
-        for (int64_t b = 0; b < g.sw && w0 + b < g.W; ++b) row[w0 + b] = static_cast<T>(d[b * p.sub + u]);
-    }
-  }
+  for (int64_t ih = 0; ih < p.g.H; ++ih) merge_pixels(s + plane_row(p, k, ih), x + ih * p.g.W, p.g.W, p.g.sw, 1, p.sub);
 }
 
 // ---- forward and backward over rows ------------------------------------------------------
@@ -692,7 +665,7 @@ DTK_INLINE void backward_whole(const Plan& p, const T* go, const O* off, T* gi, 
       for (int64_t k = 0; k < cnt; ++k) merge_plane(s.data(), gi + (c0 + k) * in_plane, p, k);
     } else {  // merged in the compute type, then rounded a vector at a time
       for (int64_t k = 0; k < cnt; ++k) merge_plane(s.data(), staged.data() + k * in_plane, p, k);
-      convert_out(gi + c0 * in_plane, staged.data(), cnt * in_plane);
+      convert_px<A>(gi + c0 * in_plane, staged.data(), cnt * in_plane);
     }
   }
 }

@@ -121,19 +121,10 @@ DTK_INLINE void vstore(double* p, f64x4 v) { storeu(p, v); }
 DTK_INLINE void vstore(c10::Half* p, f32x8 v) { storeu(p, float_to_half(v)); }
 DTK_INLINE void vstore(c10::BFloat16* p, f32x8 v) { storeu(p, float_to_bf16(v)); }
 
-// dst[o] = src[o] from the compute type, a vector at a time (GCC rounds float to the
-// 16-bit types one element at a time).
-template <typename T, typename A>
-DTK_INLINE void convert_out(T* DTK_RESTRICT dst, const A* DTK_RESTRICT src, int64_t n) {
-  constexpr int N = Lanes<A>::N;
-  int64_t o = 0;
-  for (; o + N <= n; o += N) vstore(dst + o, loadu<typename Lanes<A>::V>(src + o));
-  for (; o < n; ++o) dst[o] = static_cast<T>(src[o]);
-}
-
-// The B elements of one pixel, converted between a type and its compute type A: a
-// vector at a time, the rest element by element with a fixed bound (GCC turns a
-// plain copy loop of runtime length into a memmove call: 10 ns a pixel).
+// n elements converted between a type and its compute type A (or copied): a vector
+// at a time (GCC converts to and from the 16-bit types one element at a time), the
+// rest of a copy with a fixed bound (GCC turns a copy loop of runtime length into a
+// memmove call: 10 ns for one pixel's few channels).
 template <typename A, typename D, typename S>
 DTK_INLINE void convert_px(D* DTK_RESTRICT dst, const S* DTK_RESTRICT src, int64_t n) {
   constexpr int N = Lanes<A>::N;
