@@ -91,14 +91,40 @@ struct Routed {
   }
 };
 
+// Calls an op past its autograd kernel, straight to the kernels below.
+template <typename Sig, typename... Args>
+decltype(auto) call_below_autograd(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(std::forward<Args>(args)...);
+}
+
 // Calls a backward op from an autograd Function's backward. Without create_graph,
 // grad mode is off and no graph is recorded, so the call goes straight to the
 // kernel; with it, through the op's own autograd (double backward, in Python).
 template <typename Sig, typename... Args>
 decltype(auto) call_in_backward(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
   if (at::GradMode::is_enabled()) return op.call(std::forward<Args>(args)...);
-  at::AutoDispatchBelowADInplaceOrView below;
-  return op.call(std::forward<Args>(args)...);
+  return call_below_autograd(op, std::forward<Args>(args)...);
+}
+
+// Whether autograd has anything to record for a call with these tensor arguments:
+// one requires grad (in grad mode), or carries a forward-mode tangent (the
+// Functions have no jvp, and only Function::apply reports that). When not, a
+// public op's autograd kernel calls the op below autograd: Function::apply would
+// still build a node and its saved data, about 1 us a call, for nothing.
+inline bool autograd_records(const at::Tensor& t) {
+  return t.defined() && ((t.requires_grad() && at::GradMode::is_enabled()) || t._fw_grad(/*level=*/0).defined());
+}
+
+inline bool autograd_records(at::TensorList ts) {
+  for (const at::Tensor& t : ts)
+    if (autograd_records(t)) return true;
+  return false;
+}
+
+template <typename A, typename B, typename... Rest>
+bool autograd_records(const A& a, const B& b, const Rest&... rest) {
+  return autograd_records(a) || autograd_records(b, rest...);
 }
 
 }  // namespace dtkernels

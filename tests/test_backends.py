@@ -128,6 +128,43 @@ def test_backward_runs_with_the_forwards_backend(python_lookups):
     assert dtk.get_backend() == "auto"
 
 
+def _calls():
+    """One call of each public op as (name, fn(inputs) -> output, inputs)."""
+    block = dtk.nn.DenseBlock(2, 3, 2).eval().requires_grad_(False)
+    return [("residual_add", lambda a, b: dtk.residual_add(a, b), (rand(2, 3, 4, 4), rand(2, 3, 4, 4))),
+            ("max_pool2d", lambda a: dtk.max_pool2d(a, 3, 2, 1), (rand(2, 3, 9, 9),)),
+            ("concat_skip", lambda a, b: dtk.concat_skip(a, b, upsample="bilinear"),
+             (rand(2, 3, 4, 4), rand(2, 2, 8, 8))),
+            ("dense_block", block, (rand(2, 3, 5, 5),))]
+
+
+@pytest.mark.parametrize("which", range(4), ids=["residual_add", "max_pool2d", "concat_skip", "dense_block"])
+def test_autograd_records_exactly_when_needed(which):
+    """The autograd kernels skip their Function when nothing needs recording, yet
+    every input that requires grad still gets its gradient, and a forward-mode
+    tangent is still refused rather than dropped."""
+    name, f, inputs = _calls()[which]
+    plain = f(*inputs)
+    assert plain.grad_fn is None and not plain.requires_grad
+    for i in range(len(inputs)):  # each input alone requiring grad
+        args = [t.clone().requires_grad_(j == i) for j, t in enumerate(inputs)]
+        out = f(*args)
+        assert out.grad_fn is not None, (name, i)
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)
+        out.backward(torch.ones_like(out))
+        assert args[i].grad is not None and args[i].grad.abs().sum() > 0
+        with torch.no_grad():
+            assert f(*args).grad_fn is None
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="jvp is not implemented"):
+        f(fwAD.make_dual(inputs[0], torch.ones_like(inputs[0])), *inputs[1:])
+    if name == "dense_block":  # the weights alone requiring grad
+        w = f.denselayer2.conv2.weight.requires_grad_(True)
+        f(*inputs).sum().backward()
+        assert w.grad is not None and w.grad.abs().sum() > 0
+
+
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     e = {**os.environ, **env}
     e.pop("TRITON_INTERPRET", None) if "TRITON_INTERPRET" not in env else None

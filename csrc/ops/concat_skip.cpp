@@ -18,6 +18,11 @@ using Bwd = at::Tensor(const at::Tensor&, Mode, int64_t);
 Route fwd_route("concat_skip");
 Route bwd_route("concat_skip_backward");
 
+const c10::TypedOperatorHandle<Fwd>& public_op() {
+  static const auto op = op_handle<Fwd>("dtkernels::concat_skip");
+  return op;
+}
+
 at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, Mode upsample, int64_t scale_factor) {
   static const Routed<Fwd> r(fwd_route, "dtkernels::_concat_skip", "dtkernels::_concat_skip_py");
   return r.pick(x.device()).call(x, skip, upsample, scale_factor);
@@ -34,9 +39,7 @@ using torch::autograd::variable_list;
 struct ConcatSkip : torch::autograd::Function<ConcatSkip> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& skip, Mode upsample,
                             int64_t scale_factor) {
-    static const auto op = op_handle<Fwd>("dtkernels::concat_skip");
-    at::AutoDispatchBelowADInplaceOrView below;
-    at::Tensor out = op.call(x, skip, upsample, scale_factor);
+    at::Tensor out = call_below_autograd(public_op(), x, skip, upsample, scale_factor);
     // SymInts, so that torch.compile can trace this with dynamic shapes
     ctx->saved_data["cx"] = x.sym_size(1);
     ctx->saved_data["cs"] = skip.sym_size(1);
@@ -65,6 +68,7 @@ struct ConcatSkip : torch::autograd::Function<ConcatSkip> {
 };
 
 at::Tensor concat_skip_autograd(const at::Tensor& x, const at::Tensor& skip, Mode upsample, int64_t scale_factor) {
+  if (!autograd_records(x, skip)) return call_below_autograd(public_op(), x, skip, upsample, scale_factor);
   return ConcatSkip::apply(x, skip, upsample, scale_factor);
 }
 

@@ -273,13 +273,16 @@ using torch::autograd::variable_list;
 using Fwd = Outputs(const Tensor&, TensorList, TensorList, int64_t, bool, double);
 using Bwd = Grads(const Tensor&, const Tensor&, TensorList, TensorList, TensorList, TensorList, int64_t, bool, double);
 
+const c10::TypedOperatorHandle<Fwd>& public_op() {
+  static const auto op = op_handle<Fwd>("dtkernels::dense_block");
+  return op;
+}
+
 struct DenseBlock : torch::autograd::Function<DenseBlock> {
   // Outputs flattened: [out, bottlenecks..., stats...]; inputs x, weights..., running...
   static variable_list forward(AutogradContext* ctx, const Tensor& x, TensorList weights, TensorList running,
                                int64_t g, bool training, double eps) {
-    static const auto op = op_handle<Fwd>("dtkernels::dense_block");
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto [out, bottlenecks, stats] = op.call(x, weights, running, g, training, eps);
+    auto [out, bottlenecks, stats] = call_below_autograd(public_op(), x, weights, running, g, training, eps);
     variable_list res{out};
     res.insert(res.end(), bottlenecks.begin(), bottlenecks.end());
     res.insert(res.end(), stats.begin(), stats.end());
@@ -321,6 +324,8 @@ struct DenseBlock : torch::autograd::Function<DenseBlock> {
 
 Outputs dense_block_autograd(const Tensor& x, TensorList weights, TensorList running, int64_t g, bool training,
                              double eps) {
+  if (!autograd_records(x, weights, running))
+    return call_below_autograd(public_op(), x, weights, running, g, training, eps);
   const variable_list r = DenseBlock::apply(x, weights, running, g, training, eps);
   const int64_t layers = static_cast<int64_t>(weights.size()) / kPerLayer;
   return {r[0], std::vector<Tensor>(r.begin() + 1, r.begin() + 1 + layers),

@@ -18,6 +18,11 @@ using Bwd = at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef
 Route fwd_route("max_pool2d");
 Route bwd_route("max_pool2d_backward");
 
+const c10::TypedOperatorHandle<Fwd>& public_op() {
+  static const auto op = op_handle<Fwd>("dtkernels::max_pool2d");
+  return op;
+}
+
 Outs max_pool2d(const at::Tensor& input, at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d,
                 bool ceil_mode, bool channels_last, bool return_indices, bool return_offsets) {
   static const Routed<Fwd> r(fwd_route, "dtkernels::_max_pool2d", "dtkernels::_max_pool2d_py");
@@ -38,10 +43,8 @@ struct MaxPool2d : torch::autograd::Function<MaxPool2d> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, at::IntArrayRef k, at::IntArrayRef s,
                                at::IntArrayRef p, at::IntArrayRef d, bool ceil_mode, bool channels_last,
                                bool return_indices, bool return_offsets) {
-    static const auto op = op_handle<Fwd>("dtkernels::max_pool2d");
-    at::AutoDispatchBelowADInplaceOrView below;
     auto [out, indices, offsets] =
-        op.call(input, k, s, p, d, ceil_mode, channels_last, return_indices, return_offsets);
+        call_below_autograd(public_op(), input, k, s, p, d, ceil_mode, channels_last, return_indices, return_offsets);
     ctx->mark_non_differentiable({indices, offsets});
     ctx->saved_data["input_size"] = input.sym_sizes();  // SymInts: traceable with dynamic shapes
     ctx->saved_data["k"] = k;
@@ -76,6 +79,9 @@ struct MaxPool2d : torch::autograd::Function<MaxPool2d> {
 Outs max_pool2d_autograd(const at::Tensor& input, at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p,
                          at::IntArrayRef d, bool ceil_mode, bool channels_last, bool return_indices,
                          bool return_offsets) {
+  if (!autograd_records(input))
+    return call_below_autograd(public_op(), input, k, s, p, d, ceil_mode, channels_last, return_indices,
+                               return_offsets);
   auto r = MaxPool2d::apply(input, k, s, p, d, ceil_mode, channels_last, return_indices, return_offsets);
   return {r[0], r[1], r[2]};
 }

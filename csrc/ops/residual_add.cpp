@@ -15,6 +15,11 @@ using Bwd = at::Tensor(const at::Tensor&, const at::Tensor&, double);
 Route fwd_route("residual_add");
 Route bwd_route("residual_add_backward");
 
+const c10::TypedOperatorHandle<Fwd>& public_op() {
+  static const auto op = op_handle<Fwd>("dtkernels::residual_add");
+  return op;
+}
+
 at::Tensor residual_add(const at::Tensor& x, const at::Tensor& fx, double alpha, bool relu) {
   static const Routed<Fwd> r(fwd_route, "dtkernels::_residual_add", "dtkernels::_residual_add_py");
   return r.pick(x.device()).call(x, fx, alpha, relu);
@@ -31,9 +36,7 @@ using torch::autograd::variable_list;
 struct ResidualAdd : torch::autograd::Function<ResidualAdd> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& fx, double alpha,
                             bool relu) {
-    static const auto op = op_handle<Fwd>("dtkernels::residual_add");
-    at::AutoDispatchBelowADInplaceOrView below;
-    at::Tensor out = op.call(x, fx, alpha, relu);
+    at::Tensor out = call_below_autograd(public_op(), x, fx, alpha, relu);
     ctx->saved_data["alpha"] = alpha;
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["backend"] = static_cast<int64_t>(current_backend());
@@ -61,6 +64,7 @@ struct ResidualAdd : torch::autograd::Function<ResidualAdd> {
 };
 
 at::Tensor residual_add_autograd(const at::Tensor& x, const at::Tensor& fx, double alpha, bool relu) {
+  if (!autograd_records(x, fx)) return call_below_autograd(public_op(), x, fx, alpha, relu);
   return ResidualAdd::apply(x, fx, alpha, relu);
 }
 
