@@ -13,6 +13,7 @@
 
 #include "common.h"
 #include "dispatch.h"
+#include "unboxed.h"
 #include "concat_skip.h"
 #include "max_pool2d.h"
 #include "cpu/simd.h"
@@ -164,4 +165,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_poison", [](bool on) { dtkernels::poison_flag().store(on); },
         "Debug: fill native kernel outputs with NaN / -77 before writing them.");
   m.def("_poison", []() { return dtkernels::poison_flag().load(); });
+  for (const auto& def : dtkernels::unboxed_entries()) def(m);
 }

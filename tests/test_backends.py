@@ -165,6 +165,109 @@ def test_autograd_records_exactly_when_needed(which):
         assert w.grad is not None and w.grad.abs().sum() > 0
 
 
+# Each op's arguments as the Python wrapper passes them to the public op, good and bad.
+_UNBOXED_CALLS = {
+    "max_pool2d": [((rand(2, 3, 9, 9), (3, 3), (2, 2), (1, 1), (1, 1), False, False, True, True)),
+                   ((rand(2, 8, 6, 7, memory_format=torch.channels_last), (2, 2), (2, 2), (0, 0), (1, 1), True,
+                     True, False, False)),
+                   ((rand(1, 2, 2, 2), (3, 3), (1, 1), (0, 0), (1, 1), False, False, False, False)),  # too small
+                   ((rand(1, 2, 5, 5), (3, 3), (1, 1), (2, 2), (1, 1), False, False, False, False)),  # pad
+                   ((torch.ones(1, 2, 5, 5, dtype=torch.int32), (2, 2), (2, 2), (0, 0), (1, 1), False, False, False,
+                     False))],
+    "residual_add": [(rand(2, 3, 4, 5), rand(2, 3, 4, 5), 0.5, True), (rand(2, 3), rand(3, 2), 1.0, True),
+                     (rand(2, 3), rand(2, 3, dtype=torch.float64), 1.0, False)],
+    "concat_skip": [(rand(2, 3, 4, 5), rand(2, 2, 8, 10), "bilinear", 2), (rand(2, 3, 4, 5), rand(2, 2, 4, 5), None, 2),
+                    (rand(2, 3, 4, 5), rand(3, 2, 8, 10), "nearest", 2), (rand(2, 3, 4, 5), rand(2, 2, 8, 10), "cubic", 2)],
+}
+
+
+def _outcome(fn, args):
+    try:
+        res = fn(*args)
+    except Exception as e:  # noqa: BLE001 - the exception is the outcome compared
+        return type(e), str(e)
+    return tuple(res) if isinstance(res, (tuple, list)) else (res,)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("op", sorted(_UNBOXED_CALLS))
+def test_unboxed_entries_match_torch_ops(op, backend):
+    """_C._unboxed_<op> gives exactly torch.ops' results, and its errors: the same
+    exception types and messages, from C++ checks and from Python kernels alike."""
+    unboxed, boxed = getattr(dtk._C, f"_unboxed_{op}"), getattr(torch.ops.dtkernels, op).default
+    errors = 0
+    with dtk.use_backend(backend):
+        for args in _UNBOXED_CALLS[op]:
+            a, b = _outcome(unboxed, args), _outcome(boxed, args)
+            if isinstance(b[0], type):
+                errors += 1
+                assert a == b, (op, a, b)
+            else:
+                assert len(a) == len(b)
+                for u, v in zip(a, b):
+                    assert u.stride() == v.stride()
+                    torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True)
+    assert errors >= 2
+
+
+def test_public_functions_take_the_unboxed_entries(monkeypatch):
+    calls = []
+    for op in _UNBOXED_CALLS:
+        real = getattr(dtk._C, f"_unboxed_{op}")
+        monkeypatch.setattr(dtk._C, f"_unboxed_{op}", lambda *a, _real=real, _op=op: calls.append(_op) or _real(*a))
+    _step(*_step_inputs())
+    assert calls == ["residual_add", "max_pool2d", "concat_skip"]
+
+
+class _Recorder(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _Tagged(torch.Tensor):
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(str(func))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+_PUBLIC = ["dtkernels.residual_add.default", "dtkernels.max_pool2d.default", "dtkernels.concat_skip.default"]
+
+
+def test_torch_function_modes_and_subclasses_see_the_public_ops():
+    """__torch_function__ needs torch.ops' call: the unboxed entries must step aside."""
+    with _Recorder() as mode:
+        _step(*_step_inputs())
+    assert [f for f in mode.seen if f.startswith("dtkernels.")] == _PUBLIC
+    _Tagged.seen = []
+    _step(*(t.as_subclass(_Tagged) for t in _step_inputs()))
+    assert [f for f in _Tagged.seen if f.startswith("dtkernels.") and "backward" not in f] == _PUBLIC
+
+
+def test_dispatch_modes_see_the_public_ops():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as mode:
+        _step(*_step_inputs())
+    assert [f for f in mode.ops if f in _PUBLIC] == _PUBLIC
+
+
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     e = {**os.environ, **env}
     e.pop("TRITON_INTERPRET", None) if "TRITON_INTERPRET" not in env else None

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../dispatch.h"
+#include "../unboxed.h"
 
 namespace dtkernels {
 namespace {
@@ -22,6 +23,8 @@ const c10::TypedOperatorHandle<Fwd>& public_op() {
   static const auto op = op_handle<Fwd>("dtkernels::concat_skip");
   return op;
 }
+
+const UnboxedEntry<Fwd> unboxed_entry("concat_skip");
 
 at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, Mode upsample, int64_t scale_factor) {
   static const Routed<Fwd> r(fwd_route, "dtkernels::_concat_skip", "dtkernels::_concat_skip_py");

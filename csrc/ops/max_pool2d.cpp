@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../dispatch.h"
+#include "../unboxed.h"
 
 namespace dtkernels {
 namespace {
@@ -22,6 +23,8 @@ const c10::TypedOperatorHandle<Fwd>& public_op() {
   static const auto op = op_handle<Fwd>("dtkernels::max_pool2d");
   return op;
 }
+
+const UnboxedEntry<Fwd> unboxed_entry("max_pool2d");
 
 Outs max_pool2d(const at::Tensor& input, at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d,
                 bool ceil_mode, bool channels_last, bool return_indices, bool return_offsets) {

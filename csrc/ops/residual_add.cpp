@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../dispatch.h"
+#include "../unboxed.h"
 
 namespace dtkernels {
 namespace {
@@ -19,6 +20,8 @@ const c10::TypedOperatorHandle<Fwd>& public_op() {
   static const auto op = op_handle<Fwd>("dtkernels::residual_add");
   return op;
 }
+
+const UnboxedEntry<Fwd> unboxed_entry("residual_add");
 
 at::Tensor residual_add(const at::Tensor& x, const at::Tensor& fx, double alpha, bool relu) {
   static const Routed<Fwd> r(fwd_route, "dtkernels::_residual_add", "dtkernels::_residual_add_py");

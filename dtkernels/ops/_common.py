@@ -39,6 +39,15 @@ def check_real(op: str, name: str, v) -> float:
     return float(v)
 
 
+def unboxed_ok(a: Tensor, b: Tensor | None = None) -> bool:
+    """Whether a public op may be called as _C._unboxed_<op> (csrc/unboxed.h), which
+    saves torch.ops' ~2 us of argument boxing: not while torch.compile traces (it
+    needs the schema and SymInts), only for plain tensors (a subclass's
+    __torch_function__ must see the op) and not under a torch-function mode."""
+    return (not torch.compiler.is_compiling() and type(a) is Tensor and (b is None or type(b) is Tensor)
+            and not torch._C._is_torch_function_mode_enabled())
+
+
 def like(result: Tensor, layout_of: Tensor) -> Tensor:
     """`result` in the layout the native kernels give (torch.empty_like(layout_of)):
     the reference backend must agree with the fake kernel's strides."""
@@ -65,17 +74,21 @@ def check_scale_factor(op: str, v) -> int:
 
 def _strides_like_channels_last(sizes, strides) -> bool:
     """ATen's is_channels_last_strides_2d for a 4-D tensor: strides ascending in the
-    order C, W, H, N, with its tie rules for size-1 dimensions."""
-    if strides[1] == 0:
+    order C, W, H, N, with its tie rules for size-1 dimensions (unrolled: it runs on
+    every max_pool2d call)."""
+    n, c, h, w = sizes
+    sn, sc, sh, sw = strides
+    if sc == 0 or n == 0 or c == 0 or h == 0 or w == 0:
         return False
-    m = 0
-    for d in (1, 3, 2, 0):
-        if sizes[d] == 0 or strides[d] < m:
-            return False
-        if d == 0 and m == strides[1]:
-            return False
-        m = strides[d] * sizes[d]  # ATen multiplies only sizes > 1: the same, as size 0 returned above
-    return True
+    # ATen multiplies by sizes > 1 only: the same here, as size 0 returned above
+    m = sc * c
+    if sw < m:
+        return False
+    m = sw * w
+    if sh < m:
+        return False
+    m = sh * h
+    return sn >= m and m != sc
 
 
 def suggest_memory_format(t: Tensor) -> torch.memory_format:
@@ -119,6 +132,11 @@ def new_empty_poisoned(shape, like: Tensor, memory_format: torch.memory_format) 
 def int_pair(op: str, name: str, v, *, omitted_ok: bool = False, wording: str = "must either be") -> tuple | None:
     """torch.nn.functional's int-or-pair argument as a pair of ints (one int, or a
     sequence of one or two). None or an empty sequence gives None when omitted_ok."""
+    # the common cases first: this runs on every call
+    if type(v) is int:
+        return v, v
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return v
     if omitted_ok and (v is None or (isinstance(v, (tuple, list)) and len(v) == 0)):
         return None
     if isinstance(v, bool) or not isinstance(v, (int, tuple, list, torch.Size)):

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import backends, reference
+from .. import _C, backends, reference
 from ._common import (cat_memory_format, check_same, check_scale_factor, check_tensor, check_upsample,
-                      empty_in, suggest_memory_format)
+                      empty_in, suggest_memory_format, unboxed_ok)
 
 OP = "concat_skip"
 
@@ -132,4 +132,5 @@ def concat_skip(x: Tensor, skip: Tensor, *, upsample: str | None = None, scale_f
     s = 2 if upsample is None else check_scale_factor(OP, scale_factor)
     if not (isinstance(x, Tensor) and isinstance(skip, Tensor)):
         _check(x, skip, upsample, s)  # the friendly TypeError; the op's own kernels check tensors
-    return torch.ops.dtkernels.concat_skip(x, skip, upsample, s)
+    op = _C._unboxed_concat_skip if unboxed_ok(x, skip) else torch.ops.dtkernels.concat_skip.default
+    return op(x, skip, upsample, s)

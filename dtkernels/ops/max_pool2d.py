@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import backends, reference
-from ._common import check_tensor, empty_in, int_pair, suggest_memory_format
+from .. import _C, backends, reference
+from ._common import check_tensor, empty_in, int_pair, suggest_memory_format, unboxed_ok
 
 OP = "max_pool2d"
 
@@ -182,15 +182,7 @@ def normalize_args(kernel_size, stride=None, padding=0, dilation=1):
 
 def _channels_last(input: Tensor) -> bool:
     """ATen's choice (suggest_memory_format), which also decides the output's format."""
-    if input.dim() != 4:
-        return False
-    # The two common layouts answer fast. Size-1 dimensions (whose strides
-    # contiguity ignores but ATen's rule does not) and odd strides ask prims.
-    if min(input.shape) > 1:
-        nchw, cl = input.is_contiguous(), input.is_contiguous(memory_format=torch.channels_last)
-        if nchw != cl:
-            return cl
-    return suggest_memory_format(input) == torch.channels_last
+    return input.dim() == 4 and suggest_memory_format(input) == torch.channels_last
 
 
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
@@ -206,6 +198,6 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     k, s, p, d = normalize_args(kernel_size, stride, padding, dilation)
     cl = _channels_last(input)
     need_offsets = input.requires_grad and torch.is_grad_enabled()
-    out, indices, _ = torch.ops.dtkernels.max_pool2d(input, k, s, p, d, bool(ceil_mode), cl,
-                                                     bool(return_indices), need_offsets)
+    op = _C._unboxed_max_pool2d if unboxed_ok(input) else torch.ops.dtkernels.max_pool2d.default
+    out, indices, _ = op(input, k, s, p, d, bool(ceil_mode), cl, bool(return_indices), need_offsets)
     return (out, indices) if return_indices else out

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import backends, reference
-from ._common import check_activation, check_real, check_same, check_tensor, like
+from .. import _C, backends, reference
+from ._common import check_activation, check_real, check_same, check_tensor, like, unboxed_ok
 
 OP = "residual_add"
 
@@ -90,4 +90,5 @@ def residual_add(x: Tensor, fx: Tensor, *, alpha: float = 1.0, activation: str |
     alpha = check_real(OP, "alpha", alpha)
     if not (isinstance(x, Tensor) and isinstance(fx, Tensor)):
         _check(x, fx)  # the friendly TypeError; the op's own kernels check tensors (no second pass here)
-    return torch.ops.dtkernels.residual_add(x, fx, alpha, relu)
+    op = _C._unboxed_residual_add if unboxed_ok(x, fx) else torch.ops.dtkernels.residual_add.default
+    return op(x, fx, alpha, relu)
