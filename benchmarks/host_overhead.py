@@ -1,0 +1,75 @@
+"""Per-call cost on small tensors, where host time (Python, dispatch, autograd)
+outweighs the kernels: ours against eager PyTorch in the same process.
+
+    PYTHONPATH=. python benchmarks/host_overhead.py [threads]
+
+Medians of 9 rounds of back-to-back calls. To compare two builds, run each build's
+checkout in its own process, alternating (results: benchmarks/results/).
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import dtkernels as dtk
+
+
+def median_us(fn, calls: int) -> float:
+    for _ in range(30):
+        fn()
+    rounds = []
+    for _ in range(9):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - t0) / calls * 1e6)
+    return sorted(rounds)[4]
+
+
+def cases():
+    cl = torch.channels_last
+    skip = torch.randn(1, 32, 14, 14)
+    pool2 = (lambda x: F.max_pool2d(x, 2), lambda x: dtk.max_pool2d(x, 2))
+    return [
+        ("max_pool2d k2 channels_last 1x512x14x14", *pool2, (1, 512, 14, 14), cl),
+        ("max_pool2d k2 channels_last 1x128x28x28", *pool2, (1, 128, 28, 28), cl),
+        ("max_pool2d k2 channels_last 8x256x8x8", *pool2, (8, 256, 8, 8), cl),
+        ("max_pool2d k2 channels_last 1x64x4x4", *pool2, (1, 64, 4, 4), cl),
+        ("max_pool2d k3s2p1 NCHW 2x16x16x16", lambda x: F.max_pool2d(x, 3, 2, 1),
+         lambda x: dtk.max_pool2d(x, 3, 2, 1), (2, 16, 16, 16), None),
+        ("max_pool2d k2 NCHW 1x512x14x14", *pool2, (1, 512, 14, 14), None),
+        ("residual_add 1x64x14x14", lambda x: torch.relu(x + x), lambda x: dtk.residual_add(x, x), (1, 64, 14, 14),
+         None),
+        ("concat_skip nearest 1x64x7x7 + 1x32x14x14",
+         lambda x: torch.cat([F.interpolate(x, scale_factor=2), skip], 1),
+         lambda x: dtk.concat_skip(x, skip, upsample="nearest"), (1, 64, 7, 7), None),
+    ]
+
+
+def main() -> None:
+    torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+    print(f"| call | eager fwd µs | ours fwd µs | × eager | eager fwd+bwd µs | ours fwd+bwd µs | × eager |")
+    print("|---|---|---|---|---|---|---|")
+    for name, eager, ours, shape, fmt in cases():
+        x = torch.randn(shape)
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        fe, fo = median_us(lambda: eager(x), 1000), median_us(lambda: ours(x), 1000)
+        xg = x.detach().requires_grad_(True)
+        grad = torch.randn_like(eager(xg))
+
+        def step(f):
+            def run():
+                f(xg).backward(grad)
+                xg.grad = None
+            return run
+
+        be, bo = median_us(step(eager), 500), median_us(step(ours), 500)
+        print(f"| {name} | {fe:.2f} | {fo:.2f} | {fe / fo:.2f} | {be:.2f} | {bo:.2f} | {be / bo:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
