@@ -71,8 +71,8 @@ def test_forward_backward(backend_dtype, mode, s, formats):
 
 @pytest.mark.skipif(INTERPRET, reason="larger shapes: too slow for the Triton interpreter")
 @pytest.mark.parametrize("formats", FORMATS)
-@pytest.mark.parametrize("mode,s", [(None, 1), ("nearest", 2), ("bilinear", 2), ("nearest", 3)],
-                         ids=["none", "nearest2", "bilinear2", "nearest3"])
+@pytest.mark.parametrize("mode,s", [(None, 1), ("nearest", 2), ("bilinear", 2), ("nearest", 3), ("bilinear", 4)],
+                         ids=["none", "nearest2", "bilinear2", "nearest3", "bilinear4"])
 def test_larger_odd_shapes(backend, mode, s, formats):
     """Enough rows and pixels to split across threads/blocks mid-plane, odd W and C
     (no 16-byte packs), and channel counts that straddle a pack."""
@@ -82,31 +82,34 @@ def test_larger_odd_shapes(backend, mode, s, formats):
         _expect_layout(_check(x, skip, mode, s), x, skip)
 
 
-@pytest.mark.parametrize("mode,s", [("nearest", 2), ("nearest", 3), ("bilinear", 1), ("bilinear", 2), ("bilinear", 3)],
-                         ids=["nearest2", "nearest3", "bilinear1", "bilinear2", "bilinear3"])
+@pytest.mark.parametrize("mode,s", [("nearest", 2), ("nearest", 3), ("bilinear", 1), ("bilinear", 2), ("bilinear", 3),
+                                    ("bilinear", 4), ("bilinear", 8)],
+                         ids=["nearest2", "nearest3", "bilinear1", "bilinear2", "bilinear3", "bilinear4", "bilinear8"])
 @pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "cl"])
-def test_bit_exact_with_aten_float32(backend, mode, s, fmt):
+@pytest.mark.parametrize("shape", [(2, 4, 40, 50), (3, 1, 37, 29)], ids=["even", "odd"])
+def test_bit_exact_with_aten_float32(backend, mode, s, fmt, shape):
     """float32 forward equals ATen's generic CPU kernel bit for bit (ATen's own
     channels_last and small-image paths round differently, by an ulp), and the
     backward equals ATen's CPU backward in every layout: same terms, same order,
-    same fused multiply-adds, NaN and inf included."""
+    same fused multiply-adds, NaN and inf included. The odd shape's 111 rows split
+    mid-plane between two threads."""
     name, device = backend
     if name == "reference":
         pytest.skip("the reference is ATen itself")
     if name == "triton" and not HAS_GPU:
         pytest.skip("the Triton interpreter rounds tl.fma twice (NumPy has no fma)")
-    x = rand(2, 4, 40, 50)  # H_out + W_out > 128: ATen's generic (not vectorised) path
-    x[0, 1, 7, 9], x[1, 3, 20, 0] = float("inf"), float("nan")
+    x = rand(*shape)  # H_out + W_out > 128: ATen's generic (not vectorised) path
+    x[0, 0, 7, 9], x[1, -1, 20, 0] = float("inf"), float("nan")
     up = F.interpolate(x, scale_factor=s, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
     g = rand(*up.shape)
-    g[0, 0, 0, 0], g[1, 2, 31, 37] = float("inf"), float("nan")
+    g[0, 0, 0, 0], g[1, -1, 31, -2] = float("inf"), float("nan")
     xr = x.clone().requires_grad_()
     expected_gx = torch.autograd.grad(
         F.interpolate(xr.contiguous(memory_format=fmt), scale_factor=s, mode=mode,
                       **({"align_corners": False} if mode == "bilinear" else {})),
         xr, g.contiguous(memory_format=fmt))[0]
     xd = x.to(device).contiguous(memory_format=fmt).requires_grad_()
-    skip = torch.empty(2, 0, *up.shape[2:], device=device).contiguous(memory_format=fmt)
+    skip = torch.empty(shape[0], 0, *up.shape[2:], device=device).contiguous(memory_format=fmt)
     out = dtk.concat_skip(xd, skip, upsample=mode, scale_factor=s)
     (gx,) = torch.autograd.grad(out, (xd,), g.to(device).contiguous(memory_format=fmt))
     torch.testing.assert_close(out.cpu(), up, rtol=0, atol=0, equal_nan=True)

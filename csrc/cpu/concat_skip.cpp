@@ -62,11 +62,14 @@ struct LinearAdjoint {
   std::vector<int64_t> start, d;
   std::vector<A> la, lb;  // lb is used when cnt == 2
   std::vector<int32_t> cnt;
-  // Scale 2 away from the edges (inputs [2, n_in - 2)): input i is read by outputs
-  // 2i-1 .. 2i+2, one corner each, with the weights pw[0..3] (checked against the
-  // table, so bilinear_adjoint_row's contiguous loop reproduces it exactly).
-  bool pairs = false;
-  A pw[4] = {};
+  // Scales 2, 4 and 8 (period = s) away from the edges (inputs [lo, hi), which
+  // holds [2, n_in - 2)): input i is read by the 2s outputs s*i - s/2 .. s*i + 3s/2
+  // - 1, one corner each, with the weights pw[0 .. 2s) (checked against the table,
+  // so bilinear_adjoint_row's contiguous loops reproduce it exactly). 0 when the
+  // pattern does not hold (other scales, or weights that are not periodic in
+  // floating point, as with s = 3).
+  int64_t period = 0, lo = 0, hi = 0;
+  std::vector<A> pw;
   LinearAdjoint(int64_t n_in, int64_t n_out, int64_t s) : start(n_in + 1, 0) {
     LinearAxis<A> ax(n_in, n_out, s);
     std::vector<std::vector<int64_t>> by_input(n_in);  // indices into ax
@@ -89,15 +92,21 @@ struct LinearAdjoint {
         }
       }
     }
-    pairs = s == 2 && n_in >= 5 && n_out == 2 * n_in;
-    for (int k = 0; pairs && k < 4; ++k) pw[k] = la[start[2] + k];
-    for (int64_t i = 2; pairs && i < n_in - 2; ++i) {
-      pairs = start[i + 1] - start[i] == 4;
-      for (int64_t k = 0; pairs && k < 4; ++k) {
+    if (!((s == 2 || s == 4 || s == 8) && n_in >= 5 && n_out == s * n_in)) return;
+    pw.assign(la.begin() + start[2], la.begin() + start[2] + std::min(2 * s, start[3] - start[2]));
+    const auto regular = [&](int64_t i) {
+      bool r = start[i + 1] - start[i] == 2 * s;
+      for (int64_t k = 0; r && k < 2 * s; ++k) {
         const int64_t b = start[i] + k;
-        pairs = d[b] == 2 * i - 1 + k && cnt[b] == 1 && la[b] == pw[k];
+        r = d[b] == s * i - s / 2 + k && cnt[b] == 1 && la[b] == pw[k];
       }
-    }
+      return r;
+    };
+    for (int64_t i = 2; i < n_in - 2; ++i)
+      if (!regular(i)) return;
+    for (lo = 2; lo > 0 && regular(lo - 1);) --lo;
+    for (hi = n_in - 2; hi < n_in && regular(hi);) ++hi;
+    period = s;
   }
 };
 
@@ -189,53 +198,144 @@ DTK_INLINE void nearest_adjoint_row(const T* DTK_RESTRICT g, int64_t row, T* DTK
   }
 }
 
-// Bilinear adjoint, NCHW: one x row (input row ih) from the gradient plane; the
-// h-entries are ih's, the w-entries are indexed per input column. `pairs` (scale 2,
-// see LinearAdjoint): columns [2, w_in - 2) go in one contiguous loop per h-entry,
-// summed in `acc` in the same order and with the same roundings as the table walk.
-template <typename T, typename A = acc_t<T>>
-DTK_INLINE void bilinear_adjoint_row(const T* DTK_RESTRICT plane, int64_t row, T* DTK_RESTRICT o, int64_t w_in,
-                                     const int64_t* hd, const A* hla, const A* hlb, const int32_t* hcnt,
-                                     int64_t nh, const int64_t* wstart, const int64_t* wd, const A* wla,
-                                     const A* wlb, const int32_t* wcnt, bool pairs, const A* pw,
-                                     A* DTK_RESTRICT acc) {
-  const int64_t lo = pairs ? 2 : w_in, hi = pairs ? w_in - 2 : w_in;
-  for (int64_t i = 0; i < w_in; i = i + 1 == lo ? hi : i + 1) {
-    A sum = A(0);
-    for (int64_t a = 0; a < nh; ++a) {
-      const T* grow = plane + hd[a] * row;
-      for (int64_t b = wstart[i]; b < wstart[i + 1]; ++b) {
-        const A gv = A(grow[wd[b]]);
-        sum = fma_op(hla[a] * wla[b], gv, sum);
-        if (wcnt[b] == 2) sum = fma_op(hla[a] * wlb[b], gv, sum);
-        if (hcnt[a] == 2) {
-          sum = fma_op(hlb[a] * wla[b], gv, sum);
-          if (wcnt[b] == 2) sum = fma_op(hlb[a] * wlb[b], gv, sum);
+// The NCHW bilinear adjoint's tables for one call: both axes', the gradient's row
+// stride, and, when both axes have a period, the edge columns (outside [aw.lo,
+// aw.hi), at most four) of the regular rows (ah's [lo, hi)) as flat lists: per
+// column, its table walk's (offset from the row's first gradient row, weight
+// product) in the walk's order. Regular rows share those lists, so their edge
+// columns are summed for several rows at once (bilinear_adjoint_edges): one chain
+// per row, side by side, where a single row's chain would wait on each fma.
+template <typename A>
+struct AdjointNchw {
+  const LinearAdjoint<A>& ah;
+  const LinearAdjoint<A>& aw;
+  int64_t row;
+  std::vector<int64_t> edges, flat_start, flat_off;
+  std::vector<A> flat_w;
+  AdjointNchw(const LinearAdjoint<A>& h, const LinearAdjoint<A>& w, int64_t row_stride)
+      : ah(h), aw(w), row(row_stride) {
+    if (!aw.period) return;
+    for (int64_t i = 0; i < static_cast<int64_t>(aw.start.size()) - 1; ++i)
+      if (i < aw.lo || i >= aw.hi) edges.push_back(i);
+    if (!ah.period) return;
+    flat_start.push_back(0);
+    for (int64_t i : edges) {
+      for (int64_t k = 0; k < 2 * ah.period; ++k) {
+        for (int64_t b = aw.start[i]; b < aw.start[i + 1]; ++b) {
+          flat_off.push_back(k * row + aw.d[b]);
+          flat_w.push_back(ah.pw[k] * aw.la[b]);
+          if (aw.cnt[b] == 2) {
+            flat_off.push_back(k * row + aw.d[b]);
+            flat_w.push_back(ah.pw[k] * aw.lb[b]);
+          }
         }
       }
+      flat_start.push_back(static_cast<int64_t>(flat_off.size()));
     }
-    o[i] = T(sum);
   }
-  if (lo >= hi) return;
+  // Whether x row ih's edge columns are bilinear_adjoint_edges' (else the row's own).
+  bool flat_row(int64_t ih) const { return !flat_start.empty() && ih >= ah.lo && ih < ah.hi; }
+};
+
+// The edge columns of `rows` (at most kEdgeRows) consecutive regular x rows of one
+// plane: row l's gradient rows start at g + l * step (step = s gradient rows), its
+// x row at o + l * w_in.
+constexpr int64_t kEdgeRows = 16;
+template <typename T, typename A = acc_t<T>>
+DTK_INLINE void bilinear_adjoint_edges(const T* DTK_RESTRICT g, int64_t step, T* DTK_RESTRICT o, int64_t w_in,
+                                       int64_t rows, const AdjointNchw<A>& p) {
+  for (size_t e = 0; e < p.edges.size(); ++e) {
+    A sum[kEdgeRows] = {};
+    for (int64_t j = p.flat_start[e]; j < p.flat_start[e + 1]; ++j) {
+      const A w = p.flat_w[j];
+      const T* gj = g + p.flat_off[j];
+      for (int64_t l = 0; l < rows; ++l) sum[l] = fma_op(w, A(gj[l * step]), sum[l]);
+    }
+    for (int64_t l = 0; l < rows; ++l) o[l * w_in + p.edges[e]] = T(sum[l]);
+  }
+}
+
+// The regular columns [lo, hi) of one gradient row into acc: per column, the 2S
+// gradient columns S*i - S/2 + k that read it, in ascending k, weighted x[k] (and
+// then y[k] when both row corners land on the x row: `twice`), one fma each, in
+// the table walk's order.
+template <int S, typename T, typename A>
+DTK_INLINE void adjoint_columns(const T* DTK_RESTRICT g, A* DTK_RESTRICT acc, int64_t lo, int64_t hi,
+                                const A* DTK_RESTRICT x, const A* DTK_RESTRICT y, bool twice) {
+  A xs[2 * S], ys[2 * S];
+  for (int k = 0; k < 2 * S; ++k) xs[k] = x[k], ys[k] = twice ? y[k] : A(0);
+  if (twice) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const T* gi = g + S * i - S / 2;
+      A v = acc[i];
+      for (int k = 0; k < 2 * S; ++k) v = fma_op(ys[k], A(gi[k]), fma_op(xs[k], A(gi[k]), v));
+      acc[i] = v;
+    }
+  } else {
+    for (int64_t i = lo; i < hi; ++i) {
+      const T* gi = g + S * i - S / 2;
+      A v = acc[i];
+      for (int k = 0; k < 2 * S; ++k) v = fma_op(xs[k], A(gi[k]), v);
+      acc[i] = v;
+    }
+  }
+}
+
+// Bilinear adjoint, NCHW: x row ih of one plane from the gradient plane. Per x
+// element, the sum over its h-entries, then w-entries, then corners, as ATen's
+// backward adds them. With periods, the regular columns go in contiguous loops per
+// h-entry (summed in `acc`), and the edge columns of regular rows are left to
+// bilinear_adjoint_edges; everything else walks the tables.
+template <typename T, typename A = acc_t<T>>
+DTK_INLINE void bilinear_adjoint_row(const T* DTK_RESTRICT plane, T* DTK_RESTRICT o, int64_t ih,
+                                     const AdjointNchw<A>& p, A* DTK_RESTRICT acc) {
+  const LinearAdjoint<A>&ah = p.ah, &aw = p.aw;
+  const int64_t a0 = ah.start[ih], nh = ah.start[ih + 1] - a0, row = p.row;
+  const int64_t* hd = ah.d.data() + a0;
+  const A *hla = ah.la.data() + a0, *hlb = ah.lb.data() + a0;
+  const int32_t* hcnt = ah.cnt.data() + a0;
+  // The table walk of column i's entries under h-entry a, added to sum.
+  const auto walk = [&](int64_t i, int64_t a, A sum) {
+    const T* grow = plane + hd[a] * row;
+    for (int64_t b = aw.start[i]; b < aw.start[i + 1]; ++b) {
+      const A gv = A(grow[aw.d[b]]);
+      sum = fma_op(hla[a] * aw.la[b], gv, sum);
+      if (aw.cnt[b] == 2) sum = fma_op(hla[a] * aw.lb[b], gv, sum);
+      if (hcnt[a] == 2) {
+        sum = fma_op(hlb[a] * aw.la[b], gv, sum);
+        if (aw.cnt[b] == 2) sum = fma_op(hlb[a] * aw.lb[b], gv, sum);
+      }
+    }
+    return sum;
+  };
+  const int64_t w_in = static_cast<int64_t>(aw.start.size()) - 1;
+  if (!aw.period) {
+    for (int64_t i = 0; i < w_in; ++i) {
+      A sum = A(0);
+      for (int64_t a = 0; a < nh; ++a) sum = walk(i, a, sum);
+      o[i] = T(sum);
+    }
+    return;
+  }
+  const int64_t ne = static_cast<int64_t>(p.edges.size());
+  if (!p.flat_row(ih)) {
+    // The edge columns' chains interleaved, h-entry by h-entry, so that their fma
+    // latencies overlap; each chain is still summed in its own order.
+    A sums[4] = {A(0), A(0), A(0), A(0)};
+    for (int64_t a = 0; a < nh; ++a)
+      for (int64_t e = 0; e < ne; ++e) sums[e] = walk(p.edges[e], a, sums[e]);
+    for (int64_t e = 0; e < ne; ++e) o[p.edges[e]] = T(sums[e]);
+  }
+  const int64_t lo = aw.lo, hi = aw.hi;
   for (int64_t i = lo; i < hi; ++i) acc[i] = A(0);
   for (int64_t a = 0; a < nh; ++a) {
     const T* DTK_RESTRICT g = plane + hd[a] * row;
-    const A x0 = hla[a] * pw[0], x1 = hla[a] * pw[1], x2 = hla[a] * pw[2], x3 = hla[a] * pw[3];
-    if (hcnt[a] == 2) {  // both row corners on ih (an edge row): each column weight twice
-      const A y0 = hlb[a] * pw[0], y1 = hlb[a] * pw[1], y2 = hlb[a] * pw[2], y3 = hlb[a] * pw[3];
-      for (int64_t i = lo; i < hi; ++i) {
-        const A g0 = A(g[2 * i - 1]), g1 = A(g[2 * i]), g2 = A(g[2 * i + 1]), g3 = A(g[2 * i + 2]);
-        A v = acc[i];
-        v = fma_op(y0, g0, fma_op(x0, g0, v));
-        v = fma_op(y1, g1, fma_op(x1, g1, v));
-        v = fma_op(y2, g2, fma_op(x2, g2, v));
-        acc[i] = fma_op(y3, g3, fma_op(x3, g3, v));
-      }
-    } else {
-      for (int64_t i = lo; i < hi; ++i)
-        acc[i] = fma_op(x3, A(g[2 * i + 2]),
-                        fma_op(x2, A(g[2 * i + 1]), fma_op(x1, A(g[2 * i]), fma_op(x0, A(g[2 * i - 1]), acc[i]))));
-    }
+    A x[16], y[16];  // the weight products, as the table walk forms them
+    for (int64_t k = 0; k < 2 * aw.period; ++k) x[k] = hla[a] * aw.pw[k], y[k] = hlb[a] * aw.pw[k];
+    const bool twice = hcnt[a] == 2;  // both row corners on ih (an edge row)
+    if (aw.period == 2) adjoint_columns<2>(g, acc, lo, hi, x, y, twice);
+    else if (aw.period == 4) adjoint_columns<4>(g, acc, lo, hi, x, y, twice);
+    else adjoint_columns<8>(g, acc, lo, hi, x, y, twice);
   }
   convert_px<A>(o + lo, acc + lo, hi - lo);
 }
@@ -281,13 +381,13 @@ DTK_CS_COPY_CLONES(uint64_t)
   DTK_CLONES void nearest_adjoint_row_k(const T* g, int64_t row, T* o, int64_t w_in, int64_t s) {   \
     nearest_adjoint_row<T>(g, row, o, w_in, s);                                                     \
   }                                                                                                 \
-  DTK_CLONES void bilinear_adjoint_row_k(                                                           \
-      const T* plane, int64_t row, T* o, int64_t w_in, const int64_t* hd, const acc_t<T>* hla,      \
-      const acc_t<T>* hlb, const int32_t* hcnt, int64_t nh, const int64_t* wstart, const int64_t* wd, \
-      const acc_t<T>* wla, const acc_t<T>* wlb, const int32_t* wcnt, bool pairs, const acc_t<T>* pw, \
-      acc_t<T>* acc) {                                                                              \
-    bilinear_adjoint_row<T>(plane, row, o, w_in, hd, hla, hlb, hcnt, nh, wstart, wd, wla, wlb, wcnt, \
-                            pairs, pw, acc);                                                        \
+  DTK_CLONES void bilinear_adjoint_row_k(const T* plane, T* o, int64_t ih,                          \
+                                         const AdjointNchw<acc_t<T>>& p, acc_t<T>* acc) {          \
+    bilinear_adjoint_row<T>(plane, o, ih, p, acc);                                                  \
+  }                                                                                                 \
+  DTK_CLONES void bilinear_adjoint_edges_k(const T* g, int64_t step, T* o, int64_t w_in, int64_t rows, \
+                                           const AdjointNchw<acc_t<T>>& p) {                        \
+    bilinear_adjoint_edges<T>(g, step, o, w_in, rows, p);                                           \
   }                                                                                                 \
   DTK_CLONES void acc_add_k(acc_t<T>* acc, const T* g, int64_t n) { acc_add<T>(acc, g, n); }        \
   DTK_CLONES void acc_fma_k(acc_t<T>* acc, const T* g, acc_t<T> w, int64_t n) {                     \
@@ -455,19 +555,22 @@ void adjoint_nchw(const at::Tensor& g_in, at::Tensor& gx, Upsample mode, int64_t
   T* po = gx.mutable_data_ptr<T>();
   const int64_t rows = gx.size(0) * c * hi;
   const int64_t work = mode == Upsample::Bilinear ? 4 * s * s * wi : s * s * wi;
+  std::unique_ptr<AdjointNchw<acc_t<T>>> bilinear;
+  if (mode == Upsample::Bilinear) bilinear = std::make_unique<AdjointNchw<acc_t<T>>>(*p.ah, *p.aw, gv.sh);
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(work, 1)), [&](int64_t begin, int64_t end) {
     std::vector<acc_t<T>> acc(mode == Upsample::Bilinear ? wi : 0);
-    for (int64_t r = begin; r < end; ++r) {
+    for (int64_t r = begin, rows_left = 0; r < end; ++r, --rows_left) {
       const int64_t n = r / (c * hi), ch = r / hi % c, ih = r % hi;
       T* o = po + r * wi;
+      if (mode == Upsample::Bilinear && rows_left <= 0 && bilinear->flat_row(ih)) {
+        // the edge columns of the next run of regular rows in this plane, together
+        rows_left = std::min({end - r, p.ah->hi - ih, kEdgeRows});
+        bilinear_adjoint_edges_k(gv.at(n, ch, s * ih - s / 2, 0), s * gv.sh, o, wi, rows_left, *bilinear);
+      }
       if (mode == Upsample::Nearest) {
         nearest_adjoint_row_k(gv.at(n, ch, ih * s, 0), gv.sh, o, wi, s);
       } else if (mode == Upsample::Bilinear) {
-        const auto &ah = *p.ah, &aw = *p.aw;
-        const int64_t a0 = ah.start[ih];
-        bilinear_adjoint_row_k(gv.at(n, ch, 0, 0), gv.sh, o, wi, ah.d.data() + a0, ah.la.data() + a0,
-                               ah.lb.data() + a0, ah.cnt.data() + a0, ah.start[ih + 1] - a0, aw.start.data(),
-                               aw.d.data(), aw.la.data(), aw.lb.data(), aw.cnt.data(), aw.pairs, aw.pw, acc.data());
+        bilinear_adjoint_row_k(gv.at(n, ch, 0, 0), o, ih, *bilinear, acc.data());
       } else {
         std::memcpy(o, gv.at(n, ch, ih, 0), sizeof(T) * wi);
       }
