@@ -285,10 +285,11 @@ DTK_INLINE void adjoint_columns(const T* DTK_RESTRICT g, A* DTK_RESTRICT acc, in
 // element, the sum over its h-entries, then w-entries, then corners, as ATen's
 // backward adds them. With periods, the regular columns go in contiguous loops per
 // h-entry (summed in `acc`), and the edge columns of regular rows are left to
-// bilinear_adjoint_edges; everything else walks the tables.
+// bilinear_adjoint_edges; everything else walks the tables. acc holds w_in
+// elements, wide s * w_in (16-bit types' widened gradient row).
 template <typename T, typename A = acc_t<T>>
 DTK_INLINE void bilinear_adjoint_row(const T* DTK_RESTRICT plane, T* DTK_RESTRICT o, int64_t ih,
-                                     const AdjointNchw<A>& p, A* DTK_RESTRICT acc) {
+                                     const AdjointNchw<A>& p, A* DTK_RESTRICT acc, A* DTK_RESTRICT wide) {
   const LinearAdjoint<A>&ah = p.ah, &aw = p.aw;
   const int64_t a0 = ah.start[ih], nh = ah.start[ih + 1] - a0, row = p.row;
   const int64_t* hd = ah.d.data() + a0;
@@ -329,7 +330,16 @@ DTK_INLINE void bilinear_adjoint_row(const T* DTK_RESTRICT plane, T* DTK_RESTRIC
   const int64_t lo = aw.lo, hi = aw.hi;
   for (int64_t i = lo; i < hi; ++i) acc[i] = A(0);
   for (int64_t a = 0; a < nh; ++a) {
-    const T* DTK_RESTRICT g = plane + hd[a] * row;
+    const T* g16 = plane + hd[a] * row;
+    // 16-bit rows are widened first (exactly), so that the loops below run at the
+    // float vector width: GCC leaves converting strided 16-bit loads scalar.
+    const A* DTK_RESTRICT g;
+    if constexpr (std::is_same_v<T, A>) {
+      g = g16;
+    } else {
+      convert_px<A>(wide, g16, w_in * aw.period);
+      g = wide;
+    }
     A x[16], y[16];  // the weight products, as the table walk forms them
     for (int64_t k = 0; k < 2 * aw.period; ++k) x[k] = hla[a] * aw.pw[k], y[k] = hlb[a] * aw.pw[k];
     const bool twice = hcnt[a] == 2;  // both row corners on ih (an edge row)
@@ -382,8 +392,9 @@ DTK_CS_COPY_CLONES(uint64_t)
     nearest_adjoint_row<T>(g, row, o, w_in, s);                                                     \
   }                                                                                                 \
   DTK_CLONES void bilinear_adjoint_row_k(const T* plane, T* o, int64_t ih,                          \
-                                         const AdjointNchw<acc_t<T>>& p, acc_t<T>* acc) {          \
-    bilinear_adjoint_row<T>(plane, o, ih, p, acc);                                                  \
+                                         const AdjointNchw<acc_t<T>>& p, acc_t<T>* acc,            \
+                                         acc_t<T>* wide) {                                          \
+    bilinear_adjoint_row<T>(plane, o, ih, p, acc, wide);                                            \
   }                                                                                                 \
   DTK_CLONES void bilinear_adjoint_edges_k(const T* g, int64_t step, T* o, int64_t w_in, int64_t rows, \
                                            const AdjointNchw<acc_t<T>>& p) {                        \
@@ -558,7 +569,7 @@ void adjoint_nchw(const at::Tensor& g_in, at::Tensor& gx, Upsample mode, int64_t
   std::unique_ptr<AdjointNchw<acc_t<T>>> bilinear;
   if (mode == Upsample::Bilinear) bilinear = std::make_unique<AdjointNchw<acc_t<T>>>(*p.ah, *p.aw, gv.sh);
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(work, 1)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t<T>> acc(mode == Upsample::Bilinear ? wi : 0);
+    std::vector<acc_t<T>> acc(mode == Upsample::Bilinear ? wi + s * wi : 0);
     for (int64_t r = begin, rows_left = 0; r < end; ++r, --rows_left) {
       const int64_t n = r / (c * hi), ch = r / hi % c, ih = r % hi;
       T* o = po + r * wi;
@@ -570,7 +581,7 @@ void adjoint_nchw(const at::Tensor& g_in, at::Tensor& gx, Upsample mode, int64_t
       if (mode == Upsample::Nearest) {
         nearest_adjoint_row_k(gv.at(n, ch, ih * s, 0), gv.sh, o, wi, s);
       } else if (mode == Upsample::Bilinear) {
-        bilinear_adjoint_row_k(gv.at(n, ch, 0, 0), o, ih, *bilinear, acc.data());
+        bilinear_adjoint_row_k(gv.at(n, ch, 0, 0), o, ih, *bilinear, acc.data(), acc.data() + wi);
       } else {
         std::memcpy(o, gv.at(n, ch, ih, 0), sizeof(T) * wi);
       }
