@@ -47,13 +47,13 @@ def _inputs(dtype, fmt, grad, s=2, moved=0, shapes=(X, SKIP)):
     return make
 
 
-def _fwd(f, mode):
-    return lambda i: f(i["x"], i["skip"], mode, 2)
+def _fwd(f, mode, s=2):
+    return lambda i: f(i["x"], i["skip"], mode, s)
 
 
-def _fwd_bwd(f, mode):
+def _fwd_bwd(f, mode, s=2):
     def run(i):
-        out = f(i["x"], i["skip"], mode, 2)
+        out = f(i["x"], i["skip"], mode, s)
         return torch.autograd.grad(out, (i["x"], i["skip"]), i["g"])
     return run
 
@@ -86,6 +86,16 @@ def _concat_skip_cases():
                                     candidate=run(_dtk, mode), extras={"clone": lambda i: i["yard"].clone(), **nxt},
                                     bytes=moved, target=(1.25 if bwd else 1.3) if main else None,
                                     note="GPU target: >= 0.85 of the clone's bandwidth (H100)", devices=devices))
+    # DeepLabV3+'s decoder: the ASPP output (stride 16) upsampled bilinearly by 4 and
+    # concatenated with the 48-channel low-level features (stride 4).
+    deeplab = ((4, 256, 32, 32), (4, 48, 128, 128))
+    for fmt, tag in ((NCHW, ""), (CL, "-cl")):
+        for bwd in (False, True):
+            run = _fwd_bwd if bwd else _fwd
+            out.append(Case("concat_skip", f"{'fwd+bwd' if bwd else 'fwd'} bilinear x4",
+                            "x4x256x32x32+skip4x48x128x128" + tag, torch.float32,
+                            _inputs(torch.float32, fmt, bwd, shapes=deeplab), baseline=run(ref.concat_skip, "bilinear", 4),
+                            candidate=run(_dtk, "bilinear", 4), note="DeepLabV3+ decoder"))
     # Tiny tensors: what one call costs besides its kernels (dispatch, autograd).
     tiny = ((2, 16, 8, 8), (2, 16, 16, 16))
     out.append(Case("concat_skip", "fwd+bwd nearest", "x2x16x8x8+skip2x16x16x16", torch.float32,
