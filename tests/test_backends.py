@@ -268,6 +268,19 @@ def test_dispatch_modes_see_the_public_ops():
     assert [f for f in mode.ops if f in _PUBLIC] == _PUBLIC
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_vmap_runs_per_example():
+    """torch.vmap has no batching rules for these ops: functorch's fallback runs them
+    per example, and the results are the per-example calls' exactly."""
+    xb = rand(4, 2, 3, 9, 9)
+    calls = [lambda t: dtk.max_pool2d(t, 3, 2, 1), lambda t: dtk.residual_add(t, t * 2),
+             lambda t: dtk.concat_skip(t[:, :2, :3, :3], t, upsample="bilinear", scale_factor=3)]
+    for f in calls:
+        want = torch.stack([f(t) for t in xb])
+        torch.testing.assert_close(torch.vmap(f)(xb), want, rtol=0, atol=0)
+        torch.testing.assert_close(torch.vmap(f, in_dims=1)(xb.transpose(0, 1).contiguous()), want, rtol=0, atol=0)
+
+
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     e = {**os.environ, **env}
     e.pop("TRITON_INTERPRET", None) if "TRITON_INTERPRET" not in env else None
