@@ -671,7 +671,9 @@ def test_cpu_whole_planes_split_across_tasks():
     (torch.float64, CL, (1, 16, 256, 1024)),
 ], ids=["f32", "f16-cl", "bf16", "f64-cl"])
 def test_large_outputs(backend, dtype, memory_format, shape):
-    """Outputs of 8 MiB and more take the CPU kernels' non-temporal stores."""
+    """Outputs of 8 MiB and more take the CPU kernels' non-temporal stores, forward
+    and backward (input gradients merged by rows); gradients of small integers sum
+    exactly in every dtype."""
     name, device = backend
     if name != "cpu":
         pytest.skip("the CPU kernels' streaming stores")
@@ -682,6 +684,13 @@ def test_large_outputs(backend, dtype, memory_format, shape):
     _same(out, a_out)
     assert torch.equal(idx, a_idx)
     _same(dtk.max_pool2d(x, 3, 2, 1), F.max_pool2d(x, 3, 2, 1))
+    for args in [(2,), (3, 2, 1)]:
+        ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y = dtk.max_pool2d(ours, *args)
+        g = torch.randint(-3, 4, y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        g = g.contiguous(memory_format=memory_format) if memory_format else g
+        (gi,) = torch.autograd.grad(y, ours, g)
+        _same(gi, torch.autograd.grad(F.max_pool2d(theirs, *args), theirs, g)[0])
 
 
 @pytest.mark.sanitize

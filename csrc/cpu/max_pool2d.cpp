@@ -677,6 +677,7 @@ DTK_INLINE void backward_rows(const Plan& p, const T* go, const O* off, T* gi, i
   const Pool2d& g = p.g;
   const int64_t n = p.row_out;
   std::vector<A> d(p.len * g.sw * p.B);
+  std::vector<A> merged(p.stream ? p.row_in : 0);  // a row, before its non-temporal stores
   std::vector<int64_t> oh(g.kh), ti(g.kh);
   // MaxPool2d(2)'s columns (no ceil_mode window hanging over the right edge)
   const bool pairs = p.B == 1 && g.kw == 2 && g.sw == 2 && g.dw == 1 && g.pw == 0 && 2 * g.Wo <= g.W;
@@ -700,7 +701,12 @@ DTK_INLINE void backward_rows(const Plan& p, const T* go, const O* off, T* gi, i
       for (int64_t j = g.kw - 1; j >= 0; --j)  // descending j = ascending ow at any input column
         gather_add(d.data() + p.at[j], go + q, off + q, n, static_cast<int32_t>(ti[k] * g.kw + j));
     }
-    merge_row(d.data(), dst, p);
+    if (p.stream) {
+      merge_row(d.data(), merged.data(), p);
+      stream_convert(dst, merged.data(), p.row_in);
+    } else {
+      merge_row(d.data(), dst, p);
+    }
   }
 }
 
@@ -733,6 +739,7 @@ DTK_INLINE void backward_rows(const Plan& p, const T* go, const O* off, T* gi, i
     } else {                                                                                        \
       backward_rows(p, go, static_cast<const int32_t*>(off), gi, r0, r1);                           \
     }                                                                                               \
+    if (p.stream) stream_fence();                                                                   \
   }
 DTK_MP_CLONES(float)
 DTK_MP_CLONES(double)
@@ -831,7 +838,9 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
   // MaxPool2d(2) on rows of more than a vector of outputs: unpool_pairs writes each
   // element once, faster than the whole plane's fill, taps and merge (measured).
   const bool pairs = !windows_overlap(g) && g.kw == 2 && g.sw == 2 && g.dw == 1 && g.pw == 0 && 2 * g.Wo <= g.W;
-  const Plan p = make_plan(g, false, planes(g), !(pairs && g.Wo > 8));
+  Plan p = make_plan(g, false, planes(g), !(pairs && g.Wo > 8));
+  // Large gradients (rows): merged rows go out with non-temporal stores.
+  p.stream = !p.whole && b.grad_input.nbytes() >= kStreamBytes;
   const bool scatter = windows_overlap(g) && (p.whole ? g.H * g.W <= kScatterWhole && g.sh * g.sw > 1
                                                       : g.H * g.W * B <= kScatterPlane);
   if (scatter) {

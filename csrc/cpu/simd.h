@@ -177,6 +177,18 @@ template <typename T, typename V> DTK_INLINE void vstream(T* p, V v) { vstore(p,
 DTK_INLINE void stream_fence() {}
 #endif
 
+// dst[0, n) = src[0, n) converted, with non-temporal stores from the first 16-byte
+// boundary on (whole vectors; the ends plainly). For rows of outputs too large to
+// stay in cache. Call stream_fence() before the data is handed to another thread.
+template <typename A, typename T>
+DTK_INLINE void stream_convert(T* DTK_RESTRICT dst, const A* DTK_RESTRICT src, int64_t n) {
+  constexpr int N = Lanes<A>::N;
+  int64_t k = 0;
+  for (; k < n && reinterpret_cast<uintptr_t>(dst + k) % 16 != 0; ++k) dst[k] = static_cast<T>(src[k]);
+  for (; k + N <= n; k += N) vstream(dst + k, vload(src + k));
+  for (; k < n; ++k) dst[k] = static_cast<T>(src[k]);
+}
+
 // ---- float16 through F16C ---------------------------------------------------------------
 // GCC 12 converts c10::Half (and _Float16) one element at a time even in the x86-64-v3/v4
 // clones, and c10's bit tricks on eight lanes are slower still; F16C's vcvtph2ps and
