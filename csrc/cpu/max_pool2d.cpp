@@ -486,6 +486,26 @@ DTK_INLINE void merge_plane(const A* DTK_RESTRICT s, T* DTK_RESTRICT x, const Pl
   for (int64_t ih = 0; ih < p.g.H; ++ih) merge_pixels(s + plane_row(p, k, ih), x + ih * p.g.W, p.g.W, p.g.sw, 1, p.sub);
 }
 
+// merge_plane for column stride 2 and rows of one to two vectors (N <= W <= 2N, as
+// in 14x14 maps), where merge_pixels' loop would be scalar: each row is one
+// interleave of two vectors, stored whole. The store runs 2N - W <= W elements into
+// the next row, which is written after it; so `last` (the buffer's last plane) ends
+// with merge_pixels. Reads up to N elements past a split row: the stack has
+// kMergeSlack elements of slack.
+constexpr int64_t kMergeSlack = 16;
+template <typename A>
+DTK_INLINE void merge_plane_pairs(const A* DTK_RESTRICT s, A* DTK_RESTRICT x, const Plan& p, int64_t k, bool last) {
+  constexpr int N = Lanes<A>::N;
+  const int64_t H = p.g.H, W = p.g.W;
+  for (int64_t ih = 0; ih < H - (last ? 1 : 0); ++ih) {
+    const A* d = s + plane_row(p, k, ih);
+    const auto a = vload(d), b = vload(d + p.sub);
+    vstore(x + ih * W, interleave_lo(a, b));
+    vstore(x + ih * W + N, interleave_hi(a, b));
+  }
+  if (last) merge_pixels(s + plane_row(p, k, H - 1), x + (H - 1) * W, W, 2, 1, p.sub);
+}
+
 // ---- forward and backward over rows ------------------------------------------------------
 
 struct FwdOut {
@@ -640,7 +660,7 @@ DTK_INLINE void backward_whole(const Plan& p, const T* go, const O* off, T* gi, 
   const Pool2d& g = p.g;
   const int64_t out_plane = g.Ho * g.Wo, in_plane = g.H * g.W;
   const bool expand = p.P != g.Wo || p.R != g.Ho || !std::is_same_v<A, T>;
-  std::vector<A> s(p.size);
+  std::vector<A> s(p.size + kMergeSlack);
   std::vector<A> gx(expand ? p.np * p.R * p.P : 0, A(0));  // outside the outputs: 0, and no tap matches -1
   std::vector<O> ox(expand ? p.np * p.R * p.P : 0, O(-1));
   std::vector<A> staged(std::is_same_v<A, T> ? 0 : p.np * in_plane);
@@ -661,12 +681,14 @@ DTK_INLINE void backward_whole(const Plan& p, const T* go, const O* off, T* gi, 
     } else {
       for (int64_t k = g.taps() - 1; k >= 0; --k) gather_add(s.data() + p.wrel[k], gp, op, n, static_cast<int32_t>(k));
     }
-    if constexpr (std::is_same_v<A, T>) {
-      for (int64_t k = 0; k < cnt; ++k) merge_plane(s.data(), gi + (c0 + k) * in_plane, p, k);
-    } else {  // merged in the compute type, then rounded a vector at a time
-      for (int64_t k = 0; k < cnt; ++k) merge_plane(s.data(), staged.data() + k * in_plane, p, k);
-      convert_px<A>(gi + c0 * in_plane, staged.data(), cnt * in_plane);
+    // 16-bit types: merged in the compute type, then rounded a vector at a time
+    A* dst = std::is_same_v<A, T> ? reinterpret_cast<A*>(gi + c0 * in_plane) : staged.data();
+    if (g.sw == 2 && g.W >= Lanes<A>::N && g.W <= 2 * Lanes<A>::N) {
+      for (int64_t k = 0; k < cnt; ++k) merge_plane_pairs(s.data(), dst + k * in_plane, p, k, k == cnt - 1);
+    } else {
+      for (int64_t k = 0; k < cnt; ++k) merge_plane(s.data(), dst + k * in_plane, p, k);
     }
+    if constexpr (!std::is_same_v<A, T>) convert_px<A>(gi + c0 * in_plane, staged.data(), cnt * in_plane);
   }
 }
 
