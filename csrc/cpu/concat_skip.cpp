@@ -33,6 +33,10 @@ namespace {
 
 // ---- per-axis bilinear tables --------------------------------------------------
 
+// The scales whose interior weights can repeat with period s (power-of-two 1/s is
+// exact), and that have compiled loops below; the tables still check the pattern.
+constexpr bool periodic_scale(int64_t s) { return s == 2 || s == 4 || s == 8; }
+
 // Forward: for each output index, its two source indices and weights, in the
 // opmath type A.
 template <typename A>
@@ -47,7 +51,7 @@ struct LinearAxis {
   LinearAxis(int64_t n_in, int64_t n_out, int64_t s) : i0(n_out), i1(n_out), l0(n_out), l1(n_out) {
     const A scale = static_cast<A>(1.0 / static_cast<double>(s));
     for (int64_t d = 0; d < n_out; ++d) linear_source(d, scale, n_in, n_out, i0[d], i1[d], l0[d], l1[d]);
-    bool regular = (s == 2 || s == 4 || s == 8) && n_in >= 3 && n_out == s * n_in;
+    bool regular = periodic_scale(s) && n_in >= 3 && n_out == s * n_in;
     for (int64_t d = s; regular && d < n_out - s; ++d) {
       const int64_t j = d % s, want = d / s - (j < s / 2 ? 1 : 0);
       regular = i0[d] == want && i1[d] == want + 1 && l0[d] == l0[s + j] && l1[d] == l1[s + j];
@@ -94,7 +98,7 @@ struct LinearAdjoint {
         }
       }
     }
-    if (!((s == 2 || s == 4 || s == 8) && n_in >= 5 && n_out == s * n_in)) return;
+    if (!(periodic_scale(s) && n_in >= 5 && n_out == s * n_in)) return;
     pw.assign(la.begin() + start[2], la.begin() + start[2] + std::min(2 * s, start[3] - start[2]));
     const auto regular = [&](int64_t i) {
       bool r = start[i + 1] - start[i] == 2 * s;
@@ -151,8 +155,9 @@ DTK_INLINE void hrow_periodic(const T* DTK_RESTRICT r, A* DTK_RESTRICT t, int64_
 template <typename T, typename A = acc_t<T>>
 DTK_INLINE void bilinear_hrow(const T* DTK_RESTRICT r, A* DTK_RESTRICT t, int64_t w_in, int64_t w_out,
                               int64_t period, const int64_t* iw0, const int64_t* iw1, const A* w0, const A* w1) {
-  // Periods 4 and 8 are bilinear_hrow_wide's: in this function their code made
-  // the scale-2 rows 4% slower (GCC 12 spills around the call).
+  // Periods 4 and 8 are bilinear_hrow_wide's: with their code in this function the
+  // scale-2 rows measured a few percent slower (not resolved above this machine's
+  // noise; kept apart as a cheap precaution).
   if (period != 2) {
     for (int64_t o = 0; o < w_out; ++o) t[o] = fma_op(A(r[iw0[o]]), w0[o], A(r[iw1[o]]) * w1[o]);
     return;
@@ -288,8 +293,8 @@ DTK_INLINE void bilinear_adjoint_edges(const T* DTK_RESTRICT g, int64_t step, T*
 template <int S, typename T, typename A>
 DTK_INLINE void adjoint_columns(const T* DTK_RESTRICT g, A* DTK_RESTRICT acc, int64_t lo, int64_t hi,
                                 const A* DTK_RESTRICT x, const A* DTK_RESTRICT y, bool twice) {
-  A xs[2 * S], ys[2 * S];
-  for (int k = 0; k < 2 * S; ++k) xs[k] = x[k], ys[k] = twice ? y[k] : A(0);
+  A xs[2 * S], ys[2 * S];  // local copies: the loops below keep them in registers
+  for (int k = 0; k < 2 * S; ++k) xs[k] = x[k], ys[k] = y[k];
   if (twice) {
     for (int64_t i = lo; i < hi; ++i) {
       const T* gi = g + S * i - S / 2;
