@@ -11,6 +11,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/Device.h>
 #include <torch/library.h>
@@ -127,6 +128,25 @@ bool autograd_records(const A& a, const B& b, const Rest&... rest) {
   return autograd_records(a) || autograd_records(b, rest...);
 }
 
+// torch.autocast. The ops that join two tensors follow ATen's "promote" policy, as
+// torch.cat does under autocast: an autocast-made float16/bfloat16 tensor next to a
+// float32 one (a skip that went through softmax, say) is cast to the wider dtype,
+// where outside autocast a dtype mismatch stays an error. Float16 with bfloat16
+// gives float32, as eager type promotion does (ATen's autocast raises there).
+template <c10::DeviceType D>
+std::pair<at::Tensor, at::Tensor> autocast_promote(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == b.scalar_type() || !at::autocast::is_eligible(a, D) || !at::autocast::is_eligible(b, D))
+    return {a, b};
+  const auto t = c10::promoteTypes(a.scalar_type(), b.scalar_type());
+  return {at::autocast::cached_cast(t, a, D), at::autocast::cached_cast(t, b, D)};
+}
+
+// The op's own call from its autocast kernel, with that autocast key off.
+template <c10::DeviceType D>
+struct AutocastOff {
+  c10::impl::ExcludeDispatchKeyGuard guard{at::autocast::get_autocast_dispatch_key_from_device_type(D)};
+};
+
 }  // namespace dtkernels
 
 // Registers a public op and its backward op: their CPU and CUDA kernels (the routes
@@ -141,3 +161,8 @@ bool autograd_records(const A& a, const B& b, const Rest&... rest) {
     m.impl(#op "_backward", backward);                          \
   }                                                             \
   TORCH_LIBRARY_IMPL(dtkernels, Autograd, m) { m.impl(#op, autograd); }
+
+// Registers a public op's autocast kernel, a template over the device type.
+#define DTK_REGISTER_AUTOCAST(op, kernel)                                               \
+  TORCH_LIBRARY_IMPL(dtkernels, AutocastCPU, m) { m.impl(#op, kernel<c10::DeviceType::CPU>); } \
+  TORCH_LIBRARY_IMPL(dtkernels, AutocastCUDA, m) { m.impl(#op, kernel<c10::DeviceType::CUDA>); }

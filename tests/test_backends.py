@@ -7,10 +7,13 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dtkernels as dtk
 from dtkernels import backends
 from dtkernels.testing import rand
+
+from conftest import HAS_GPU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -279,6 +282,78 @@ def test_vmap_runs_per_example():
         want = torch.stack([f(t) for t in xb])
         torch.testing.assert_close(torch.vmap(f)(xb), want, rtol=0, atol=0)
         torch.testing.assert_close(torch.vmap(f, in_dims=1)(xb.transpose(0, 1).contiguous()), want, rtol=0, atol=0)
+
+
+# ---- torch.autocast ---------------------------------------------------------------------
+# The ops that join two tensors follow torch.cat's autocast policy ("promote"): an
+# autocast-made 16-bit tensor next to a float32 one meets it in float32. Outside
+# autocast a dtype mismatch stays an error. Single-input max_pool2d passes through.
+
+_JOINS = {
+    "residual_add": (lambda a, b: dtk.residual_add(a, b, alpha=0.5), lambda a, b: torch.relu(a + 0.5 * b),
+                     (2, 6, 5, 7), (2, 6, 5, 7)),
+    "concat_skip": (lambda a, b: dtk.concat_skip(a, b, upsample="bilinear"),
+                    lambda a, b: torch.cat([F.interpolate(a, scale_factor=2, mode="bilinear"), b], 1),
+                    (2, 6, 5, 7), (2, 3, 10, 14)),
+}
+_GPU = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", _GPU])
+@pytest.mark.parametrize("dtypes", [("low", "f32"), ("f32", "low"), ("bf16", "f16")])
+@pytest.mark.parametrize("op", sorted(_JOINS))
+def test_autocast_promotes_mixed_dtypes_as_torch_cat(op, dtypes, device):
+    ours, eager, sa, sb = _JOINS[op]
+    low = torch.bfloat16 if device == "cpu" else torch.float16
+    names = {"low": low, "f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+    a = rand(*sa, dtype=names[dtypes[0]], device=device, requires_grad=True)
+    b = rand(*sb, dtype=names[dtypes[1]], device=device, requires_grad=True)
+    with pytest.raises(ValueError, match="must have the same dtype"):
+        ours(a, b)
+    with torch.autocast(device, dtype=low):
+        out = ours(a, b)
+        if "low" in dtypes:  # ATen's autocast rejects float16 with bfloat16; ours promotes as eager does
+            assert eager(a.detach(), b.detach()).dtype == torch.float32
+    assert out.dtype == torch.promote_types(a.dtype, b.dtype) == torch.float32
+    a32, b32 = (t.detach().float().requires_grad_() for t in (a, b))
+    want = ours(a32, b32)
+    assert torch.equal(out, want)
+    g = rand(*out.shape, device=device)
+    out.backward(g)
+    want.backward(g)
+    for t, t32 in ((a, a32), (b, b32)):  # each gradient in its input's dtype, through the cast
+        assert t.grad.dtype == t.dtype and torch.equal(t.grad, t32.grad.to(t.dtype))
+
+
+@pytest.mark.parametrize("op", sorted(_JOINS))
+def test_autocast_leaves_matching_dtypes_and_max_pool2d_alone(op):
+    ours, _, sa, sb = _JOINS[op]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        a, b = rand(*sa, dtype=dtype), rand(*sb, dtype=dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ours(a, b)
+            pooled = dtk.max_pool2d(a, 2)
+        assert out.dtype == pooled.dtype == dtype
+        assert torch.equal(out, ours(a, b)) and torch.equal(pooled, F.max_pool2d(a, 2))
+
+
+@pytest.mark.slow
+def test_autocast_under_torch_compile():
+    """A U-Net-like step under autocast, compiled: the conv's bfloat16 output and a
+    float32 skip meet in float32, as in eager."""
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    x, skip = rand(2, 3, 6, 6), rand(2, 5, 12, 12)
+
+    def step(x, skip):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x)
+            return dtk.residual_add(y, y.float()), dtk.concat_skip(y, skip, upsample="nearest")
+
+    got, want = torch.compile(step, fullgraph=True)(x, skip), step(x, skip)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:

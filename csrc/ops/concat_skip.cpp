@@ -75,7 +75,16 @@ at::Tensor concat_skip_autograd(const at::Tensor& x, const at::Tensor& skip, Mod
   return ConcatSkip::apply(x, skip, upsample, scale_factor);
 }
 
+// Under torch.autocast, as torch.cat: x and skip of different float dtypes meet in the wider one.
+template <c10::DeviceType D>
+at::Tensor concat_skip_autocast(const at::Tensor& x, const at::Tensor& skip, Mode upsample, int64_t scale_factor) {
+  const auto [a, b] = autocast_promote<D>(x, skip);
+  AutocastOff<D> off;
+  return public_op().call(a, b, upsample, scale_factor);
+}
+
 }  // namespace
 }  // namespace dtkernels
 
 DTK_REGISTER_PUBLIC_OP(concat_skip, &dtkernels::concat_skip, &dtkernels::concat_skip_backward, &dtkernels::concat_skip_autograd)
+DTK_REGISTER_AUTOCAST(concat_skip, dtkernels::concat_skip_autocast)

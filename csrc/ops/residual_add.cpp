@@ -71,7 +71,16 @@ at::Tensor residual_add_autograd(const at::Tensor& x, const at::Tensor& fx, doub
   return ResidualAdd::apply(x, fx, alpha, relu);
 }
 
+// Under torch.autocast: x and fx of different float dtypes meet in the wider one.
+template <c10::DeviceType D>
+at::Tensor residual_add_autocast(const at::Tensor& x, const at::Tensor& fx, double alpha, bool relu) {
+  const auto [a, b] = autocast_promote<D>(x, fx);
+  AutocastOff<D> off;
+  return public_op().call(a, b, alpha, relu);
+}
+
 }  // namespace
 }  // namespace dtkernels
 
 DTK_REGISTER_PUBLIC_OP(residual_add, &dtkernels::residual_add, &dtkernels::residual_add_backward, &dtkernels::residual_add_autograd)
+DTK_REGISTER_AUTOCAST(residual_add, dtkernels::residual_add_autocast)
