@@ -173,10 +173,13 @@ def test_gradcheck_float64(train):
 def test_opcheck():
     _, ours = _pair(2, 3, 2, 2, dtype=torch.float32)
     weights = [p.detach().clone().requires_grad_() for p in ours.parameters()]
+    # Mixed precision (what the autocast kernel passes): bfloat16 conv weights.
+    mixed = [w.detach().bfloat16().requires_grad_() if k % 6 in (2, 5) else w for k, w in enumerate(weights)]
     for fmt in (NCHW, CL):
         x = rand(2, 3, 4, 5, memory_format=fmt, requires_grad=True)
         for running, train in (([], True), (_running(ours), False)):
-            torch.library.opcheck(torch.ops.dtkernels.dense_block.default, (x, weights, running, 2, train, 1e-5))
+            for w in (weights, mixed):
+                torch.library.opcheck(torch.ops.dtkernels.dense_block.default, (x, w, running, 2, train, 1e-5))
 
 
 def test_double_backward_is_a_clear_error():
@@ -197,6 +200,11 @@ def test_errors():
         block(rand(1, 4, 1, 1))
     with pytest.raises(ValueError, match="must match x's dtype"):
         block(rand(2, 4, 5, 5, dtype=torch.float64))
+    weights = [p.detach() for p in block.parameters()]
+    for bad in ({2: torch.float16, 5: torch.bfloat16}, {0: torch.bfloat16}, {2: torch.float64, 5: torch.float64}):
+        w = [t.to(bad[k % 6]) if k % 6 in bad else t for k, t in enumerate(weights)]
+        with pytest.raises(ValueError, match="conv weights may instead all be one 16-bit dtype"):
+            torch.ops.dtkernels.dense_block(rand(2, 4, 5, 5), w, [], 3, True, 1e-5)
     with pytest.raises(ValueError, match="positive"):
         dtk.nn.DenseBlock(0, 4, 3)
     assert "num_layers=2, in_channels=4, growth_rate=3, bn_size=4" in repr(block)
@@ -214,6 +222,51 @@ def test_16_bit(dtype):
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == dtype for p in ours.parameters())
+
+
+def _near(a, b, rel, what):
+    """Within rel of b's norm: elementwise tolerances fail 16-bit on near-zero entries."""
+    err = (a.float() - b.float()).norm() / b.float().norm()
+    assert err <= rel, f"{what}: relative error {err:.3g} > {rel}"
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, "low"], ids=["x32", "xlow"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_autocast_mixed_precision(dtype, train, x_dtype):
+    """Under torch.autocast, mixed precision as a torchvision-layout block gets it:
+    16-bit convolutions, float32 batch norms and buffer. Outputs, gradients (in each
+    parameter's float32) and running statistics stay near that block's under the same
+    autocast, and the bottlenecks are saved in 16 bits."""
+    tv, ours = _pair(3, 8, 4, 2, dtype=torch.float32)
+    tv.train(train)
+    ours.train(train)
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3  # backward's 16-bit roundings differ (measured <= 1.1e-2)
+    for _ in range(2):
+        x = rand(2, 8, 6, 7, memory_format=CL, dtype=dtype if x_dtype == "low" else x_dtype)
+        xt, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            ref = tv(xt)
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                out = ours(xo)
+        assert out.dtype == torch.float32 and out.is_contiguous(memory_format=CL)
+        assert {t.dtype for t in saved if t.dim() == 4 and t.shape[1] == 8} == {dtype}  # the 1x1 bottlenecks
+        _near(out, ref, 1e-4, "output")  # the same roundings: equal in practice
+        g = rand(*ref.shape)
+        ref.backward(g)
+        out.backward(g)
+        assert xo.grad.dtype == x.dtype
+        _near(xo.grad, xt.grad, tol, "input gradient")
+        for (name, p), q in zip(ours.named_parameters(), tv.parameters()):
+            assert p.dtype == p.grad.dtype == torch.float32, name
+            _near(p.grad, q.grad, tol, f"gradient of {name}")
+    for (name, a), b in zip(ours.state_dict().items(), tv.state_dict().values()):
+        assert a.dtype == b.dtype, name
+        if a.is_floating_point():
+            _near(a, b, 2e-3, name)
+        else:
+            assert torch.equal(a, b), name
 
 
 @pytest.mark.slow
@@ -237,6 +290,18 @@ def test_torch_compile_fullgraph(train):
         assert_close(a.float(), b.float())
 
 
+@pytest.mark.slow
+def test_torch_compile_under_autocast():
+    torch._dynamo.reset()
+    tv, ours = _pair(dtype=torch.float32)
+    compiled = torch.compile(ours, fullgraph=True)
+    x = rand(2, 5, 4, 4, memory_format=CL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = tv(x), compiled(x)
+    assert out.dtype == ref.dtype == torch.float32
+    _near(out, ref, 1e-4, "output")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -245,3 +310,20 @@ def test_cuda(train):
     tv.train(train)
     ours.train(train)
     _compare(tv, ours, rand(2, 8, 6, 6, device="cuda", memory_format=CL), grad_tol={"rtol": 1e-4, "atol": 1e-4})
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_cuda_autocast():
+    tv, ours = _pair(3, 8, 4, 2, dtype=torch.float32, device="cuda")
+    x = rand(2, 8, 6, 6, device="cuda", memory_format=CL)
+    xt, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.float16):
+        ref, out = tv(xt), ours(xo)
+    assert out.dtype == ref.dtype == torch.float32
+    _near(out, ref, 1e-3, "output")
+    g = rand(*ref.shape, device="cuda")
+    ref.backward(g)
+    out.backward(g)
+    for (name, p), q in zip(ours.named_parameters(), tv.parameters()):
+        _near(p.grad, q.grad, 1e-2, f"gradient of {name}")

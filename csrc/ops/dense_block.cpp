@@ -31,6 +31,10 @@
 // x_hat, and ATen's batch-norm backward runs on x_hat (mean 0, invstd 1, weight
 // scaled by invstd), which is exact and avoids ATen's slow strided path.
 //
+// Mixed precision (what torch.autocast passes, see dense_block_autocast): the conv
+// weights may all be one 16-bit dtype below x's. The convolutions then run in it and
+// the bottlenecks are kept in it; the buffer, batch norms and statistics stay in x's.
+//
 // The fake kernels and the double-backward error are in dtkernels/ops/dense_block.py.
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -67,6 +71,9 @@ void check(const Tensor& x, TensorList weights, TensorList running, int64_t g, b
                     ": running must be empty in training mode and hold 4 tensors per layer in eval mode, got ",
                     running.size());
   const int64_t c = x.size(1);
+  // The convolutions may run in one 16-bit dtype below x's (torch.autocast's mixed precision).
+  const auto conv_dtype = weights[2].scalar_type();
+  const bool conv_ok = conv_dtype == x.scalar_type() || conv_dtype == at::kHalf || conv_dtype == at::kBFloat16;
   for (int64_t i = 0; i < layers; ++i) {
     const Tensor& n1w = weights[kPerLayer * i];
     const Tensor& c1w = weights[kPerLayer * i + 2];
@@ -77,9 +84,11 @@ void check(const Tensor& x, TensorList weights, TensorList running, int64_t g, b
                       "'s conv2 must map ", c1w.size(0), " to ", g, " channels, got weight ", c2w.sizes());
     for (int64_t k = 0; k < kPerLayer; ++k) {
       const Tensor& t = weights[kPerLayer * i + k];
-      TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type() && t.device() == x.device(), kOp,
-                        ": weights must match x's dtype and device (", dtype_name(x.scalar_type()), ", ",
-                        x.device(), "), got ", dtype_name(t.scalar_type()), " on ", t.device());
+      const bool conv = k == 2 || k == 5;
+      TORCH_CHECK_VALUE(
+          t.device() == x.device() && (conv ? conv_ok && t.scalar_type() == conv_dtype : t.scalar_type() == x.scalar_type()),
+          kOp, ": weights must match x's dtype and device (", dtype_name(x.scalar_type()), ", ", x.device(), "), got ",
+          dtype_name(t.scalar_type()), " on ", t.device(), " (the conv weights may instead all be one 16-bit dtype)");
     }
   }
   TORCH_CHECK_VALUE(!training || x.size(0) * x.size(2) * x.size(3) > 1, kOp,
@@ -87,6 +96,11 @@ void check(const Tensor& x, TensorList weights, TensorList running, int64_t g, b
 }
 
 Tensor per_channel(const Tensor& v) { return v.view({1, -1, 1, 1}); }
+
+// A convolution's operand in the conv weights' dtype (mixed precision; else as is).
+Tensor as_dtype(const Tensor& t, const Tensor& like) {
+  return t.scalar_type() == like.scalar_type() ? t : t.to(like.scalar_type());
+}
 
 Tensor invstd_of(const Tensor& var, double eps) { return at::rsqrt(var + eps); }
 
@@ -106,10 +120,13 @@ struct BatchStats {
   Tensor y, mean, var, invstd;
 };
 
-BatchStats batch_norm_train(const Tensor& t, const Tensor& weight, const Tensor& bias, double eps) {
+// With mixed precision, t (a bottleneck) is 16-bit and the statistics are in the
+// norm weights' dtype, as ATen's mixed-type batch norm keeps them.
+BatchStats batch_norm_train(const Tensor& t, const Tensor& weight, const Tensor& bias, double eps,
+                            at::ScalarType stats_dtype) {
   BatchStats s;
-  s.mean = at::zeros({t.size(1)}, t.options());
-  s.var = at::zeros({t.size(1)}, t.options());
+  s.mean = at::zeros({t.size(1)}, t.options().dtype(stats_dtype));
+  s.var = at::zeros({t.size(1)}, t.options().dtype(stats_dtype));
   Tensor saved_mean;
   std::tie(s.y, saved_mean, s.invstd) = at::native_batch_norm(t, weight, bias, s.mean, s.var, true, 1.0, eps);
   return s;
@@ -132,7 +149,7 @@ Outputs dense_block(const Tensor& x, TensorList weights, TensorList running, int
     const int64_t c1 = c0 + (layers - 1) * g, width = weights[2].size(0);
     mean1 = x.new_empty({c1}), var1 = x.new_empty({c1}), invstd1 = x.new_empty({c1});
     mean2 = x.new_empty({layers, width}), var2 = x.new_empty({layers, width}), invstd2 = x.new_empty({layers, width});
-    const BatchStats s = batch_norm_train(x, {}, {}, eps);
+    const BatchStats s = batch_norm_train(x, {}, {}, eps, x.scalar_type());
     mean1.narrow(0, 0, c0).copy_(s.mean);
     var1.narrow(0, 0, c0).copy_(s.var);
     invstd1.narrow(0, 0, c0).copy_(s.invstd);
@@ -143,10 +160,10 @@ Outputs dense_block(const Tensor& x, TensorList weights, TensorList running, int
                  &n2w = weights[kPerLayer * i + 3], &n2b = weights[kPerLayer * i + 4], &c2w = weights[kPerLayer * i + 5];
     const Tensor m1 = training ? mean1.narrow(0, 0, ci) : running[4 * i];
     const Tensor is1 = training ? invstd1.narrow(0, 0, ci) : invstd_of(running[4 * i + 1], eps);
-    Tensor z = at::conv2d(bn_relu(out.narrow(1, 0, ci), m1, is1, n1w, n1b), c1w).contiguous(fmt);
+    Tensor z = at::conv2d(as_dtype(bn_relu(out.narrow(1, 0, ci), m1, is1, n1w, n1b), c1w), c1w).contiguous(fmt);
     Tensor a2;
     if (training) {
-      BatchStats s = batch_norm_train(z, n2w, n2b, eps);
+      BatchStats s = batch_norm_train(z, n2w, n2b, eps, x.scalar_type());
       mean2.select(0, i).copy_(s.mean);
       var2.select(0, i).copy_(s.var);
       invstd2.select(0, i).copy_(s.invstd);
@@ -154,11 +171,11 @@ Outputs dense_block(const Tensor& x, TensorList weights, TensorList running, int
     } else {
       a2 = bn_relu(z, running[4 * i + 2], invstd_of(running[4 * i + 3], eps), n2w, n2b);
     }
-    Tensor fresh = at::conv2d(a2, c2w, {}, 1, 1);
+    Tensor fresh = as_dtype(at::conv2d(as_dtype(a2, c2w), c2w, {}, 1, 1), x);
     a2.reset();
     out.narrow(1, ci, g).copy_(fresh);
     if (training && i + 1 < layers) {  // the new channels' statistics, for every later norm1
-      const BatchStats s = batch_norm_train(fresh, {}, {}, eps);
+      const BatchStats s = batch_norm_train(fresh, {}, {}, eps, x.scalar_type());
       mean1.narrow(0, ci, g).copy_(s.mean);
       var1.narrow(0, ci, g).copy_(s.var);
       invstd1.narrow(0, ci, g).copy_(s.invstd);
@@ -180,7 +197,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_backward(const Tensor& grad, const Te
     return at::native_batch_norm_backward(gy, x, weight, {}, {}, mean, invstd, true, eps, {true, true, true});
   // Eval: empty saved statistics, as autograd passes them (ATen's CUDA kernel asserts
   // they are defined, then recomputes invstd from the running variance).
-  const Tensor none = x.new_empty({0});
+  const Tensor none = weight.new_empty({0});  // in the statistics' dtype (16-bit x: mixed precision)
   return at::native_batch_norm_backward(gy, x, weight, running_mean, running_var, none, none, false, eps,
                                         {true, true, true});
 }
@@ -243,8 +260,8 @@ Grads dense_block_backward(const Tensor& grad_out, const Tensor& out, TensorList
       m2 = rm2, is2 = invstd_of(rv2, eps);
     }
     const Tensor& z = bottlenecks[i];
-    Tensor a2 = bn_relu(z, m2, is2, n2w, n2b);  // recomputed, not saved
-    auto [ga2, gw2] = conv_backward(gbuf.narrow(1, ci, g), a2, c2w, 1);
+    Tensor a2 = as_dtype(bn_relu(z, m2, is2, n2w, n2b), c2w);  // recomputed, not saved
+    auto [ga2, gw2] = conv_backward(as_dtype(gbuf.narrow(1, ci, g), c2w), a2, c2w, 1);
     auto [gz, gn2w, gn2b] = bn_relu_backward(ga2, a2, z, n2w, m2, is2, rm2, rv2, training, eps);
     a2.reset();
     ga2.reset();
@@ -252,8 +269,9 @@ Grads dense_block_backward(const Tensor& grad_out, const Tensor& out, TensorList
     // backward is several times slower on a channel-sliced view), then ReLU.
     Tensor xhat = normalized(out.narrow(1, 0, ci), m1, is1);
     Tensor a1 = at::addcmul(per_channel(n1b), xhat, per_channel(n1w)).relu_();
-    auto [ga1, gw1] = conv_backward(gz, a1, c1w, 0);
+    auto [ga1, gw1] = conv_backward(gz, as_dtype(a1, c1w), c1w, 0);
     gz.reset();
+    ga1 = as_dtype(ga1, n1w);
     auto [gp, gn1w, gn1b] = bn_relu_backward_normalized(ga1, a1, xhat, n1w, is1, training);
     a1.reset();
     ga1.reset();
@@ -332,7 +350,28 @@ Outputs dense_block_autograd(const Tensor& x, TensorList weights, TensorList run
           std::vector<Tensor>(r.begin() + 1 + layers, r.end())};
 }
 
+// Under torch.autocast, mixed precision as in a torchvision block under autocast:
+// the convolutions run in the autocast dtype (their weights cast, once per autocast
+// region, as ATen's conv2d casts them), the batch norms with float32 statistics and
+// weights on a float32 buffer, which is the output. A 16-bit x is widened into it.
+// A float64 x is left alone, as autocast leaves float64.
+template <c10::DeviceType D>
+Outputs dense_block_autocast(const Tensor& x, TensorList weights, TensorList running, int64_t g, bool training,
+                             double eps) {
+  AutocastOff<D> off;
+  if (!at::autocast::is_eligible(x, D)) return public_op().call(x, weights, running, g, training, eps);
+  const auto low = at::autocast::get_autocast_dtype(D);
+  std::vector<Tensor> w(weights.begin(), weights.end());
+  for (size_t k = 0; k < w.size(); ++k) {
+    const bool conv = k % kPerLayer == 2 || k % kPerLayer == 5;
+    w[k] = at::autocast::cached_cast(conv ? low : at::kFloat, w[k], D);
+  }
+  return public_op().call(at::autocast::cached_cast(at::kFloat, x, D), w,
+                          at::autocast::cached_cast(at::kFloat, running, D), g, training, eps);
+}
+
 }  // namespace
 }  // namespace dtkernels
 
 DTK_REGISTER_PUBLIC_OP(dense_block, &dtkernels::dense_block, &dtkernels::dense_block_backward, &dtkernels::dense_block_autograd)
+DTK_REGISTER_AUTOCAST(dense_block, dtkernels::dense_block_autocast)

@@ -34,6 +34,9 @@ def _check(x, weights, running, growth_rate, training, eps):
         raise ValueError(f"{OP}: running must be empty in training mode and hold 4 tensors per layer in eval "
                          f"mode, got {len(running)}")
     c = x.shape[1]
+    # The convolutions may run in one 16-bit dtype below x's (torch.autocast's mixed precision).
+    conv_dtype = weights[2].dtype
+    conv_ok = conv_dtype in (x.dtype, torch.float16, torch.bfloat16)
     for i in range(layers):
         n1w, _, c1w, _, _, c2w = weights[PER_LAYER * i:PER_LAYER * (i + 1)]
         if n1w.shape[0] != c + i * growth_rate or c1w.shape[1] != c + i * growth_rate:
@@ -42,10 +45,10 @@ def _check(x, weights, running, growth_rate, training, eps):
         if c2w.shape[0] != growth_rate or c2w.shape[1] != c1w.shape[0]:
             raise ValueError(f"{OP}: layer {i + 1}'s conv2 must map {c1w.shape[0]} to {growth_rate} channels, "
                              f"got weight {list(c2w.shape)}")
-        for t in weights[PER_LAYER * i:PER_LAYER * (i + 1)]:
-            if t.dtype != x.dtype or t.device != x.device:
+        for k, t in enumerate(weights[PER_LAYER * i:PER_LAYER * (i + 1)]):
+            if t.device != x.device or not (conv_ok and t.dtype == conv_dtype if k in (2, 5) else t.dtype == x.dtype):
                 raise ValueError(f"{OP}: weights must match x's dtype and device ({x.dtype}, {x.device}), got "
-                                 f"{t.dtype} on {t.device}")
+                                 f"{t.dtype} on {t.device} (the conv weights may instead all be one 16-bit dtype)")
     if training and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
         raise ValueError(f"{OP}: expected more than 1 value per channel when training, got input size "
                          f"{list(x.shape)}")
@@ -60,11 +63,12 @@ def _fake(x, weights, running, growth_rate, training, eps):
     layers, g, width = len(weights) // PER_LAYER, growth_rate, weights[2].shape[0]
     fmt = _format(x)
 
-    def empty(*shape, memory_format=torch.contiguous_format):
-        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format)
+    def empty(*shape, memory_format=torch.contiguous_format, dtype=x.dtype):
+        return torch.empty(shape, dtype=dtype, device=x.device, memory_format=memory_format)
 
     out = empty(n, c0 + layers * g, h, w, memory_format=fmt)
-    bottlenecks = [empty(n, width, h, w, memory_format=fmt) for _ in range(layers)]
+    # The bottlenecks are conv outputs: in the conv weights' dtype.
+    bottlenecks = [empty(n, width, h, w, memory_format=fmt, dtype=weights[2].dtype) for _ in range(layers)]
     stats = []
     if training:
         c1 = c0 + (layers - 1) * g
