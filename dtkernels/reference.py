@@ -15,9 +15,10 @@ def residual_add(x: Tensor, fx: Tensor, alpha: float = 1.0, activation: str | No
 
 
 def residual_add_backward(grad_out: Tensor, out: Tensor, scale: float = 1.0) -> Tensor:
-    """scale * grad_out where out > 0, else 0: the ReLU mask rebuilt from the output."""
+    """0 where out <= 0, else scale * grad_out: the ReLU mask rebuilt from the output, as
+    ATen's threshold_backward (a NaN output passes its gradient)."""
     g = grad_out if scale == 1.0 else grad_out * scale
-    return torch.where(out > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+    return torch.where(out <= 0, torch.zeros((), dtype=g.dtype, device=g.device), g)
 
 
 def _interpolate_kwargs(upsample: str) -> dict:

@@ -88,6 +88,15 @@ def test_nan_and_inf(backend):
     fx = torch.tensor([1.0, float("nan"), 1.0, -1.0, 0.5, -0.0], device=device)
     assert_close(dtk.residual_add(x, fx), ref.residual_add(x, fx))
     assert_close(dtk.residual_add(x, fx, activation=None), ref.residual_add(x, fx, activation=None))
+    # Backward as eager relu's (threshold_backward): a NaN output passes its gradient.
+    g = torch.arange(1.0, 7.0, device=device)
+    for alpha in (1.0, 0.5):
+        ours = [t.clone().requires_grad_() for t in (x, fx)]
+        eager = [t.clone().requires_grad_() for t in (x, fx)]
+        dtk.residual_add(*ours, alpha=alpha).backward(g)
+        torch.relu(eager[0] + alpha * eager[1]).backward(g)
+        for a, b in zip(ours, eager):
+            assert torch.equal(a.grad, b.grad), (alpha, a.grad, b.grad)
 
 
 @pytest.mark.sanitize

@@ -31,12 +31,13 @@ DTK_INLINE void add_act(const T* DTK_RESTRICT x, const T* DTK_RESTRICT fx,
   }
 }
 
-// grad_in = scale * grad where out > 0, else 0 (ATen's threshold_backward).
+// grad_in = 0 where out <= 0, else scale * grad: ATen's threshold_backward, so a NaN
+// output passes its gradient, as eager relu's backward does.
 template <typename T>
 DTK_INLINE void masked_scale(const T* DTK_RESTRICT g, const T* DTK_RESTRICT out,
                              T* DTK_RESTRICT gin, int64_t n, acc_t<T> scale) {
   using A = acc_t<T>;
-  for (int64_t i = 0; i < n; ++i) gin[i] = A(out[i]) > A(0) ? T(scale * A(g[i])) : T(0);
+  for (int64_t i = 0; i < n; ++i) gin[i] = A(out[i]) <= A(0) ? T(0) : T(scale * A(g[i]));
 }
 
 #define DTK_RA_CLONES(T)                                                           \
@@ -78,7 +79,7 @@ DTK_F16C void masked_scale_f16c(const c10::Half* g, const c10::Half* out, c10::H
   for (; i + 8 <= n; i += 8) {
     const __m256 vo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(out + i)));
     const __m256 vg = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + i)));
-    const __m256 v = _mm256_and_ps(_mm256_cmp_ps(vo, zero, _CMP_GT_OQ), _mm256_mul_ps(s, vg));
+    const __m256 v = _mm256_andnot_ps(_mm256_cmp_ps(vo, zero, _CMP_LE_OQ), _mm256_mul_ps(s, vg));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(gin + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }
   masked_scale<c10::Half>(g + i, out + i, gin + i, n - i, scale);
@@ -173,7 +174,7 @@ at::Tensor residual_add_backward(const at::Tensor& grad_out, const at::Tensor& o
         [&](const scalar_t* pg, const scalar_t* po, scalar_t* pi, int64_t n) {
           masked_scale_flat(pg, po, pi, n, s);
         },
-        [&](scalar_t g, scalar_t o) { return A(o) > A(0) ? scalar_t(s * A(g)) : scalar_t(0); });
+        [&](scalar_t g, scalar_t o) { return A(o) <= A(0) ? scalar_t(0) : scalar_t(s * A(g)); });
   });
   return grad_in;
 }

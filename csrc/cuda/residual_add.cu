@@ -53,11 +53,11 @@ __global__ void residual_add_backward_kernel(const T* __restrict__ g, const T* _
     P o;
 #pragma unroll
     for (int k = 0; k < N; ++k)
-      o.v[k] = static_cast<A>(b.v[k]) > A(0) ? static_cast<T>(scale * static_cast<A>(a.v[k])) : T(0);
+      o.v[k] = static_cast<A>(b.v[k]) <= A(0) ? T(0) : static_cast<T>(scale * static_cast<A>(a.v[k]));
     reinterpret_cast<P*>(gin)[p] = o;
   }
   for (int64_t i = packs * N + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    gin[i] = static_cast<A>(y[i]) > A(0) ? static_cast<T>(scale * static_cast<A>(g[i])) : T(0);
+    gin[i] = static_cast<A>(y[i]) <= A(0) ? T(0) : static_cast<T>(scale * static_cast<A>(g[i]));
 }
 
 // Launches `vec` (16-byte packs of vec_width elements) when all three pointers are

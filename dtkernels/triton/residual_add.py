@@ -42,7 +42,7 @@ def _residual_add_backward_kernel(g_ptr, y_ptr, gin_ptr, n, scale,
         v = g * scale
     else:
         v = g.to(tl.float32) * scale
-    v = tl.where(y > 0, v, 0.0)
+    v = tl.where(y <= 0, 0.0, v)  # threshold_backward: a NaN output passes its gradient
     tl.store(gin_ptr + offs, v.to(gin_ptr.dtype.element_ty), mask=mask)
 
 
