@@ -65,6 +65,18 @@ inline void check_pool_args(at::IntArrayRef v, const char* name) {
   TORCH_CHECK(v.size() == 2, "max_pool2d: ", name, " must have two elements, got ", v.size());
 }
 
+// ATen keeps kernel size, stride, padding and dilation in int (safe_downcast): a larger
+// value is its error, where the kernels' int geometry would wrap. Offsets inside a
+// window are at most int32, so a window may hold at most 2^31 - 1 taps (padding included).
+inline void check_pool_ints(at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d) {
+  for (at::IntArrayRef v : {k, s, p, d})
+    for (int64_t e : v)
+      TORCH_CHECK(e >= std::numeric_limits<int>::min() && e <= std::numeric_limits<int>::max(),
+                  "value cannot be converted to type int without overflow");
+  TORCH_CHECK(k[0] <= 0 || k[1] <= 0 || k[0] * k[1] <= std::numeric_limits<int>::max(),
+              "max_pool2d: windows of more than 2^31 - 1 elements are not supported, got kernel_size ", k);
+}
+
 // Validates a forward call (ATen's checks, same order and wording) and returns its geometry.
 inline Pool2d pool2d_geometry(const at::Tensor& input, at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p,
                               at::IntArrayRef d, bool ceil_mode, bool channels_last) {
@@ -72,6 +84,7 @@ inline Pool2d pool2d_geometry(const at::Tensor& input, at::IntArrayRef k, at::In
   check_pool_args(s, "stride");
   check_pool_args(p, "padding");
   check_pool_args(d, "dilation");
+  check_pool_ints(k, s, p, d);
   check_float(input, "input", "max_pool2d");
   TORCH_CHECK(input.dim() == 3 || input.dim() == 4, "non-empty 3D or 4D (batch mode) tensor expected for input");
   TORCH_CHECK(!channels_last || input.dim() == 4,
@@ -153,6 +166,7 @@ inline Pool2d pool2d_backward_geometry(const at::Tensor& grad_out, const at::Ten
   check_pool_args(s, "stride");
   check_pool_args(p, "padding");
   check_pool_args(d, "dilation");
+  check_pool_ints(k, s, p, d);
   check_float(grad_out, "grad_out", "max_pool2d_backward");
   TORCH_CHECK(input_size.size() == 3 || input_size.size() == 4,
               "max_pool2d_backward: input_size must have 3 or 4 elements, got ", input_size);

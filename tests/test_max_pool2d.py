@@ -795,6 +795,10 @@ def _error(f):
     pytest.param((2, None, (1, 1, 1)), id="padding-3-tuple"),
     pytest.param((2, (1, 2, 3)), id="stride-3-tuple"),
     pytest.param((2, 1, 0, (1, 1, 1)), id="dilation-3-tuple"),
+    pytest.param(((2**32 + 1, 1), None, (2**31, 0)), id="kernel-beyond-int"),  # would wrap to k=1, p=INT_MIN
+    pytest.param(((1, 2**31),), id="kernel-2^31"),
+    pytest.param((2, 2**40), id="stride-beyond-int"),
+    pytest.param((1, 1, 0, 2**33), id="dilation-beyond-int"),
 ])
 def test_errors_are_atens(args, check_path):
     """Same exception type and first line as F.max_pool2d, from the public function,
@@ -810,6 +814,15 @@ def test_errors_are_atens(args, check_path):
     with FakeTensorMode():
         assert _error(lambda: torch.ops.dtkernels.max_pool2d(torch.empty(2, 3, 12, 12), k, s, p, d))[1] == want[1]
     assert _error(lambda: torch.ops.dtkernels._max_pool2d(x, k, s, p, d, False, False, False, False))[1] == want[1]
+
+
+def test_windows_beyond_int32_taps_are_a_clear_error():
+    """Offsets inside a window are at most int32 (ATen would scan 2^32 taps per output)."""
+    x = rand(1, 1, 3, 3)
+    with pytest.raises(RuntimeError, match=r"windows of more than 2\^31 - 1 elements"):
+        dtk.max_pool2d(x, 2**16, 1, 2**15)
+    with pytest.raises(RuntimeError, match=r"windows of more than 2\^31 - 1 elements"):
+        torch.ops.dtkernels._max_pool2d(x, [2**16, 2**16], [1, 1], [2**15, 2**15], [1, 1], False, False, False, True)
 
 
 def test_input_errors(check_path):

@@ -39,8 +39,10 @@ bool env_is(const char* name, const char* value) {
 using Geo = PoolDims;
 
 Geo device_geo(const Pool2d& g) {
-  TORCH_CHECK(g.H * g.W < (int64_t(1) << 31) && g.Ho * g.Wo < (int64_t(1) << 31) && g.C < (int64_t(1) << 31),
-              "max_pool2d (cuda): planes of 2^31 or more elements are not supported");
+  // Below 2^31 with room for a row's last vector (W + V - 1 stays an int).
+  constexpr int64_t kMax = (int64_t(1) << 31) - 64;
+  TORCH_CHECK(g.H * g.W < kMax && g.Ho * g.Wo < kMax && g.C < kMax,
+              "max_pool2d (cuda): planes of 2^31 - 64 or more elements are not supported");
   return pool_dims(g);
 }
 

@@ -38,6 +38,20 @@ def _trunc_div(a: int, b: int) -> int:  # C++ integer division (ATen's checks us
     return q if (a < 0) == (b < 0) else -q
 
 
+_INT_MAX = 2**31 - 1
+
+
+def check_pool_ints(kernel_size, stride, padding, dilation) -> None:
+    """ATen keeps these arguments in int (csrc/max_pool2d.h: check_pool_ints agrees)."""
+    for v in (*kernel_size, *stride, *padding, *dilation):
+        if not -_INT_MAX - 1 <= v <= _INT_MAX:
+            raise RuntimeError("value cannot be converted to type int without overflow")
+    kh, kw = kernel_size
+    if kh > 0 and kw > 0 and kh * kw > _INT_MAX:
+        raise RuntimeError(f"max_pool2d: windows of more than 2^31 - 1 elements are not supported, got kernel_size "
+                           f"{list(kernel_size)}")
+
+
 def _output_size(size, k, s, p, d, ceil_mode):
     if s == 0:
         raise RuntimeError("stride should not be zero")
@@ -52,6 +66,7 @@ def _output_size(size, k, s, p, d, ceil_mode):
 def output_shape(input, kernel_size, stride, padding, dilation, ceil_mode, channels_last) -> list:
     """The output shape; raises ATen's errors (same order and wording) on bad arguments."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    check_pool_ints(kernel_size, stride, padding, dilation)
     if input.dim() not in (3, 4):
         raise RuntimeError("non-empty 3D or 4D (batch mode) tensor expected for input")
     if channels_last and input.dim() != 4:
@@ -85,6 +100,7 @@ def _check(input, kernel_size, stride, padding, dilation, ceil_mode=False, chann
 
 def _check_backward(grad_out, offsets, input_size, kernel_size, stride, padding, dilation, channels_last=False):
     op = OP + "_backward"
+    check_pool_ints(kernel_size, stride, padding, dilation)
     check_tensor(op, "grad_out", grad_out)
     if not isinstance(offsets, Tensor) or offsets.shape != grad_out.shape:
         raise RuntimeError(f"{op}: offsets must have grad_out's shape {list(grad_out.shape)} (were they saved by "
