@@ -229,11 +229,14 @@ def test_triton_kernels_compile_for_sm90(dtype):
     from dtkernels.triton import residual_add as k
 
     p = f"*{dtype}"
+    for kernel, name in ((k._residual_add_kernel, "alpha"), (k._residual_add_backward_kernel, "scale")):
+        fn = kernel.fn  # the autotuner's JITFunction: alpha and scale launch as double
+        assert {q.name: q.annotation_type for q in fn.params}[name] == "fp64"
     for relu, aligned in [(True, True), (False, False)]:
-        c = compile_triton(k._residual_add_kernel, {"x_ptr": p, "fx_ptr": p, "out_ptr": p, "n": "i64", "alpha": "fp32"},
+        c = compile_triton(k._residual_add_kernel, {"x_ptr": p, "fx_ptr": p, "out_ptr": p, "n": "i64", "alpha": "fp64"},
                            {"RELU": relu, "FP64": dtype == "fp64", "BLOCK": 2048}, aligned=aligned)
         assert "cubin" in c.asm
-    c = compile_triton(k._residual_add_backward_kernel, {"g_ptr": p, "y_ptr": p, "gin_ptr": p, "n": "i64", "scale": "fp32"},
+    c = compile_triton(k._residual_add_backward_kernel, {"g_ptr": p, "y_ptr": p, "gin_ptr": p, "n": "i64", "scale": "fp64"},
                        {"FP64": dtype == "fp64", "BLOCK": 2048})
     if dtype != "fp64":  # 16-byte vector accesses when aligned
         assert "ld.global.v4" in c.asm["ptx"] or "ld.global.v2" in c.asm["ptx"]

@@ -13,9 +13,11 @@ _CONFIGS = configs(
 )
 
 
+# alpha and scale are annotated float64: a plain Python float argument launches as
+# fp32, which would round alpha for float64 tensors (ATen keeps it double there).
 @triton.autotune(configs=_CONFIGS, key=["n"])
 @triton.jit
-def _residual_add_kernel(x_ptr, fx_ptr, out_ptr, n, alpha,
+def _residual_add_kernel(x_ptr, fx_ptr, out_ptr, n, alpha: tl.float64,
                          RELU: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -24,7 +26,7 @@ def _residual_add_kernel(x_ptr, fx_ptr, out_ptr, n, alpha,
     if FP64:
         v = x + alpha * f
     else:
-        v = x.to(tl.float32) + alpha * f.to(tl.float32)
+        v = x.to(tl.float32) + tl.cast(alpha, tl.float32) * f.to(tl.float32)  # ATen's opmath: alpha as float
     if RELU:
         v = tl.where(v < 0, 0.0, v)  # keeps NaN, as torch.relu
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
@@ -32,7 +34,7 @@ def _residual_add_kernel(x_ptr, fx_ptr, out_ptr, n, alpha,
 
 @triton.autotune(configs=_CONFIGS, key=["n"])
 @triton.jit
-def _residual_add_backward_kernel(g_ptr, y_ptr, gin_ptr, n, scale,
+def _residual_add_backward_kernel(g_ptr, y_ptr, gin_ptr, n, scale: tl.float64,
                                   FP64: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -41,7 +43,7 @@ def _residual_add_backward_kernel(g_ptr, y_ptr, gin_ptr, n, scale,
     if FP64:
         v = g * scale
     else:
-        v = g.to(tl.float32) * scale
+        v = g.to(tl.float32) * tl.cast(scale, tl.float32)
     v = tl.where(y <= 0, 0.0, v)  # threshold_backward: a NaN output passes its gradient
     tl.store(gin_ptr + offs, v.to(gin_ptr.dtype.element_ty), mask=mask)
 
