@@ -31,15 +31,18 @@ def _tile(R, COLS, C, H, W, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.c
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)[:, None]
     k = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
     mask = (r < R) & (k < COLS)
+    # Divisions one size at a time: H * W or C * H (int32) could wrap.
     if CL:  # rows are pixels, columns channels
-        n = r // (H * W)
-        h = (r // W) % H
-        w = r % W
+        t = r // W
+        w = r - t * W
+        h = t % H
+        n = t // H
         c = k
     else:  # rows are (n, c, h), columns w
-        n = r // (C * H)
-        c = (r // H) % C
-        h = r % H
+        t = r // H
+        h = r - t * H
+        c = t % C
+        n = t // C
         w = k
     return n, c, h, w, r * COLS + k, mask
 

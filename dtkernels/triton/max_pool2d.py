@@ -74,9 +74,10 @@ def _max_pool2d_nchw_kernel(x_ptr, out_ptr, idx_ptr, off_ptr, n, H, W, Ho, Wo,
                             IDX: tl.constexpr, OFF: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = o < n
-    ow = o % Wo
-    oh = (o // Wo) % Ho
-    plane = o // (Wo * Ho)
+    t = o // Wo  # divisions one size at a time: Wo * Ho (int32) could wrap
+    ow = o - t * Wo
+    oh = t % Ho
+    plane = t // Ho
     h0 = oh * SH - PH
     w0 = ow * SW - PW
     tap = (_first_tap(oh, SH, PH, DH) * KW + _first_tap(ow, SW, PW, DW)).to(tl.int32)
@@ -94,9 +95,10 @@ def _max_pool2d_nhwc_kernel(x_ptr, out_ptr, idx_ptr, off_ptr, npix, C, H, W, Ho,
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (p < npix)[:, None] & (c < C)[None, :]
-    ow = p % Wo
-    oh = (p // Wo) % Ho
-    img = p // (Wo * Ho)
+    t = p // Wo
+    ow = p - t * Wo
+    oh = t % Ho
+    img = t // Ho
     h0 = (oh * SH - PH)[:, None]
     w0 = (ow * SW - PW)[:, None]
     tap0 = (_first_tap(oh, SH, PH, DH) * KW + _first_tap(ow, SW, PW, DW)).to(tl.int32)
@@ -138,9 +140,10 @@ def _max_pool2d_backward_nchw_kernel(g_ptr, off_ptr, gi_ptr, n, H, W, Ho, Wo,
                                      FP64: tl.constexpr, BLOCK: tl.constexpr):
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < n
-    iw = e % W
-    ih = (e // W) % H
-    plane = e // (W * H)
+    t = e // W
+    iw = e - t * W
+    ih = t % H
+    plane = t // H
     if FP64:
         acc = tl.zeros((BLOCK,), tl.float64)
     else:
@@ -159,9 +162,10 @@ def _max_pool2d_backward_nhwc_kernel(g_ptr, off_ptr, gi_ptr, npix, C, H, W, Ho, 
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (p < npix)[:, None] & (c < C)[None, :]
-    iw = (p % W)[:, None]
-    ih = ((p // W) % H)[:, None]
-    img = p // (W * H)
+    t = p // W
+    iw = (p - t * W)[:, None]
+    ih = (t % H)[:, None]
+    img = t // H
     if FP64:
         acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float64)
     else:
