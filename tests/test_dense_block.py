@@ -296,10 +296,17 @@ def test_torch_compile_under_autocast():
     tv, ours = _pair(dtype=torch.float32)
     compiled = torch.compile(ours, fullgraph=True)
     x = rand(2, 5, 4, 4, memory_format=CL)
+    xt, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref, out = tv(x), compiled(x)
+        ref, out = tv(xt), compiled(xo)
     assert out.dtype == ref.dtype == torch.float32
     _near(out, ref, 1e-4, "output")
+    g = rand(*ref.shape)
+    ref.backward(g)
+    out.backward(g)
+    _near(xo.grad, xt.grad, 2e-2, "input gradient")
+    for (name, p), q in zip(ours.named_parameters(), tv.parameters()):
+        _near(p.grad, q.grad, 2e-2, f"gradient of {name}")
 
 
 @pytest.mark.cuda
