@@ -9,6 +9,8 @@ time over ours is our fraction of the copy bandwidth (target: >= 0.85 on an H100
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -134,13 +136,33 @@ def _train_step(key):
     return run
 
 
-def _dense_memory(i):
+def _autocast(x):
+    """torch.autocast as AMP trains: bfloat16 on the CPU, float16 on a GPU."""
+    dev = x.device.type
+    return torch.autocast(dev, dtype=torch.bfloat16 if dev == "cpu" else torch.float16)
+
+
+def _train_step_autocast(key):
+    """The training step under autocast. Returns the output only, for check_case
+    (equal to the torchvision block's in practice); the 16-bit gradients are compared
+    by norm in tests/test_dense_block.py, as elementwise tolerances do not fit them."""
+    def run(i):
+        m = i[key]
+        with _autocast(i["x"]):
+            out = m(i["x"])
+        torch.autograd.grad(out, [i["x"], *m.parameters()], i["g"])
+        return out
+    return run
+
+
+def _dense_memory(i, autocast=False):
     """Saved-activation bytes of one forward: distinct storages autograd saves,
     parameters and buffers left out (dtkernels.testing.saved_tensor_bytes)."""
     figures = {}
     for key in ("tv", "ours"):
         m = i[key]
-        figures[key] = saved_tensor_bytes(lambda: m(i["x"]), exclude=[*m.parameters(), *m.buffers()])[0]
+        with _autocast(i["x"]) if autocast else contextlib.nullcontext():
+            figures[key] = saved_tensor_bytes(lambda: m(i["x"]), exclude=[*m.parameters(), *m.buffers()])[0]
     return {"saved MiB torchvision-layout": round(figures["tv"] / 2**20, 2),
             "saved MiB DenseBlock": round(figures["ours"] / 2**20, 2),
             "saved ratio": round(figures["ours"] / figures["tv"], 3), "saved ratio target": "<= 0.35"}
@@ -152,7 +174,11 @@ def _dense_cases():
                  baseline=_train_step("tv"), candidate=_train_step("ours"), target=0.85 if fmt is NCHW else None,
                  info=_dense_memory, tol={"rtol": 1e-3, "atol": 1e-3},
                  note="baseline: torchvision-layout _DenseBlock; fwd + bwd, no optimizer")
-            for fmt, tag in ((NCHW, ""), (CL, "-cl"))]
+            for fmt, tag in ((NCHW, ""), (CL, "-cl"))] + [
+        Case("dense_block", "train step autocast", shape + "-cl", torch.float32, _dense_inputs(CL),
+             baseline=_train_step_autocast("tv"), candidate=_train_step_autocast("ours"),
+             info=lambda i: _dense_memory(i, autocast=True), tol={"rtol": 1e-3, "atol": 1e-3},
+             note="torch.autocast (bf16 on the CPU, fp16 on a GPU): 16-bit convs, float32 batch norms")]
 
 
 CASES = _concat_skip_cases() + _dense_cases()
