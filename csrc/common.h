@@ -109,6 +109,14 @@ inline void check_float(const at::Tensor& t, const char* name, const char* op) {
                    " must be float32, float16, bfloat16 or float64, got ", dtype_name(s));
 }
 
+// residual_add's alpha as ATen's add takes it: converted to T with its overflow
+// check and message (T is the tensor's dtype on the CPU, the float opmath type on
+// CUDA), e.g. "value cannot be converted to type c10::Half without overflow".
+template <typename T>
+T checked_alpha(double alpha) {
+  return c10::checked_convert<T, double>(alpha, c10::demangle_type<T>());
+}
+
 inline void check_same_shape_dtype_device(const at::Tensor& a, const char* an,
                                           const at::Tensor& b, const char* bn,
                                           const char* op) {

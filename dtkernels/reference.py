@@ -15,10 +15,11 @@ def residual_add(x: Tensor, fx: Tensor, alpha: float = 1.0, activation: str | No
 
 
 def residual_add_backward(grad_out: Tensor, out: Tensor, scale: float = 1.0) -> Tensor:
-    """0 where out <= 0, else scale * grad_out: the ReLU mask rebuilt from the output, as
-    ATen's threshold_backward (a NaN output passes its gradient)."""
-    g = grad_out if scale == 1.0 else grad_out * scale
-    return torch.where(out <= 0, torch.zeros((), dtype=g.dtype, device=g.device), g)
+    """Eager's gradient of relu(x + scale * fx) w.r.t. fx (x: scale 1): the ReLU mask
+    rebuilt from the output, as ATen's threshold_backward (a NaN output passes its
+    gradient), then times scale (a blocked element is 0 * scale)."""
+    g = torch.where(out <= 0, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device), grad_out)
+    return g if scale == 1.0 else g * scale
 
 
 def _interpolate_kwargs(upsample: str) -> dict:

@@ -88,15 +88,65 @@ def test_nan_and_inf(backend):
     fx = torch.tensor([1.0, float("nan"), 1.0, -1.0, 0.5, -0.0], device=device)
     assert_close(dtk.residual_add(x, fx), ref.residual_add(x, fx))
     assert_close(dtk.residual_add(x, fx, activation=None), ref.residual_add(x, fx, activation=None))
-    # Backward as eager relu's (threshold_backward): a NaN output passes its gradient.
+    # Backward as eager relu's (threshold_backward): a NaN output passes its gradient;
+    # fx's gradient is that times alpha (0 * alpha where blocked: -0, or NaN for inf).
     g = torch.arange(1.0, 7.0, device=device)
-    for alpha in (1.0, 0.5):
+    for alpha in (1.0, 0.5, -2.0, float("inf")):
         ours = [t.clone().requires_grad_() for t in (x, fx)]
         eager = [t.clone().requires_grad_() for t in (x, fx)]
         dtk.residual_add(*ours, alpha=alpha).backward(g)
         torch.relu(eager[0] + alpha * eager[1]).backward(g)
         for a, b in zip(ours, eager):
             assert torch.equal(a.grad, b.grad), (alpha, a.grad, b.grad)
+
+
+def test_alpha_overflow_is_atens_error(backend):
+    """ATen converts alpha to the tensor's dtype on the CPU (float on CUDA) and raises
+    when it overflows; infinite and NaN alphas pass."""
+    _, device = backend
+    for dtype, alpha in ((torch.float16, 1e5), (torch.bfloat16, -1e39), (torch.float32, 1e39)):
+        x = rand(2, 3, dtype=dtype, device=device)
+        if device == "cpu" or dtype == torch.float32:
+            with pytest.raises(RuntimeError) as want:
+                torch.add(x, x, alpha=alpha)
+            with pytest.raises(RuntimeError, match=str(want.value).splitlines()[0]):
+                dtk.residual_add(x, x, alpha=alpha)
+    x = rand(2, 3, device=device)
+    assert torch.equal(dtk.residual_add(x, x, alpha=float("inf")), torch.relu(torch.add(x, x, alpha=float("inf"))))
+    assert dtk.residual_add(x, x, alpha=float("nan")).isnan().all()
+
+
+@pytest.mark.skipif(INTERPRET, reason="the native CPU kernels against eager ATen")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_strided_inputs_match_eager_bit_for_bit(dtype):
+    """Inputs without one shared dense layout take the element loop: x + alpha * fx
+    rounds once there too (fma), as ATen and the flat kernels do. A double rounding
+    was 1 ulp off on ~10% of elements, and gave inf or NaN where alpha * fx overflows."""
+    big = torch.finfo(dtype).max / 1.5
+    base = rand(6, 16, 9, 22, dtype=dtype)
+    pairs = [(base[:, :, :, ::2], rand(6, 16, 9, 11, dtype=dtype)),
+             (base.contiguous(memory_format=CL), rand(6, 16, 9, 22, dtype=dtype)),
+             (rand(1, 16, 9, 22, dtype=dtype).expand(6, -1, -1, -1), base),
+             (torch.full((4, 16), -big, dtype=dtype)[:, ::2], torch.full((4, 16), big, dtype=dtype)[:, ::2]),
+             (torch.full((4, 16), -float("inf"), dtype=dtype)[:, ::2], torch.full((4, 16), big, dtype=dtype)[:, ::2])]
+    for x, fx in pairs:
+        for alpha in (0.1, 2.0, 3.0, -0.7):
+            for act in ("relu", None):
+                want = torch.add(x, fx, alpha=alpha)
+                want = torch.relu(want) if act else want
+                torch.testing.assert_close(dtk.residual_add(x, fx, alpha=alpha, activation=act), want,
+                                           rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the native CPU kernels against eager ATen")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_16_bit_rounds_alpha_as_eager(dtype):
+    """ATen's CPU add rounds alpha to the tensor's dtype, then computes in float with
+    one rounding: equal bits (64-element multiples, where eager's vector path runs)."""
+    x, fx = rand(4096, dtype=dtype), rand(4096, dtype=dtype)
+    for alpha in (0.1, -0.7, 1 / 3, 2.5):
+        for xs, fs in ((x, fx), (x.view(64, 64).t(), fx.view(64, 64).t())):
+            assert torch.equal(dtk.residual_add(xs, fs, alpha=alpha, activation=None), torch.add(xs, fs, alpha=alpha))
 
 
 @pytest.mark.sanitize

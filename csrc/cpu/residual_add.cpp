@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #endif
 
+#include <cmath>
 #include <type_traits>
 
 namespace dtkernels {
@@ -31,13 +32,14 @@ DTK_INLINE void add_act(const T* DTK_RESTRICT x, const T* DTK_RESTRICT fx,
   }
 }
 
-// grad_in = 0 where out <= 0, else scale * grad: ATen's threshold_backward, so a NaN
-// output passes its gradient, as eager relu's backward does.
+// grad_in = scale * (out <= 0 ? 0 : grad): ATen's threshold_backward (a NaN output
+// passes its gradient) times alpha, so a blocked element is 0 * alpha as in eager
+// (-0 for a negative alpha, NaN for an infinite one).
 template <typename T>
 DTK_INLINE void masked_scale(const T* DTK_RESTRICT g, const T* DTK_RESTRICT out,
                              T* DTK_RESTRICT gin, int64_t n, acc_t<T> scale) {
   using A = acc_t<T>;
-  for (int64_t i = 0; i < n; ++i) gin[i] = A(out[i]) <= A(0) ? T(0) : T(scale * A(g[i]));
+  for (int64_t i = 0; i < n; ++i) gin[i] = T(scale * (A(out[i]) <= A(0) ? A(0) : A(g[i])));
 }
 
 #define DTK_RA_CLONES(T)                                                           \
@@ -79,7 +81,7 @@ DTK_F16C void masked_scale_f16c(const c10::Half* g, const c10::Half* out, c10::H
   for (; i + 8 <= n; i += 8) {
     const __m256 vo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(out + i)));
     const __m256 vg = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + i)));
-    const __m256 v = _mm256_andnot_ps(_mm256_cmp_ps(vo, zero, _CMP_LE_OQ), _mm256_mul_ps(s, vg));
+    const __m256 v = _mm256_mul_ps(s, _mm256_andnot_ps(_mm256_cmp_ps(vo, zero, _CMP_LE_OQ), vg));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(gin + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }
   masked_scale<c10::Half>(g + i, out + i, gin + i, n - i, scale);
@@ -148,14 +150,15 @@ at::Tensor residual_add(const at::Tensor& x, const at::Tensor& fx, double alpha,
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "residual_add", [&] {
     using A = acc_t<scalar_t>;
-    const A a = static_cast<A>(alpha);
+    // ATen's CPU add rounds alpha to the tensor's dtype first (alpha.to<scalar_t>()).
+    const A a = static_cast<A>(checked_alpha<scalar_t>(alpha));
     binary_map<scalar_t>(
         x, fx, out,
         [&](const scalar_t* px, const scalar_t* pf, scalar_t* po, int64_t n) {
           add_act_flat(px, pf, po, n, a, act);
         },
         [&](scalar_t vx, scalar_t vf) {
-          A v = A(vx) + a * A(vf);
+          A v = std::fma(a, A(vf), A(vx));  // one rounding, as the flat clones and ATen (no FMA here)
           return scalar_t(act ? relu(v) : v);
         });
   });
@@ -174,7 +177,7 @@ at::Tensor residual_add_backward(const at::Tensor& grad_out, const at::Tensor& o
         [&](const scalar_t* pg, const scalar_t* po, scalar_t* pi, int64_t n) {
           masked_scale_flat(pg, po, pi, n, s);
         },
-        [&](scalar_t g, scalar_t o) { return A(o) <= A(0) ? scalar_t(0) : scalar_t(s * A(g)); });
+        [&](scalar_t g, scalar_t o) { return scalar_t(s * (A(o) <= A(0) ? A(0) : A(g))); });
   });
   return grad_in;
 }

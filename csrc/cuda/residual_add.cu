@@ -53,11 +53,11 @@ __global__ void residual_add_backward_kernel(const T* __restrict__ g, const T* _
     P o;
 #pragma unroll
     for (int k = 0; k < N; ++k)
-      o.v[k] = static_cast<A>(b.v[k]) <= A(0) ? T(0) : static_cast<T>(scale * static_cast<A>(a.v[k]));
+      o.v[k] = static_cast<T>(scale * (static_cast<A>(b.v[k]) <= A(0) ? A(0) : static_cast<A>(a.v[k])));
     reinterpret_cast<P*>(gin)[p] = o;
   }
   for (int64_t i = packs * N + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    gin[i] = static_cast<A>(y[i]) <= A(0) ? T(0) : static_cast<T>(scale * static_cast<A>(g[i]));
+    gin[i] = static_cast<T>(scale * (static_cast<A>(y[i]) <= A(0) ? A(0) : static_cast<A>(g[i])));
 }
 
 // Launches `vec` (16-byte packs of vec_width elements) when all three pointers are
@@ -86,7 +86,7 @@ at::Tensor residual_add(const at::Tensor& x, const at::Tensor& fx_in, double alp
     launch_binary<scalar_t, acc_t<scalar_t>, bool>(
         residual_add_kernel<scalar_t, N>, residual_add_kernel<scalar_t, 1>, N,
         xd.const_data_ptr<scalar_t>(), fx.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), n, static_cast<acc_t<scalar_t>>(alpha), act);
+        out.mutable_data_ptr<scalar_t>(), n, checked_alpha<acc_t<scalar_t>>(alpha), act);  // ATen's CUDA add: alpha in opmath
   });
   return out;
 }

@@ -19,6 +19,18 @@ def _check(x, fx, alpha=1.0, relu=True):
     check_tensor(OP, "x", x)
     check_tensor(OP, "fx", fx)
     check_same(OP, "x", x, "fx", fx)
+    _check_alpha(x, alpha)
+
+
+_ALPHA_TYPES = {torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16", torch.float32: "float"}
+
+
+def _check_alpha(x, alpha):
+    """ATen's add converts alpha to the tensor's dtype on the CPU and to float (opmath)
+    on CUDA, raising on overflow (csrc/common.h: checked_alpha agrees)."""
+    dtype = x.dtype if x.device.type == "cpu" or x.dtype == torch.float64 else torch.float32
+    if dtype in _ALPHA_TYPES and abs(alpha) != float("inf") and abs(alpha) > torch.finfo(dtype).max:
+        raise RuntimeError(f"value cannot be converted to type {_ALPHA_TYPES[dtype]} without overflow")
 
 
 def _check_backward(grad_out, out, scale=1.0):

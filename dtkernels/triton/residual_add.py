@@ -40,11 +40,13 @@ def _residual_add_backward_kernel(g_ptr, y_ptr, gin_ptr, n, scale: tl.float64,
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask)
     y = tl.load(y_ptr + offs, mask=mask)
+    # threshold_backward (a NaN output passes its gradient), then times alpha as eager:
+    # a blocked element is 0 * alpha (-0 for a negative alpha, NaN for an infinite one).
+    g = tl.where(y <= 0, 0.0, g)
     if FP64:
         v = g * scale
     else:
         v = g.to(tl.float32) * tl.cast(scale, tl.float32)
-    v = tl.where(y <= 0, 0.0, v)  # threshold_backward: a NaN output passes its gradient
     tl.store(gin_ptr + offs, v.to(gin_ptr.dtype.element_ty), mask=mask)
 
 
