@@ -32,6 +32,20 @@ DTK_INLINE void add_act(const T* DTK_RESTRICT x, const T* DTK_RESTRICT fx,
   }
 }
 
+// One strided row (the TensorIterator path): std::fma, one rounding as the flat
+// kernels and ATen; an FMA instruction in the clones that have one. Strides in bytes.
+template <typename T>
+DTK_INLINE void add_act_strided(const T* x, int64_t sx, const T* fx, int64_t sf, T* out, int64_t so, int64_t n,
+                                acc_t<T> alpha, bool act) {
+  using A = acc_t<T>;
+  const char *px = reinterpret_cast<const char*>(x), *pf = reinterpret_cast<const char*>(fx);
+  char* po = reinterpret_cast<char*>(out);
+  for (int64_t i = 0; i < n; ++i) {
+    const A v = std::fma(alpha, A(*reinterpret_cast<const T*>(pf + i * sf)), A(*reinterpret_cast<const T*>(px + i * sx)));
+    *reinterpret_cast<T*>(po + i * so) = T(act ? relu(v) : v);
+  }
+}
+
 // grad_in = scale * (out <= 0 ? 0 : grad): ATen's threshold_backward (a NaN output
 // passes its gradient) times alpha, so a blocked element is 0 * alpha as in eager
 // (-0 for a negative alpha, NaN for an infinite one).
@@ -46,6 +60,11 @@ DTK_INLINE void masked_scale(const T* DTK_RESTRICT g, const T* DTK_RESTRICT out,
   DTK_CLONES void add_act_k(const T* x, const T* fx, T* out, int64_t n,            \
                             acc_t<T> alpha, bool act) {                            \
     add_act<T>(x, fx, out, n, alpha, act);                                         \
+  }                                                                                \
+  DTK_CLONES void add_act_strided_k(const T* x, int64_t sx, const T* fx,           \
+                                    int64_t sf, T* out, int64_t so, int64_t n,     \
+                                    acc_t<T> alpha, bool act) {                    \
+    add_act_strided<T>(x, sx, fx, sf, out, so, n, alpha, act);                     \
   }                                                                                \
   DTK_CLONES void masked_scale_k(const T* g, const T* out, T* gin, int64_t n,      \
                                  acc_t<T> scale) {                                 \
@@ -109,11 +128,11 @@ void masked_scale_flat(const T* g, const T* out, T* gin, int64_t n, acc_t<T> sca
   masked_scale_k(g, out, gin, n, scale);
 }
 
-// Runs `flat(a, b, out, n)` over matching dense layouts, or `strided` element by
-// element through a TensorIterator for everything else.
-template <typename T, typename Flat, typename Elem>
+// Runs `flat(a, b, out, n)` over matching dense layouts, or `row(a, stride_a, b,
+// stride_b, out, stride_out, n)` over a TensorIterator's rows for everything else.
+template <typename T, typename Flat, typename Row>
 void binary_map(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, Flat flat,
-                Elem elem) {
+                Row row) {
   if (same_dense_layout(a, b) && same_dense_layout(a, out)) {
     const T* pa = a.const_data_ptr<T>();
     const T* pb = b.const_data_ptr<T>();
@@ -131,16 +150,9 @@ void binary_map(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, Flat 
                   .resize_outputs(false)
                   .build();
   iter.for_each([&](char** data, const int64_t* strides, int64_t n0, int64_t n1) {
-    for (int64_t j = 0; j < n1; ++j) {
-      char* o = data[0] + j * strides[3];
-      const char* pa = data[1] + j * strides[4];
-      const char* pb = data[2] + j * strides[5];
-      for (int64_t i = 0; i < n0; ++i) {
-        *reinterpret_cast<T*>(o + i * strides[0]) =
-            elem(*reinterpret_cast<const T*>(pa + i * strides[1]),
-                 *reinterpret_cast<const T*>(pb + i * strides[2]));
-      }
-    }
+    for (int64_t j = 0; j < n1; ++j)
+      row(data[1] + j * strides[4], strides[1], data[2] + j * strides[5], strides[2], data[0] + j * strides[3],
+          strides[0], n0);
   }, kGrain);
 }
 
@@ -157,9 +169,9 @@ at::Tensor residual_add(const at::Tensor& x, const at::Tensor& fx, double alpha,
         [&](const scalar_t* px, const scalar_t* pf, scalar_t* po, int64_t n) {
           add_act_flat(px, pf, po, n, a, act);
         },
-        [&](scalar_t vx, scalar_t vf) {
-          A v = std::fma(a, A(vf), A(vx));  // one rounding, as the flat clones and ATen (no FMA here)
-          return scalar_t(act ? relu(v) : v);
+        [&](const char* px, int64_t sx, const char* pf, int64_t sf, char* po, int64_t so, int64_t n) {
+          add_act_strided_k(reinterpret_cast<const scalar_t*>(px), sx, reinterpret_cast<const scalar_t*>(pf), sf,
+                            reinterpret_cast<scalar_t*>(po), so, n, a, act);
         });
   });
   return out;
@@ -177,7 +189,13 @@ at::Tensor residual_add_backward(const at::Tensor& grad_out, const at::Tensor& o
         [&](const scalar_t* pg, const scalar_t* po, scalar_t* pi, int64_t n) {
           masked_scale_flat(pg, po, pi, n, s);
         },
-        [&](scalar_t g, scalar_t o) { return scalar_t(s * (A(o) <= A(0) ? A(0) : A(g))); });
+        [&](const char* pg, int64_t sg, const char* po, int64_t so, char* pi, int64_t si, int64_t n) {
+          for (int64_t i = 0; i < n; ++i) {
+            const A o = A(*reinterpret_cast<const scalar_t*>(po + i * so));
+            const A g = A(*reinterpret_cast<const scalar_t*>(pg + i * sg));
+            *reinterpret_cast<scalar_t*>(pi + i * si) = scalar_t(s * (o <= A(0) ? A(0) : g));
+          }
+        });
   });
   return grad_in;
 }
