@@ -199,7 +199,10 @@ inline void check_concat_skip(const at::Tensor& x, const at::Tensor& skip, Upsam
                     x.size(0), " and ", skip.size(0));
   const int64_t s = mode == Upsample::None ? 1 : scale;
   TORCH_CHECK_VALUE(mode == Upsample::None || scale >= 1, op, ": scale_factor must be a positive integer, got ", scale);
-  TORCH_CHECK_VALUE(x.size(2) * s == skip.size(2) && x.size(3) * s == skip.size(3), op,
+  // Divides rather than multiplies: x's size times a huge scale would wrap and pass.
+  TORCH_CHECK_VALUE(skip.size(2) % s == 0 && skip.size(2) / s == x.size(2) && skip.size(3) % s == 0 &&
+                        skip.size(3) / s == x.size(3),
+                    op,
                     ": x's spatial size ", x.sizes().slice(2), mode == Upsample::None ? "" : " times scale_factor ",
                     mode == Upsample::None ? "" : std::to_string(scale), " must equal skip's ", skip.sizes().slice(2));
 }

@@ -423,6 +423,14 @@ def test_errors(check_path):
         torch.ops.dtkernels._concat_skip(x, skip, "area", 2)
     with pytest.raises(ValueError, match="multiple of scale_factor"):
         torch.ops.dtkernels._concat_skip_backward(rand(2, 3, 5, 6), "nearest", 2)
+    # 4 * (2^62 + 2) wraps to 8 in int64: the check must not multiply (this wrote past
+    # the output in the nearest NCHW kernel; found under AddressSanitizer).
+    x4, s8 = rand(1, 1, 4, 4), rand(1, 1, 8, 8)
+    for mode in ("nearest", "bilinear"):
+        with pytest.raises(ValueError, match="must equal skip's"):
+            cs(x4, s8, upsample=mode, scale_factor=2**62 + 2)
+        with pytest.raises(ValueError, match="must equal skip's"):
+            torch.ops.dtkernels._concat_skip(x4, s8, mode, 2**62 + 2)
 
 
 @pytest.mark.cuda

@@ -190,6 +190,32 @@ def test_double_backward_is_a_clear_error():
         gx.sum().backward()
 
 
+def test_backward_op_checks_its_lists():
+    """Autograd passes the forward's own lists; direct calls of the backward op with
+    wrong ones are clear errors (they indexed past the lists: a null dereference)."""
+    block = dtk.nn.DenseBlock(2, 4, 3, bn_size=2)
+    x = rand(2, 4, 5, 5)
+    weights = [p.detach() for p in block.parameters()]
+    out, bottlenecks, stats = torch.ops.dtkernels.dense_block(x, weights, [], 3, True, 1e-5)
+    bwd = torch.ops.dtkernels.dense_block_backward
+    g = rand(*out.shape)
+    gx, gw = bwd(g, out, bottlenecks, stats, weights, [], 3, True, 1e-5)
+    assert gx.shape == x.shape and len(gw) == len(weights)
+    bad = [
+        (g, out, bottlenecks[:1], [], [], [], 3, True, "bottlenecks expected"),
+        (g, out, bottlenecks, stats[:5], weights, [], 3, True, "bottlenecks expected"),
+        (g, out, bottlenecks, stats, weights[:6], [], 3, True, "bottlenecks expected"),
+        (g, out, bottlenecks, [], weights, [], 3, False, "bottlenecks expected"),
+        (g[:, :5], out, bottlenecks, stats, weights, [], 3, True, "grad_out must match"),
+        (g, out, bottlenecks, stats, weights, [], 5, True, "cannot hold"),
+        (g, out, [b[:, :3] for b in bottlenecks], stats, weights, [], 3, True, "bottlenecks must be"),
+        (g, out, bottlenecks, [s[:2] for s in stats], weights, [], 3, True, "statistic 0 must be"),
+    ]
+    for *args, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            bwd(*args, 1e-5)
+
+
 def test_errors():
     block = dtk.nn.DenseBlock(2, 4, 3)
     with pytest.raises(ValueError, match="4-D"):

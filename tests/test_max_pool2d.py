@@ -411,6 +411,10 @@ def test_cuda_vec_forward_keeps_to_its_geometries():
         dtk._C._emulate_cuda_max_pool2d_forward_vec(x[..., :12], [2, 2], [2, 2], [0, 0], [1, 1], False, False, False)
     # float32 rows need only a multiple of 4
     dtk._C._emulate_cuda_max_pool2d_forward_vec(x[..., :12].float(), [2, 2], [2, 2], [0, 0], [1, 1], False, False, False)
+    # a misaligned input, which the CUDA launcher leaves to the generic kernel
+    odd = torch.randn(65).half()[1:].view(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        dtk._C._emulate_cuda_max_pool2d_forward_vec(odd, [2, 2], [2, 2], [0, 0], [1, 1], False, False, False)
 
 
 _NEEDS_CUDA_KERNELS = pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in dtk.available_backends(),

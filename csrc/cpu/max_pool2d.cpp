@@ -907,6 +907,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
                                   return_offsets);
   PoolOutputs& res = f.res;
   if (res.out.numel() == 0) return {res.out, res.indices, res.offsets};
+  // The CUDA launcher falls back to the default kernel for these (16-byte row loads).
+  TORCH_CHECK(aligned_to(f.x.const_data_ptr(), 16), "emulate_cuda_forward_vec: the input must be 16-byte aligned");
   const PoolDims g = pool_dims(f.g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "emulate_cuda_forward_vec", [&] {
     using T = scalar_t;

@@ -237,8 +237,44 @@ Tensor like_weight(const Tensor& grad, const Tensor& weight) {
   return grad.strides() == weight.strides() ? grad : at::empty_like(weight).copy_(grad);
 }
 
+// The backward op's contract, for direct calls: autograd passes the forward's own
+// lists, but the op indexes them unchecked.
+void check_backward(const Tensor& grad_out, const Tensor& out, TensorList bottlenecks, TensorList stats,
+                    TensorList weights, TensorList running, int64_t g, bool training) {
+  const int64_t layers = static_cast<int64_t>(bottlenecks.size());
+  const int64_t n_stats = training ? 6 : 0, n_running = training ? 0 : 4 * layers;
+  TORCH_CHECK_VALUE(layers >= 1 && static_cast<int64_t>(weights.size()) == kPerLayer * layers &&
+                        static_cast<int64_t>(stats.size()) == n_stats &&
+                        static_cast<int64_t>(running.size()) == n_running,
+                    kOp, "_backward: for ", layers, " bottlenecks expected ", kPerLayer * layers, " weights, ", n_stats,
+                    " statistics and ", n_running, " running statistics, got ", weights.size(), ", ", stats.size(),
+                    " and ", running.size());
+  TORCH_CHECK_VALUE(out.dim() == 4 && grad_out.sizes() == out.sizes() && grad_out.scalar_type() == out.scalar_type() &&
+                        grad_out.device() == out.device(),
+                    kOp, "_backward: grad_out must match out's 4-D shape, dtype and device, got ", grad_out.sizes(),
+                    " and ", out.sizes());
+  const int64_t c0 = out.size(1) - layers * g;
+  TORCH_CHECK_VALUE(g >= 1 && c0 >= 1, kOp, "_backward: out's ", out.size(1), " channels cannot hold ", layers,
+                    " layers of growth_rate ", g, " after the input's");
+  check(out.narrow(1, 0, c0), weights, running, g, training);
+  const std::vector<int64_t> bottleneck{out.size(0), weights[2].size(0), out.size(2), out.size(3)};
+  for (const Tensor& b : bottlenecks)
+    TORCH_CHECK_VALUE(b.sizes() == bottleneck && b.scalar_type() == weights[2].scalar_type() && b.device() == out.device(),
+                      kOp, "_backward: bottlenecks must be ", at::IntArrayRef(bottleneck), " in the conv weights' dtype, got ",
+                      b.sizes());
+  if (training) {
+    const std::vector<int64_t> c1{c0 + (layers - 1) * g}, per_layer{layers, weights[2].size(0)};
+    for (size_t k = 0; k < 6; ++k)
+      TORCH_CHECK_VALUE(stats[k].sizes() == at::IntArrayRef(k < 3 ? c1 : per_layer) &&
+                            stats[k].scalar_type() == out.scalar_type() && stats[k].device() == out.device(),
+                        kOp, "_backward: statistic ", k, " must be ", at::IntArrayRef(k < 3 ? c1 : per_layer),
+                        " in out's dtype, got ", stats[k].sizes());
+  }
+}
+
 Grads dense_block_backward(const Tensor& grad_out, const Tensor& out, TensorList bottlenecks, TensorList stats,
                            TensorList weights, TensorList running, int64_t g, bool training, double eps) {
+  check_backward(grad_out, out, bottlenecks, stats, weights, running, g, training);
   const int64_t layers = static_cast<int64_t>(bottlenecks.size());
   const int64_t c0 = out.size(1) - layers * g;
   const auto fmt = block_format(out);

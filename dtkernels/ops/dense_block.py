@@ -77,6 +77,12 @@ def _fake(x, weights, running, growth_rate, training, eps):
 
 
 def _fake_backward(grad_out, out, bottlenecks, stats, weights, running, growth_rate, training, eps):
+    layers = len(bottlenecks)
+    if not layers or len(weights) != PER_LAYER * layers or len(stats) != (6 if training else 0) or \
+            len(running) != (0 if training else 4 * layers):
+        raise ValueError(f"{OP}_backward: for {layers} bottlenecks expected {PER_LAYER * layers} weights, "
+                         f"{6 if training else 0} statistics and {0 if training else 4 * layers} running statistics, "
+                         f"got {len(weights)}, {len(stats)} and {len(running)}")
     c0 = out.shape[1] - len(bottlenecks) * growth_rate
     gx = torch.empty((out.shape[0], c0, *out.shape[2:]), dtype=out.dtype, device=out.device,
                      memory_format=_format(out))
