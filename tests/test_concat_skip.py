@@ -13,7 +13,7 @@ import dtkernels as dtk
 from dtkernels import reference as ref
 from dtkernels.testing import assert_close, rand
 
-from conftest import HAS_GPU, INTERPRET
+from conftest import HAS_GPU, INTERPRET, device_for, skip_unless_runs
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
@@ -431,6 +431,16 @@ def test_errors(check_path):
             cs(x4, s8, upsample=mode, scale_factor=2**62 + 2)
         with pytest.raises(ValueError, match="must equal skip's"):
             torch.ops.dtkernels._concat_skip(x4, s8, mode, 2**62 + 2)
+
+
+@pytest.mark.triton
+def test_triton_column_tiles_beyond_the_grid_are_a_clear_error():
+    """The Triton kernels tile NCHW rows on the grid's second axis (at most 65535 tiles
+    of 256): beyond, a clear error rather than a failed launch."""
+    skip_unless_runs("triton")
+    x = torch.empty(1, 1, 1, 65535 * 256 + 1, device=device_for("triton"))
+    with dtk.use_backend("triton"), pytest.raises(RuntimeError, match="rows of more than 16776960 elements"):
+        dtk.concat_skip(x, x)
 
 
 @pytest.mark.cuda

@@ -13,7 +13,7 @@ import dtkernels as dtk
 from dtkernels import reference as ref
 from dtkernels.testing import assert_close, rand
 
-from conftest import INTERPRET
+from conftest import INTERPRET, device_for, skip_unless_runs
 
 mp = importlib.import_module("dtkernels.ops.max_pool2d")  # the module (dtk.ops.max_pool2d is the function)
 CL = torch.channels_last
@@ -818,6 +818,16 @@ def test_errors_are_atens(args, check_path):
     with FakeTensorMode():
         assert _error(lambda: torch.ops.dtkernels.max_pool2d(torch.empty(2, 3, 12, 12), k, s, p, d))[1] == want[1]
     assert _error(lambda: torch.ops.dtkernels._max_pool2d(x, k, s, p, d, False, False, False, False))[1] == want[1]
+
+
+@pytest.mark.triton
+def test_triton_channel_tiles_beyond_the_grid_are_a_clear_error():
+    """The channels_last Triton kernels tile channels on the grid's second axis (at most
+    65535 tiles of 64): beyond, a clear error rather than a failed launch."""
+    skip_unless_runs("triton")
+    x = torch.empty(1, 65535 * 64 + 1, 2, 2, device=device_for("triton")).contiguous(memory_format=CL)
+    with dtk.use_backend("triton"), pytest.raises(RuntimeError, match="channels of more than 4194240 elements"):
+        dtk.max_pool2d(x, 2)
 
 
 def test_windows_beyond_int32_taps_are_a_clear_error():

@@ -41,6 +41,16 @@ def as_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(like).copy_(t)
 
 
+def column_tiles(cols: int, block: int, op: str, what: str) -> int:
+    """The grid's second axis: CUDA allows at most 65535 there, so more is a clear
+    error here rather than a failed launch."""
+    tiles = triton.cdiv(cols, block)
+    if tiles > 65535:
+        raise RuntimeError(f"{op} (triton): {what} of more than {65535 * block} elements are not supported, "
+                           f"got {cols}")
+    return tiles
+
+
 def is_fp64(t: torch.Tensor) -> bool:
     return t.dtype == torch.float64
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import configs, is_fp64, linear_source, new_empty
+from ._utils import column_tiles, configs, is_fp64, linear_source, new_empty
 
 _MODES = {None: 0, "nearest": 1, "bilinear": 2}
 
@@ -140,7 +140,8 @@ def _launch(kernel, out: torch.Tensor, cl: bool, *args, **meta):
     n, c, h, w = out.shape
     rows, cols = (n * h * w, c) if cl else (n * c * h, w)
     bc = _block_c(cols)
-    grid = lambda m: (triton.cdiv(rows, max(m["BLOCK"] // bc, 1)), triton.cdiv(cols, bc))  # noqa: E731
+    tiles = column_tiles(cols, bc, "concat_skip", "channels_last outputs with channels" if cl else "rows")
+    grid = lambda m: (triton.cdiv(rows, max(m["BLOCK"] // bc, 1)), tiles)  # noqa: E731
     kernel[grid](*args[:-1], rows, cols, c, *args[-1], CL=cl, BLOCK_C=bc, **meta)
 
 

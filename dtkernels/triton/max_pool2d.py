@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..ops.max_pool2d import offsets_dtype
-from ._utils import configs, is_fp64, new_empty
+from ._utils import column_tiles, configs, is_fp64, new_empty
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((256, 4), (512, 4), (1024, 4), (1024, 8))],
@@ -209,7 +209,8 @@ def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, channel
     op = off if return_offsets else out
     if channels_last:
         npix, bc = out.numel() // C, _block_c(C)
-        grid = lambda meta: (triton.cdiv(npix, meta["BLOCK_P"]), triton.cdiv(C, bc))  # noqa: E731
+        tiles = column_tiles(C, bc, "max_pool2d", "channels_last inputs with channels")
+        grid = lambda meta: (triton.cdiv(npix, meta["BLOCK_P"]), tiles)  # noqa: E731
         _max_pool2d_nhwc_kernel[grid](x, out, ip, op, npix, C, H, W, Ho, Wo, BLOCK_C=bc, **flags)
     else:
         n = out.numel()
@@ -230,7 +231,8 @@ def max_pool2d_backward(grad_out, offsets, input_size, kernel_size, stride, padd
     flags = dict(FP64=is_fp64(grad_out), **_geometry(kernel_size, stride, padding, dilation))
     if channels_last:
         npix, bc = gi.numel() // C, _block_c(C)
-        grid = lambda meta: (triton.cdiv(npix, meta["BLOCK_P"]), triton.cdiv(C, bc))  # noqa: E731
+        tiles = column_tiles(C, bc, "max_pool2d_backward", "channels_last inputs with channels")
+        grid = lambda meta: (triton.cdiv(npix, meta["BLOCK_P"]), tiles)  # noqa: E731
         _max_pool2d_backward_nhwc_kernel[grid](g, off, gi, npix, C, H, W, Ho, Wo, BLOCK_C=bc, **flags)
     else:
         n = gi.numel()
