@@ -104,8 +104,9 @@ def test_alpha_overflow_is_atens_error(backend):
     """ATen converts alpha to the tensor's dtype on the CPU (float on CUDA) and raises
     when it overflows; infinite and NaN alphas pass."""
     _, device = backend
-    for dtype, alpha in ((torch.float16, 1e5), (torch.bfloat16, -1e39), (torch.float32, 1e39)):
-        x = rand(2, 3, dtype=dtype, device=device)
+    for dtype, alpha, shape in ((torch.float16, 1e5, (2, 3)), (torch.bfloat16, -1e39, (2, 3)),
+                                (torch.float32, 1e39, (2, 3)), (torch.float32, 1e39, (0, 3))):  # empty too
+        x = rand(*shape, dtype=dtype, device=device)
         if device == "cpu" or dtype == torch.float32:
             with pytest.raises(RuntimeError) as want:
                 torch.add(x, x, alpha=alpha)

@@ -159,11 +159,12 @@ void binary_map(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, Flat 
 at::Tensor residual_add(const at::Tensor& x, const at::Tensor& fx, double alpha, bool act) {
   check_same_shape_dtype_device(x, "x", fx, "fx", "residual_add");
   at::Tensor out = new_empty_like(x);
-  if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "residual_add", [&] {
     using A = acc_t<scalar_t>;
-    // ATen's CPU add rounds alpha to the tensor's dtype first (alpha.to<scalar_t>()).
+    // ATen's CPU add rounds alpha to the tensor's dtype first (alpha.to<scalar_t>()),
+    // and checks it even for empty tensors.
     const A a = static_cast<A>(checked_alpha<scalar_t>(alpha));
+    if (out.numel() == 0) return;
     binary_map<scalar_t>(
         x, fx, out,
         [&](const scalar_t* px, const scalar_t* pf, scalar_t* po, int64_t n) {

@@ -80,13 +80,13 @@ at::Tensor residual_add(const at::Tensor& x, const at::Tensor& fx_in, double alp
   at::Tensor xd = as_layout_of(x, out);
   at::Tensor fx = as_layout_of(fx_in, out);
   const int64_t n = out.numel();
-  if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "residual_add_cuda", [&] {
+    const auto a = checked_alpha<acc_t<scalar_t>>(alpha);  // ATen's CUDA add: alpha in opmath, checked even if empty
+    if (n == 0) return;
     constexpr int N = 16 / sizeof(scalar_t);
     launch_binary<scalar_t, acc_t<scalar_t>, bool>(
         residual_add_kernel<scalar_t, N>, residual_add_kernel<scalar_t, 1>, N,
-        xd.const_data_ptr<scalar_t>(), fx.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), n, checked_alpha<acc_t<scalar_t>>(alpha), act);  // ATen's CUDA add: alpha in opmath
+        xd.const_data_ptr<scalar_t>(), fx.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, a, act);
   });
   return out;
 }
