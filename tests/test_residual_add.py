@@ -112,6 +112,12 @@ def test_alpha_overflow_is_atens_error(backend):
                 torch.add(x, x, alpha=alpha)
             with pytest.raises(RuntimeError, match=str(want.value).splitlines()[0]):
                 dtk.residual_add(x, x, alpha=alpha)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # the fake kernel (what torch.compile traces) raises it too
+        fake = torch.empty(2, 3, dtype=torch.float16, device=device)
+        with pytest.raises(RuntimeError, match="without overflow"):
+            torch.ops.dtkernels.residual_add(fake, fake, 1e5, True)
     x = rand(2, 3, device=device)
     assert torch.equal(dtk.residual_add(x, x, alpha=float("inf")), torch.relu(torch.add(x, x, alpha=float("inf"))))
     assert dtk.residual_add(x, x, alpha=float("nan")).isnan().all()

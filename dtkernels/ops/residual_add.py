@@ -59,7 +59,7 @@ backends.register(OP + "_backward", native="_residual_add_backward",
 @torch.library.register_fake("dtkernels::_residual_add")
 @torch.library.register_fake("dtkernels::_residual_add_py")
 def _fake(x, fx, alpha=1.0, relu=True):
-    _check(x, fx)
+    _check(x, fx, alpha)
     return torch.empty_like(x)
 
 
