@@ -61,7 +61,8 @@ TORCH_LIBRARY(dtkernels, m) {
   m.def("dense_block_backward(Tensor grad_out, Tensor out, Tensor[] bottlenecks, Tensor[] stats, "
         "Tensor[] weights, Tensor[] running, int growth_rate, bool training, float eps) -> (Tensor, Tensor[])");
   // max_pool2d: F.max_pool2d -> (out, int64 indices or empty, window offsets or empty);
-  // backward keeps the offsets (the tap i*kw+j inside the window; int8 up to 128 taps).
+  // backward keeps the offsets (the tap i*kw+j inside the window; int8 up to 128 taps),
+  // which are made whenever autograd records, whatever return_offsets says.
   m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
         "bool ceil_mode=False, bool channels_last=False, bool return_indices=False, bool return_offsets=False) "
         "-> (Tensor, Tensor, Tensor)");

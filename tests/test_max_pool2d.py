@@ -846,10 +846,37 @@ def test_input_errors(check_path):
         dtk.max_pool2d(torch.ones(1, 1, 4, 4, dtype=torch.int64), 2)
     with pytest.raises(TypeError, match="kernel_size must be an int or a tuple of ints"):
         dtk.max_pool2d(rand(1, 1, 4, 4), 2.5)
-    with pytest.raises(RuntimeError, match="backward needs the window offsets"):
-        x = rand(1, 1, 4, 4, requires_grad=True)
-        out, _, _ = torch.ops.dtkernels.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1])
-        out.sum().backward()
+
+
+def test_offsets_made_whenever_autograd_records():
+    """return_offsets only asks for them as an output: a direct call without it still
+    gets a working backward, since the autograd kernel makes them when it records."""
+    x = rand(2, 3, 7, 7, requires_grad=True)
+    out, _, off = torch.ops.dtkernels.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1])
+    assert off.dtype == torch.int8 and off.shape == out.shape
+    g = rand(*out.shape)
+    (gi,) = torch.autograd.grad(out, x, g)
+    assert_close(gi, _grad_ref(x, g, (3, 2, 1), False).float())
+    with torch.no_grad():
+        assert torch.ops.dtkernels.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1])[2].numel() == 0
+
+
+@pytest.mark.parametrize("trace_grad", [True, False], ids=["trace_with_grad", "trace_no_grad"])
+def test_jit_trace(trace_grad):
+    """torch.jit.trace: the traced call must not depend on grad mode (the trace's own
+    check reruns it), and a model traced for inference still trains."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), dtk.nn.MaxPool2d(3, 2, 1))
+    x = rand(2, 3, 11, 9)
+    with torch.set_grad_enabled(trace_grad):
+        traced = torch.jit.trace(model, (x,))  # check_trace=True: reruns and compares graphs
+    eager = torch.nn.Sequential(model[0], torch.nn.MaxPool2d(3, 2, 1))
+    a, b = traced(x), eager(x)
+    assert torch.equal(a, b)
+    g = rand(*a.shape)
+    ga = torch.autograd.grad(a, model[0].weight, g)[0]
+    gb = torch.autograd.grad(b, model[0].weight, g)[0]
+    assert torch.equal(ga, gb)
 
 
 def test_module():

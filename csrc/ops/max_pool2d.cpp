@@ -55,7 +55,6 @@ struct MaxPool2d : torch::autograd::Function<MaxPool2d> {
     ctx->saved_data["p"] = p;
     ctx->saved_data["d"] = d;
     ctx->saved_data["channels_last"] = channels_last;
-    ctx->saved_data["has_offsets"] = return_offsets;
     ctx->saved_data["backend"] = static_cast<int64_t>(current_backend());
     ctx->save_for_backward({offsets});
     return {out, indices, offsets};
@@ -63,9 +62,6 @@ struct MaxPool2d : torch::autograd::Function<MaxPool2d> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto bwd = op_handle<Bwd>("dtkernels::max_pool2d_backward");
-    TORCH_CHECK(ctx->saved_data["has_offsets"].toBool(),
-                "dtkernels::max_pool2d: backward needs the window offsets; call the op with return_offsets=True "
-                "(dtkernels.max_pool2d does when the input requires grad)");
     const at::Tensor offsets = ctx->get_saved_variables()[0];
     const auto input_size = ctx->saved_data["input_size"].toSymIntVector();
     const auto k = ctx->saved_data["k"].toIntVector(), s = ctx->saved_data["s"].toIntVector(),
@@ -85,7 +81,10 @@ Outs max_pool2d_autograd(const at::Tensor& input, at::IntArrayRef k, at::IntArra
   if (!autograd_records(input))
     return call_below_autograd(public_op(), input, k, s, p, d, ceil_mode, channels_last, return_indices,
                                return_offsets);
-  auto r = MaxPool2d::apply(input, k, s, p, d, ceil_mode, channels_last, return_indices, return_offsets);
+  // Backward needs the offsets, so they are made whenever autograd records, whatever
+  // the caller asked: the choice stays out of Python, where torch.jit.trace would
+  // freeze it into the graph (a model traced under no_grad could not then train).
+  auto r = MaxPool2d::apply(input, k, s, p, d, ceil_mode, channels_last, return_indices, /*return_offsets=*/true);
   return {r[0], r[1], r[2]};
 }
 

@@ -213,7 +213,7 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     check_tensor(OP, "input", input)
     k, s, p, d = normalize_args(kernel_size, stride, padding, dilation)
     cl = _channels_last(input)
-    need_offsets = input.requires_grad and torch.is_grad_enabled()
     op = _C._unboxed_max_pool2d if unboxed_ok(input) else torch.ops.dtkernels.max_pool2d.default
-    out, indices, _ = op(input, k, s, p, d, bool(ceil_mode), cl, bool(return_indices), need_offsets)
+    # return_offsets=False: the op's autograd kernel makes them when it records
+    out, indices, _ = op(input, k, s, p, d, bool(ceil_mode), cl, bool(return_indices), False)
     return (out, indices) if return_indices else out
