@@ -19,10 +19,12 @@ build: deps
 # C++/reference/CUDA-compile tests, then the Triton kernels under the interpreter
 # in a second process (TRITON_INTERPRET must be set before triton is imported).
 test: build
+	@$(PYTHON) scripts/ensure_deps.py --test
 	$(PYTEST) -q -m "not triton" tests
 	TRITON_INTERPRET=1 $(PYTEST) -q -m triton tests
 
 test-native: build
+	@$(PYTHON) scripts/ensure_deps.py --test
 	$(PYTEST) -q -m "not triton" tests
 
 test-triton: build

@@ -21,6 +21,7 @@ from .info import build_info  # noqa: E402
 from .ops import residual_add  # noqa: E402
 from .ops import concat_skip  # noqa: E402
 from .ops import max_pool2d  # noqa: E402
+from .ops import decompositions  # noqa: E402
 from . import nn, reference, testing  # noqa: E402
 
 from .info import VERSION as __version__  # noqa: E402
@@ -29,6 +30,7 @@ __all__ = [
     "residual_add",
     "concat_skip",
     "max_pool2d",
+    "decompositions",
     "use_backend",
     "get_backend",
     "available_backends",

@@ -88,6 +88,51 @@ class TorchvisionDenseBlock(nn.ModuleDict):
         return torch.cat(features, 1)
 
 
+def dense_block(x: Tensor, weights: list[Tensor], running: list[Tensor], growth_rate: int, training: bool,
+                eps: float) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The dense_block op's outputs from ATen ops (the decomposition torch.export
+    uses): the block's output, each layer's bottleneck (conv1 output) and, in
+    training, the batch statistics: mean, unbiased variance and invstd of the
+    buffer's channels (all but the last layer's), then of each bottleneck (one row
+    per layer). Convolutions run in the conv weights' dtype, which may be one 16-bit
+    dtype below x's (torch.autocast); normalisation in x's."""
+    layers = len(weights) // 6
+    conv_dtype = weights[2].dtype
+
+    def batch_stats(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        biased, mean = torch.var_mean(t.to(x.dtype), dim=(0, 2, 3), correction=0)
+        n = t.numel() // t.shape[1]
+        return mean, biased * (n / max(n - 1, 1)), torch.rsqrt(biased + eps)
+
+    def bn_relu(t: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        scale = weight * invstd
+        return torch.relu(t * scale[:, None, None] + (bias - mean * scale)[:, None, None])
+
+    features, bottlenecks, stats1, stats2 = [x], [], [], []
+    for i in range(layers):
+        n1w, n1b, c1w, n2w, n2b, c2w = weights[6 * i:6 * (i + 1)]
+        if training:
+            stats1.append(batch_stats(features[-1]))
+            m1, is1 = (torch.cat([s[k] for s in stats1]) for k in (0, 2))
+        else:
+            m1, is1 = running[4 * i], torch.rsqrt(running[4 * i + 1] + eps)
+        prefix = torch.cat(features, 1) if len(features) > 1 else x
+        z = F.conv2d(bn_relu(prefix, m1, is1, n1w, n1b).to(conv_dtype), c1w)
+        if training:
+            stats2.append(batch_stats(z))
+            m2, is2 = stats2[-1][0], stats2[-1][2]
+        else:
+            m2, is2 = running[4 * i + 2], torch.rsqrt(running[4 * i + 3] + eps)
+        a2 = bn_relu(z.to(x.dtype), m2, is2, n2w, n2b)
+        features.append(F.conv2d(a2.to(conv_dtype), c2w, padding=1).to(x.dtype))
+        bottlenecks.append(z)
+    stats = []
+    if training:
+        stats = [torch.cat([s[k] for s in stats1]) for k in range(3)]
+        stats += [torch.stack([s[k] for s in stats2]) for k in range(3)]
+    return torch.cat(features, 1), bottlenecks, stats
+
+
 # --- max_pool2d -----------------------------------------------------------------------
 # The oracle reproduces ATen's CPU kernel (NCHW and channels_last agree), found by
 # experiment: taps are scanned row-major and a value replaces the running maximum

@@ -9,6 +9,9 @@
 - triton==3.6.0 when triton is missing (the Triton tests run under its interpreter).
 - numpy==2.1.3 when numpy is missing or >= 2.4: triton 3.6's interpreter breaks there.
 - pytest, pytest-benchmark, ninja; matplotlib with --bench; wheel with --wheel.
+- with --test, also onnxscript and onnxruntime (tests/test_export.py exports a model
+  to ONNX and runs it). They are optional: if they cannot be installed (no package
+  index), this says so and that one test skips.
 """
 from __future__ import annotations
 
@@ -38,7 +41,28 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--wheel", action="store_true")
+    ap.add_argument("--test", action="store_true")
     a = ap.parse_args(argv)
+    rc = required(a)
+    if rc == 0 and a.test:
+        optional_test_deps()
+    return rc
+
+
+def optional_test_deps() -> None:
+    want = [pkg for mod, pkg in [("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime")] if not have(mod)]
+    if not want:
+        return
+    print("ensure_deps: installing " + " ".join(want) + " (optional: the ONNX export test)", flush=True)
+    # numpy pinned in the same call, so the resolver cannot move it past triton's limit
+    rc = subprocess.call([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *want,
+                          "numpy<2.4"])
+    if rc != 0:
+        print("ensure_deps: WARNING: could not install " + " ".join(want) + "; tests/test_export.py's ONNX "
+              "round trip will skip", flush=True)
+
+
+def required(a) -> int:
     want = []
     if not have("torch"):
         want.append("torch==2.13.0")

@@ -57,6 +57,18 @@ def like(result: Tensor, layout_of: Tensor) -> Tensor:
 
 UPSAMPLE_MODES = (None, "nearest", "bilinear")
 
+# torch.export decompositions: each public op (and backward op with an ATen
+# reference) as the ATen ops it replaces, so an exported program can be lowered
+# to ATen alone (ONNX, runtimes that cannot load this library). dtkernels.decompositions().
+DECOMPOSITIONS: dict = {}
+
+
+def decomposition(name: str):
+    def register(fn):
+        DECOMPOSITIONS[getattr(torch.ops.dtkernels, name).default] = fn
+        return fn
+    return register
+
 
 def check_upsample(op: str, upsample) -> None:
     if upsample not in UPSAMPLE_MODES:

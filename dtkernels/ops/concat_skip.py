@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import _C, backends, reference
 from ._common import (cat_memory_format, check_same, check_scale_factor, check_tensor, check_upsample,
-                      empty_in, suggest_memory_format, unboxed_ok)
+                      decomposition, empty_in, suggest_memory_format, unboxed_ok)
 
 OP = "concat_skip"
 
@@ -70,6 +70,16 @@ def _reference(x, skip, upsample, scale_factor):
 def _reference_backward(grad_up, upsample, scale_factor):
     out = empty_in(_grad_x_shape(grad_up, upsample, scale_factor), grad_up, suggest_memory_format(grad_up))
     return out.copy_(reference.concat_skip_backward(grad_up, upsample, scale_factor))
+
+
+@decomposition(OP)
+def _decompose(x, skip, upsample=None, scale_factor=2):
+    return reference.concat_skip(x, skip, upsample, scale_factor)
+
+
+@decomposition(OP + "_backward")
+def _decompose_backward(grad_up, upsample, scale_factor):
+    return reference.concat_skip_backward(grad_up, upsample, scale_factor)
 
 
 # auto on CUDA tensors: CUDA C++ first, measured faster than Triton in every H100 case

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import check_tensor, suggest_memory_format
+from .. import reference
+from ._common import check_tensor, decomposition, suggest_memory_format
 
 OP = "dense_block"
 PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
@@ -54,7 +55,12 @@ def _check(x, weights, running, growth_rate, training, eps):
                          f"{list(x.shape)}")
 
 
-# ---- registration: fake kernels, double backward ------------------------------------------
+# ---- registration: fake kernels, double backward, decomposition -----------------------------
+
+
+@decomposition(OP)
+def _decompose(x, weights, running, growth_rate, training, eps):
+    return reference.dense_block(x, weights, running, growth_rate, training, eps)
 
 
 def _fake(x, weights, running, growth_rate, training, eps):

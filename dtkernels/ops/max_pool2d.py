@@ -4,8 +4,8 @@ The op returns (out, indices, offsets). ``indices`` are PyTorch's flat int64 ind
 (``max_unpool2d`` works with them), computed only when asked for. ``offsets`` are
 what backward keeps: the tap i*kw + j of each window's maximum, int8 for windows of up
 to 128 taps (int16 up to 32768, int32 beyond): an eighth of ATen's int64 indices, and
-neither the input nor the indices are saved. They are computed only when the input
-requires grad. Unused outputs are empty tensors.
+neither the input nor the indices are saved. They are computed only when asked for
+or when autograd records (the autograd kernel asks). Unused outputs are empty tensors.
 
 Semantics are ATen's CPU kernel's on every backend (see dtkernels.reference): NaN
 propagates and reports the last NaN's index, ties keep the first maximum in scan
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _C, backends, reference
-from ._common import check_tensor, empty_in, int_pair, suggest_memory_format, unboxed_ok
+from ._common import check_tensor, decomposition, empty_in, int_pair, suggest_memory_format, unboxed_ok
 
 OP = "max_pool2d"
 
@@ -131,6 +131,30 @@ def _reference(input, kernel_size, stride, padding, dilation, ceil_mode, channel
 def _reference_backward(grad_out, offsets, input_size, kernel_size, stride, padding, dilation, channels_last):
     gi = reference.max_pool2d_backward(grad_out, offsets, input_size, kernel_size, stride, padding, dilation)
     return _empty(gi.shape, grad_out, channels_last).copy_(gi)
+
+
+@decomposition(OP)
+def _decompose(input, kernel_size, stride, padding, dilation, ceil_mode=False, channels_last=False,
+               return_indices=False, return_offsets=False):
+    # F.max_pool2d is ATen's own kernel: the same values and indices as ours.
+    args = (input, kernel_size, stride, padding, dilation, ceil_mode)
+    no_idx, no_off = input.new_empty(0, dtype=torch.int64), input.new_empty(0, dtype=torch.int8)
+    if not (return_indices or return_offsets):
+        return torch.nn.functional.max_pool2d(*args), no_idx, no_off
+    out, idx = torch.nn.functional.max_pool2d(*args, return_indices=True)
+    off = no_off
+    if return_offsets:  # tap i*kw + j from the flat index ih*W + iw
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+        W, (Ho, Wo) = input.shape[-1], idx.shape[-2:]
+        i = (idx // W - (torch.arange(Ho, device=idx.device) * sh - ph)[:, None]) // dh
+        j = (idx % W - (torch.arange(Wo, device=idx.device) * sw - pw)) // dw
+        off = (i * kw + j).to(offsets_dtype(kh * kw))
+    return out, (idx if return_indices else no_idx), off
+
+
+@decomposition(OP + "_backward")
+def _decompose_backward(grad_out, offsets, input_size, kernel_size, stride, padding, dilation, channels_last=False):
+    return reference.max_pool2d_backward(grad_out, offsets, input_size, kernel_size, stride, padding, dilation)
 
 
 # auto on CUDA tensors: CUDA C++ first, measured faster than Triton in every H100 case

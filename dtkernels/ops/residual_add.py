@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _C, backends, reference
-from ._common import check_activation, check_real, check_same, check_tensor, like, unboxed_ok
+from ._common import check_activation, check_real, check_same, check_tensor, decomposition, like, unboxed_ok
 
 OP = "residual_add"
 
@@ -44,6 +44,16 @@ def _reference(x, fx, alpha, relu):
 
 def _reference_backward(grad_out, out, scale):
     return like(reference.residual_add_backward(grad_out, out, scale), out)
+
+
+@decomposition(OP)
+def _decompose(x, fx, alpha=1.0, relu=True):
+    return reference.residual_add(x, fx, alpha, "relu" if relu else None)
+
+
+@decomposition(OP + "_backward")
+def _decompose_backward(grad_out, out, scale=1.0):
+    return reference.residual_add_backward(grad_out, out, scale)
 
 
 # auto on CUDA tensors: CUDA C++ first, measured faster than Triton in every H100 case
