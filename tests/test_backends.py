@@ -271,17 +271,19 @@ def test_dispatch_modes_see_the_public_ops():
     assert [f for f in mode.ops if f in _PUBLIC] == _PUBLIC
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")
-def test_vmap_runs_per_example():
-    """torch.vmap has no batching rules for these ops: functorch's fallback runs them
-    per example, and the results are the per-example calls' exactly."""
+def test_vmap_matches_per_example_calls():
+    """Under torch.vmap the public functions run their ATen decompositions (ATen's
+    batching rules; tests/test_func.py): each example's result is that example's own
+    call's, exactly, except the bilinear upsample, where ATen's vectorised kernel
+    and ours differ by about an ulp (README)."""
     xb = rand(4, 2, 3, 9, 9)
-    calls = [lambda t: dtk.max_pool2d(t, 3, 2, 1), lambda t: dtk.residual_add(t, t * 2),
-             lambda t: dtk.concat_skip(t[:, :2, :3, :3], t, upsample="bilinear", scale_factor=3)]
-    for f in calls:
+    calls = [(lambda t: dtk.max_pool2d(t, 3, 2, 1), 0), (lambda t: dtk.residual_add(t, t * 2), 0),
+             (lambda t: dtk.concat_skip(t[:, :2, :3, :3], t, upsample="bilinear", scale_factor=3), 1e-6)]
+    for f, tol in calls:
         want = torch.stack([f(t) for t in xb])
-        torch.testing.assert_close(torch.vmap(f)(xb), want, rtol=0, atol=0)
-        torch.testing.assert_close(torch.vmap(f, in_dims=1)(xb.transpose(0, 1).contiguous()), want, rtol=0, atol=0)
+        torch.testing.assert_close(torch.vmap(f)(xb), want, rtol=tol, atol=tol)
+        torch.testing.assert_close(torch.vmap(f, in_dims=1)(xb.transpose(0, 1).contiguous()), want, rtol=tol,
+                                   atol=tol)
 
 
 # ---- torch.autocast ---------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -46,6 +47,20 @@ def unboxed_ok(a: Tensor, b: Tensor | None = None) -> bool:
     __torch_function__ must see the op) and not under a torch-function mode."""
     return (not torch.compiler.is_compiling() and type(a) is Tensor and (b is None or type(b) is Tensor)
             and not torch._C._is_torch_function_mode_enabled())
+
+
+def transform_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jvp, vmap, jacrev, ...) or a
+    forward-mode AD level is active. The ops' autograd is a C++ Function, which
+    supports neither, so the public functions then run their ATen decomposition:
+    eager PyTorch's own results, with every transform (and no speed-up)."""
+    return not _is_compiling() and (_peek_interpreter_stack() is not None or _forward_ad._current_level >= 0)
+
+
+# bound once: every public call asks (~0.1 us). Not while dynamo traces: there the
+# stack query is a graph value, "not None" even in a plain compiled function.
+_is_compiling = torch.compiler.is_compiling
+_peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
 
 
 def like(result: Tensor, layout_of: Tensor) -> Tensor:

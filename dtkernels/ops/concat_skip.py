@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import _C, backends, reference
 from ._common import (cat_memory_format, check_same, check_scale_factor, check_tensor, check_upsample,
-                      decomposition, empty_in, suggest_memory_format, unboxed_ok)
+                      decomposition, empty_in, suggest_memory_format, transform_active, unboxed_ok)
 
 OP = "concat_skip"
 
@@ -142,5 +142,8 @@ def concat_skip(x: Tensor, skip: Tensor, *, upsample: str | None = None, scale_f
     s = 2 if upsample is None else check_scale_factor(OP, scale_factor)
     if not (isinstance(x, Tensor) and isinstance(skip, Tensor)):
         _check(x, skip, upsample, s)  # the friendly TypeError; the op's own kernels check tensors
+    if transform_active():
+        _check(x, skip, upsample, s)
+        return _decompose(x, skip, upsample, s)
     op = _C._unboxed_concat_skip if unboxed_ok(x, skip) else torch.ops.dtkernels.concat_skip.default
     return op(x, skip, upsample, s)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._common import check_tensor, decomposition, suggest_memory_format
+from ._common import check_tensor, decomposition, suggest_memory_format, transform_active
 
 OP = "dense_block"
 PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
@@ -114,5 +114,9 @@ def dense_block(x: Tensor, weights: list[Tensor], running: list[Tensor], growth_
     bottleneck) are what the caller folds into the running statistics."""
     if not isinstance(x, Tensor):
         _check(x, weights, running, growth_rate, training, eps)  # the friendly TypeError; the op checks tensors
+    if transform_active():
+        _check(x, weights, running, growth_rate, training, eps)
+        out, _, stats = _decompose(x, weights, running, growth_rate, training, eps)
+        return out, stats
     out, _, stats = torch.ops.dtkernels.dense_block(x, weights, running, growth_rate, training, eps)
     return out, stats

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from .. import _C, backends, reference
-from ._common import check_tensor, decomposition, empty_in, int_pair, suggest_memory_format, unboxed_ok
+from ._common import (check_tensor, decomposition, empty_in, int_pair, suggest_memory_format, transform_active,
+                      unboxed_ok)
 
 OP = "max_pool2d"
 
@@ -237,6 +238,10 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     check_tensor(OP, "input", input)
     k, s, p, d = normalize_args(kernel_size, stride, padding, dilation)
     cl = _channels_last(input)
+    if transform_active():
+        _check(input, k, s, p, d, ceil_mode, cl)
+        out, indices, _ = _decompose(input, k, s, p, d, bool(ceil_mode), cl, bool(return_indices))
+        return (out, indices) if return_indices else out
     op = _C._unboxed_max_pool2d if unboxed_ok(input) else torch.ops.dtkernels.max_pool2d.default
     # return_offsets=False: the op's autograd kernel makes them when it records
     out, indices, _ = op(input, k, s, p, d, bool(ceil_mode), cl, bool(return_indices), False)

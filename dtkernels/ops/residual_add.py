@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from .. import _C, backends, reference
-from ._common import check_activation, check_real, check_same, check_tensor, decomposition, like, unboxed_ok
+from ._common import (check_activation, check_real, check_same, check_tensor, decomposition, like,
+                      transform_active, unboxed_ok)
 
 OP = "residual_add"
 
@@ -112,5 +113,8 @@ def residual_add(x: Tensor, fx: Tensor, *, alpha: float = 1.0, activation: str |
     alpha = check_real(OP, "alpha", alpha)
     if not (isinstance(x, Tensor) and isinstance(fx, Tensor)):
         _check(x, fx)  # the friendly TypeError; the op's own kernels check tensors (no second pass here)
+    if transform_active():
+        _check(x, fx, alpha, relu)
+        return _decompose(x, fx, alpha, relu)
     op = _C._unboxed_residual_add if unboxed_ok(x, fx) else torch.ops.dtkernels.residual_add.default
     return op(x, fx, alpha, relu)
