@@ -145,7 +145,8 @@ def _calls():
 def test_autograd_records_exactly_when_needed(which):
     """The autograd kernels skip their Function when nothing needs recording, yet
     every input that requires grad still gets its gradient, and a forward-mode
-    tangent is still refused rather than dropped."""
+    tangent is never dropped: the public functions carry it (through their ATen
+    decomposition, tests/test_func.py) and the op itself refuses it."""
     name, f, inputs = _calls()[which]
     plain = f(*inputs)
     assert plain.grad_fn is None and not plain.requires_grad
@@ -160,8 +161,12 @@ def test_autograd_records_exactly_when_needed(which):
             assert f(*args).grad_fn is None
     import torch.autograd.forward_ad as fwAD
 
-    with fwAD.dual_level(), pytest.raises(RuntimeError, match="jvp is not implemented"):
-        f(fwAD.make_dual(inputs[0], torch.ones_like(inputs[0])), *inputs[1:])
+    with fwAD.dual_level():
+        dual = f(fwAD.make_dual(inputs[0], torch.ones_like(inputs[0])), *inputs[1:])
+        assert fwAD.unpack_dual(dual).tangent is not None
+        torch.testing.assert_close(fwAD.unpack_dual(dual).primal, plain, rtol=1e-6, atol=1e-6)
+        with pytest.raises(RuntimeError, match="jvp is not implemented"):
+            torch.ops.dtkernels.residual_add(fwAD.make_dual(inputs[0], torch.ones_like(inputs[0])), inputs[0])
     if name == "dense_block":  # the weights alone requiring grad
         w = f.denselayer2.conv2.weight.requires_grad_(True)
         f(*inputs).sum().backward()
