@@ -1,5 +1,8 @@
-"""Modules over the dtkernels ops, drop-in for their torch.nn counterparts."""
+"""Modules over the dtkernels ops, drop-in for their torch.nn counterparts, and
+convert(), which swaps them into an existing model."""
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import Tensor, nn
@@ -135,3 +138,86 @@ class MaxPool2d(nn.MaxPool2d):
     def forward(self, input: Tensor):
         return ops.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                               ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+# ---- convert(): the drop-ins swapped into an existing model ------------------------------
+
+
+def convert(module: nn.Module, *, max_pool: bool = True, dense_blocks: bool = True) -> nn.Module:
+    """Swaps dtkernels' drop-ins into ``module``, in place, and returns it (or the
+    replacement, when ``module`` itself is converted):
+
+    - ``torch.nn.MaxPool2d`` becomes :class:`MaxPool2d` (same arguments, same results);
+    - a torchvision DenseNet ``_DenseBlock`` (``torchvision.models.densenet121()`` and
+      friends; also ``dtkernels.reference.TorchvisionDenseBlock``) becomes
+      :class:`DenseBlock`, reusing its layers' own BatchNorm2d and Conv2d modules:
+      the same parameter and buffer objects (an optimizer made before keeps working),
+      the same ``state_dict`` keys. A block that DenseBlock cannot run exactly is
+      left alone: dropout (``drop_rate > 0``), norms without affine parameters or
+      running statistics, different eps across its norms, convolutions other than
+      torchvision's.
+
+    ResidualAdd and ConcatSkip replace code in a forward, not modules: call
+    ``dtkernels.residual_add`` / ``concat_skip`` there.
+    """
+    new = _converted(module, max_pool, dense_blocks)
+    if new is not module:
+        return new
+    for name, child in module.named_children():
+        new = convert(child, max_pool=max_pool, dense_blocks=dense_blocks)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def _converted(m: nn.Module, max_pool: bool, dense_blocks: bool) -> nn.Module:
+    if max_pool and type(m) is nn.MaxPool2d:
+        new = copy.copy(m)  # same attributes, hooks and mode; our forward
+        new.__class__ = MaxPool2d
+        return new
+    if dense_blocks and _is_torchvision_dense_block(m):
+        return _dense_block_from(m) or m
+    return m
+
+
+def _is_torchvision_dense_block(m: nn.Module) -> bool:
+    from .reference import TorchvisionDenseBlock
+
+    return isinstance(m, TorchvisionDenseBlock) or (
+        type(m).__name__ == "_DenseBlock" and type(m).__module__.startswith("torchvision."))
+
+
+def _dense_block_from(m: nn.Module) -> DenseBlock | None:
+    """A DenseBlock running m's own layers, or None if it cannot run them exactly."""
+    layers = list(m.children())
+    if not layers or [n for n, _ in m.named_children()] != [f"denselayer{i + 1}" for i in range(len(layers))]:
+        return None
+    try:
+        c0, g = layers[0].norm1.num_features, layers[0].conv2.out_channels
+        width, eps = layers[0].conv1.out_channels, layers[0].norm1.eps
+    except AttributeError:
+        return None
+    for i, layer in enumerate(layers):
+        if getattr(layer, "drop_rate", 0) > 0 or not all(
+                hasattr(layer, k) for k in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")):
+            return None
+        if not (type(layer.relu1) is nn.ReLU and type(layer.relu2) is nn.ReLU):
+            return None
+        for norm, channels in ((layer.norm1, c0 + i * g), (layer.norm2, width)):
+            if not (type(norm) is nn.BatchNorm2d and norm.affine and norm.track_running_stats
+                    and norm.num_features == channels and norm.eps == eps):
+                return None
+        for conv, cin, cout, k, pad in ((layer.conv1, c0 + i * g, width, 1, 0), (layer.conv2, width, g, 3, 1)):
+            if not (type(conv) is nn.Conv2d and conv.in_channels == cin and conv.out_channels == cout
+                    and conv.kernel_size == (k, k) and conv.stride == (1, 1) and conv.padding == (pad, pad)
+                    and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
+                    and conv.padding_mode == "zeros"):
+                return None
+    if width % g:
+        return None
+    with torch.device("meta"):  # its own parameters are replaced below: allocate none
+        block = DenseBlock(len(layers), c0, g, width // g)
+    for ours, theirs in zip(block.children(), layers):
+        for k in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
+            setattr(ours, k, getattr(theirs, k))
+    return block.train(m.training)
