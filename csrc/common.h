@@ -144,28 +144,44 @@ inline Upsample parse_upsample(const std::optional<c10::string_view>& mode, cons
                     std::string(*mode), "'");
 }
 
+// align_corners, as F.interpolate, only with an interpolating mode.
+inline void check_align_corners(Upsample mode, bool align_corners, const char* op) {
+  TORCH_CHECK_VALUE(!align_corners || mode == Upsample::Bilinear, op,
+                    ": align_corners=True needs upsample='bilinear' (as F.interpolate, only interpolating modes "
+                    "take it)");
+}
+
 // Fused multiply-add and floor for the host and the device, in float or double.
 C10_HOST_DEVICE inline float fma_op(float a, float b, float c) { return fmaf(a, b, c); }
 C10_HOST_DEVICE inline double fma_op(double a, double b, double c) { return ::fma(a, b, c); }
 C10_HOST_DEVICE inline float floor_op(float v) { return floorf(v); }
 C10_HOST_DEVICE inline double floor_op(double v) { return ::floor(v); }
 
-// Source rows/columns of output index `d` for bilinear, align_corners=False, exactly
-// as ATen's CPU kernel computes them (compute_source_index_and_lambda) in its opmath
-// type A (float, or double for double): `scale` is A(1.0 / scale_factor), the source
-// position one fused multiply-add, clamped at 0; equal sizes map each index onto
-// itself with weights (1, 0). Host and device share it, so every backend reads the
-// same pixels with the same weights.
+// ATen's area_pixel_compute_scale for an integer scale factor s, in opmath type A:
+// 1 / s (computed in double, as ATen does from the double scale_factor), or with
+// align_corners (n_in - 1) / (n_out - 1), 0 for a single output.
+template <typename A>
+inline A linear_scale(int64_t n_in, int64_t n_out, int64_t s, bool align_corners) {
+  if (align_corners) return n_out > 1 ? static_cast<A>(n_in - 1) / static_cast<A>(n_out - 1) : A(0);
+  return static_cast<A>(1.0 / static_cast<double>(s));
+}
+
+// Source rows/columns of output index `d` for bilinear exactly as ATen's CPU kernel
+// computes them (compute_source_index_and_lambda) in its opmath type A (float, or
+// double for double), `scale` from linear_scale: without align_corners the source
+// position is one fused multiply-add, clamped at 0; with it scale * d. Equal sizes
+// map each index onto itself with weights (1, 0). Host and device share it, so every
+// backend reads the same pixels with the same weights.
 template <typename A>
 C10_HOST_DEVICE inline void linear_source(int64_t d, A scale, int64_t n_in, int64_t n_out, int64_t& i0,
-                                          int64_t& i1, A& l0, A& l1) {
+                                          int64_t& i1, A& l0, A& l1, bool align_corners = false) {
   if (n_in == n_out) {
     i0 = i1 = d;
     l0 = A(1);
     l1 = A(0);
     return;
   }
-  A src = fma_op(scale, static_cast<A>(d) + A(0.5), A(-0.5));
+  A src = align_corners ? scale * static_cast<A>(d) : fma_op(scale, static_cast<A>(d) + A(0.5), A(-0.5));
   src = src < A(0) ? A(0) : src;
   i0 = static_cast<int64_t>(floor_op(src));
   i0 = i0 < n_in - 1 ? i0 : n_in - 1;

@@ -98,8 +98,9 @@ struct Concat {
   Strided4<T> x, skip;
   int64_t cx, hi, wi;
   int s;
-  at::opmath_type<T> scale;
+  at::opmath_type<T> scale_h, scale_w;  // linear_scale per axis (bilinear)
   FastDivmod ds;  // nearest's source index h / s, per element
+  bool align;     // bilinear's align_corners
   // MODE: the upsample (0 none, 1 nearest, 2 bilinear), plus 3 for the opt-in
   // kernels (DTK_CUDA_CONCAT=next) until a GPU run has measured them: the upsampled
   // part a pack at a time (one load for a nearest NCHW pack at s = 2, row pointers
@@ -115,8 +116,8 @@ struct Concat {
     if constexpr (M == 1) return *x.at(n, c, ds.div(static_cast<uint32_t>(h)), ds.div(static_cast<uint32_t>(w)));
     int64_t h0, h1, w0, w1;
     A hl0, hl1, wl0, wl1;
-    linear_source<A>(h, scale, hi, o.h, h0, h1, hl0, hl1);
-    linear_source<A>(w, scale, wi, o.w, w0, w1, wl0, wl1);
+    linear_source<A>(h, scale_h, hi, o.h, h0, h1, hl0, hl1, align);
+    linear_source<A>(w, scale_w, wi, o.w, w0, w1, wl0, wl1, align);
     // ATen's generic CPU kernel: rows, then columns, each one fused multiply-add.
     const A t0 = fma_op(static_cast<A>(*x.at(n, c, h0, w0)), wl0, static_cast<A>(*x.at(n, c, h0, w1)) * wl1);
     const A t1 = fma_op(static_cast<A>(*x.at(n, c, h1, w0)), wl0, static_cast<A>(*x.at(n, c, h1, w1)) * wl1);
@@ -131,10 +132,10 @@ struct Concat {
     using A = at::opmath_type<T>;
     int64_t h0, h1, w0, w1;
     A hl0, hl1, wl0, wl1;
-    linear_source<A>(h, scale, hi, o.h, h0, h1, hl0, hl1);
+    linear_source<A>(h, scale_h, hi, o.h, h0, h1, hl0, hl1, align);
     Pack<T, V> p;
     if constexpr (CL) {
-      linear_source<A>(w, scale, wi, o.w, w0, w1, wl0, wl1);
+      linear_source<A>(w, scale_w, wi, o.w, w0, w1, wl0, wl1, align);
       Pack<T, V> a, b, d, e;
       load_pack<T, V>(x.at(n, c, h0, w0), x.s1, a);
       load_pack<T, V>(x.at(n, c, h0, w1), x.s1, b);
@@ -151,7 +152,7 @@ struct Concat {
       const T* r1 = x.at(n, c, h1, 0);
       DTK_UNROLL
       for (int j = 0; j < V; ++j) {
-        linear_source<A>(w + j, scale, wi, o.w, w0, w1, wl0, wl1);
+        linear_source<A>(w + j, scale_w, wi, o.w, w0, w1, wl0, wl1, align);
         const A t0 = fma_op(static_cast<A>(r0[w0 * x.s3]), wl0, static_cast<A>(r0[w1 * x.s3]) * wl1);
         const A t1 = fma_op(static_cast<A>(r1[w0 * x.s3]), wl0, static_cast<A>(r1[w1 * x.s3]) * wl1);
         p.v[j] = static_cast<T>(fma_op(t0, hl0, t1 * hl1));
@@ -212,7 +213,8 @@ struct Adjoint {
   Strided4<T> g;
   int64_t ho, wo;
   int s;
-  at::opmath_type<T> scale;
+  at::opmath_type<T> scale_h, scale_w;  // as Concat's
+  bool align;
   // MODE as Concat's; next: a nearest NCHW pack at s = 2 from row packs
   static constexpr int M = MODE % 3;
   static constexpr bool next = MODE >= 3;
@@ -221,9 +223,9 @@ struct Adjoint {
   // / second source index, and the two weights.
   using A = at::opmath_type<T>;
   C10_HOST_DEVICE C10_ALWAYS_INLINE static void reads(int64_t o, int64_t i, int64_t n_in, int64_t n_out, A scale,
-                                                      bool& hit0, bool& hit1, A& l0, A& l1) {
+                                                      bool align, bool& hit0, bool& hit1, A& l0, A& l1) {
     int64_t i0 = -1, i1 = -1;
-    if (o >= 0 && o < n_out) linear_source<A>(o, scale, n_in, n_out, i0, i1, l0, l1);
+    if (o >= 0 && o < n_out) linear_source<A>(o, scale, n_in, n_out, i0, i1, l0, l1, align);
     hit0 = i0 == i;
     hit1 = i1 == i;
   }
@@ -237,15 +239,18 @@ struct Adjoint {
         for (int dx = 0; dx < s; ++dx) acc += static_cast<A>(*g.at(n, c, h * s + dy, w * s + dx));
       return static_cast<T>(acc);
     } else {
-      // Output indices that can read input index i lie in [s*i - s, s*i + 2s). Order:
-      // output row, column, then corners 00, 01, 10, 11 (zero weights included, as ATen).
+      // Output indices that can read input index i lie in [s*i - s, s*i + 2s), with
+      // align_corners (a source step of (n_in - 1) / (s * n_in - 1) < 1 / s) in
+      // [s*i - s, s*i + 3s). Order: output row, column, then corners 00, 01, 10, 11
+      // (zero weights included, as ATen).
       A acc = A(0), hl0 = A(0), hl1 = A(0), wl0 = A(0), wl1 = A(0);  // set by reads() where used
       bool a0, a1, b0, b1;
-      for (int64_t oh = h * s - s; oh < h * s + 2 * s; ++oh) {
-        reads(oh, h, o.h, ho, scale, a0, a1, hl0, hl1);
+      const int64_t end = (align ? 3 : 2) * s;
+      for (int64_t oh = h * s - s; oh < h * s + end; ++oh) {
+        reads(oh, h, o.h, ho, scale_h, align, a0, a1, hl0, hl1);
         if (!a0 && !a1) continue;
-        for (int64_t ow = w * s - s; ow < w * s + 2 * s; ++ow) {
-          reads(ow, w, o.w, wo, scale, b0, b1, wl0, wl1);
+        for (int64_t ow = w * s - s; ow < w * s + end; ++ow) {
+          reads(ow, w, o.w, wo, scale_w, align, b0, b1, wl0, wl1);
           if (!b0 && !b1) continue;
           const A gv = static_cast<A>(*g.at(n, c, oh, ow));
           if (a0 && b0) acc = fma_op(hl0 * wl0, gv, acc);
@@ -346,9 +351,10 @@ namespace cpu {
 // The CUDA kernels (concat_pack_item over every pack) run on the host; `next` as
 // DTK_CUDA_CONCAT=next.
 at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
-                                    std::optional<c10::string_view> upsample, int64_t scale_factor, bool next);
+                                    std::optional<c10::string_view> upsample, int64_t scale_factor, bool next,
+                                    bool align_corners);
 at::Tensor emulate_cuda_concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::string_view> upsample,
-                                             int64_t scale_factor, bool next);
+                                             int64_t scale_factor, bool next, bool align_corners);
 }  // namespace cpu
 
 }  // namespace dtkernels

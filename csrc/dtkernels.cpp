@@ -41,13 +41,16 @@ TORCH_LIBRARY(dtkernels, m) {
   def_kernel(m, "_residual_add_backward(Tensor grad_out, Tensor out, float scale) -> Tensor");
 
   // concat_skip: cat([up(x), skip], 1), up = None (identity), "nearest" or "bilinear"
-  // (align_corners=False) by the integer scale_factor. Its backward is views except
+  // (align_corners as F.interpolate's, bilinear only) by the integer scale_factor. Its backward is views except
   // for the upsample's adjoint, concat_skip_backward: grad_up is the x-part of the
   // output gradient (N, Cx, H*s, W*s), the result x's gradient (N, Cx, H, W).
-  m.def("concat_skip(Tensor x, Tensor skip, str? upsample=None, int scale_factor=2) -> Tensor");
-  m.def("concat_skip_backward(Tensor grad_up, str? upsample, int scale_factor) -> Tensor");
-  def_kernel(m, "_concat_skip(Tensor x, Tensor skip, str? upsample, int scale_factor) -> Tensor");
-  def_kernel(m, "_concat_skip_backward(Tensor grad_up, str? upsample, int scale_factor) -> Tensor");
+  m.def("concat_skip(Tensor x, Tensor skip, str? upsample=None, int scale_factor=2, bool align_corners=False) "
+        "-> Tensor");
+  m.def("concat_skip_backward(Tensor grad_up, str? upsample, int scale_factor, bool align_corners=False) -> Tensor");
+  def_kernel(m, "_concat_skip(Tensor x, Tensor skip, str? upsample, int scale_factor, bool align_corners=False) "
+        "-> Tensor");
+  def_kernel(m, "_concat_skip_backward(Tensor grad_up, str? upsample, int scale_factor, bool align_corners=False) "
+        "-> Tensor");
 
   // dense_block: a DenseNet-BC block (dtkernels.nn.DenseBlock) writing every layer's
   // features into one preallocated buffer, which is also its output. weights: per
@@ -151,10 +154,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         for (int64_t i = 0; i < n.numel(); ++i) dst[i] = f.div(static_cast<uint32_t>(src[i]));
         return q;
       }, "Test aid: FastDivmod's quotients (the CUDA kernels' index divisions) for int64 numerators below 2^31.");
+  namespace py = pybind11;
   m.def("_emulate_cuda_concat_skip", &dtkernels::cpu::emulate_cuda_concat_skip,
-        "Test aid: the CUDA concat_skip forward's per-thread code (next: DTK_CUDA_CONCAT=next), run on the host.");
+        "Test aid: the CUDA concat_skip forward's per-thread code (next: DTK_CUDA_CONCAT=next), run on the host.",
+        py::arg("x"), py::arg("skip"), py::arg("upsample"), py::arg("scale_factor"), py::arg("next"),
+        py::arg("align_corners") = false);
   m.def("_emulate_cuda_concat_skip_backward", &dtkernels::cpu::emulate_cuda_concat_skip_backward,
-        "Test aid: the CUDA concat_skip backward's per-thread code (next: DTK_CUDA_CONCAT=next), run on the host.");
+        "Test aid: the CUDA concat_skip backward's per-thread code (next: DTK_CUDA_CONCAT=next), run on the host.",
+        py::arg("grad_up"), py::arg("upsample"), py::arg("scale_factor"), py::arg("next"),
+        py::arg("align_corners") = false);
   m.def("_emulate_cuda_max_pool2d_backward", &dtkernels::cpu::emulate_cuda_backward_rows,
         "Test aid: the CUDA NCHW max_pool2d backward's per-thread code, run on the host.");
   m.def("_set_cpu_f16c", [](bool on) {

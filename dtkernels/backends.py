@@ -74,10 +74,13 @@ def register(op: str, *, native: str | None = None, triton: str | None = None,
     _C._set_auto_cuda_native(op, bool(auto_cuda) and auto_cuda[0] == "cuda")
     schema = getattr(torch.ops.dtkernels, f"_{op}_py").default._schema
     n_args = len(schema.arguments)
+    defaults = [a.default_value for a in schema.arguments]
 
     def impl(*args):
-        # The C++ route passes the full schema, positionally.
-        assert len(args) == n_args, (op, args)
+        # The C++ route passes the full schema, positionally, less the trailing
+        # arguments equal to their defaults (the dispatcher leaves those out).
+        assert len(args) <= n_args, (op, args)
+        args = args + tuple(defaults[len(args):])
         if check is not None:
             check(*args)
         device = _device_of(args)

@@ -27,19 +27,23 @@ class ResidualAdd(nn.Module):
 
 class ConcatSkip(nn.Module):
     """``cat([up(x), skip], 1)``: the U-Net decoder's upsample-and-concatenate, in one
-    pass. ``upsample`` is None, "nearest" or "bilinear" (align_corners=False)."""
+    pass. ``upsample`` is None, "nearest" or "bilinear" (``align_corners`` as
+    F.interpolate's)."""
 
-    def __init__(self, upsample: str | None = "nearest", scale_factor: int = 2):
+    def __init__(self, upsample: str | None = "nearest", scale_factor: int = 2, align_corners: bool = False):
         super().__init__()
         ops._common.check_upsample("ConcatSkip", upsample)
         self.upsample = upsample
         self.scale_factor = ops._common.check_scale_factor("ConcatSkip", scale_factor)
+        self.align_corners = ops._common.check_align_corners("ConcatSkip", upsample, align_corners)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        return ops.concat_skip(x, skip, upsample=self.upsample, scale_factor=self.scale_factor)
+        return ops.concat_skip(x, skip, upsample=self.upsample, scale_factor=self.scale_factor,
+                               align_corners=self.align_corners)
 
     def extra_repr(self) -> str:
-        return f"upsample={self.upsample!r}, scale_factor={self.scale_factor}"
+        extra = ", align_corners=True" if self.align_corners else ""
+        return f"upsample={self.upsample!r}, scale_factor={self.scale_factor}{extra}"
 
 
 class _DenseLayer(nn.Module):

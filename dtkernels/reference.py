@@ -22,22 +22,24 @@ def residual_add_backward(grad_out: Tensor, out: Tensor, scale: float = 1.0) -> 
     return g if scale == 1.0 else g * scale
 
 
-def _interpolate_kwargs(upsample: str) -> dict:
-    return {"mode": upsample, "align_corners": False} if upsample == "bilinear" else {"mode": upsample}
+def _interpolate_kwargs(upsample: str, align_corners: bool = False) -> dict:
+    return {"mode": upsample, "align_corners": align_corners} if upsample == "bilinear" else {"mode": upsample}
 
 
-def concat_skip(x: Tensor, skip: Tensor, upsample: str | None = None, scale_factor: int = 2) -> Tensor:
+def concat_skip(x: Tensor, skip: Tensor, upsample: str | None = None, scale_factor: int = 2,
+                align_corners: bool = False) -> Tensor:
     """cat([up(x), skip], 1) as eager PyTorch writes it: F.interpolate, then torch.cat."""
     if upsample is None:
         up = x
     elif x.numel() == 0:  # F.interpolate refuses empty tensors; any mode repeats nothing
         up = x.repeat_interleave(scale_factor, 2).repeat_interleave(scale_factor, 3)
     else:
-        up = F.interpolate(x, scale_factor=scale_factor, **_interpolate_kwargs(upsample))
+        up = F.interpolate(x, scale_factor=scale_factor, **_interpolate_kwargs(upsample, align_corners))
     return torch.cat([up, skip], 1)
 
 
-def concat_skip_backward(grad_up: Tensor, upsample: str | None, scale_factor: int) -> Tensor:
+def concat_skip_backward(grad_up: Tensor, upsample: str | None, scale_factor: int,
+                         align_corners: bool = False) -> Tensor:
     """The upsample's adjoint, by ATen's own backward kernels: x's gradient from the
     x-part (N, Cx, H*s, W*s) of the output gradient."""
     n, c, h, w = grad_up.shape
@@ -47,7 +49,7 @@ def concat_skip_backward(grad_up: Tensor, upsample: str | None, scale_factor: in
     args = ([h, w], [n, c, h // s, w // s])
     if upsample == "nearest":
         return torch.ops.aten.upsample_nearest2d_backward(grad_up, *args, float(s), float(s))
-    return torch.ops.aten.upsample_bilinear2d_backward(grad_up, *args, False, float(s), float(s))
+    return torch.ops.aten.upsample_bilinear2d_backward(grad_up, *args, align_corners, float(s), float(s))
 
 
 class TorchvisionDenseLayer(nn.Module):

@@ -17,9 +17,21 @@ from conftest import HAS_GPU, INTERPRET, device_for, skip_unless_runs
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
+# "bilinear-ac": bilinear with align_corners=True (_up).
 MODES = [(None, 1), ("nearest", 1), ("nearest", 2), ("nearest", 3), ("bilinear", 1), ("bilinear", 2),
-         ("bilinear", 3)]
-MODE_IDS = ["none", "nearest1", "nearest2", "nearest3", "bilinear1", "bilinear2", "bilinear3"]
+         ("bilinear", 3), ("bilinear-ac", 1), ("bilinear-ac", 2), ("bilinear-ac", 3)]
+MODE_IDS = ["none", "nearest1", "nearest2", "nearest3", "bilinear1", "bilinear2", "bilinear3", "bilinear-ac1",
+            "bilinear-ac2", "bilinear-ac3"]
+
+
+def _up(mode):
+    """(upsample, align_corners) of a test mode."""
+    return ("bilinear", True) if mode == "bilinear-ac" else (mode, False)
+
+
+def _interp_kwargs(mode):
+    up, ac = _up(mode)
+    return {"mode": up, **({"align_corners": ac} if up == "bilinear" else {})}
 # (x format, skip format): both NCHW, both channels_last, mixed (the output is NCHW).
 FORMATS = [pytest.param((NCHW, NCHW), id="nchw"), pytest.param((CL, CL), id="cl"),
            pytest.param((CL, NCHW), id="mixed")]
@@ -35,7 +47,8 @@ def _ref_fwd_bwd(x, skip, g, mode, s):
     """The oracle in float64 (ATen's CPU kernels), for the same inputs."""
     xr = x.detach().cpu().double().requires_grad_()
     sr = skip.detach().cpu().double().requires_grad_()
-    out = ref.concat_skip(xr, sr, mode, s)
+    up, ac = _up(mode)
+    out = ref.concat_skip(xr, sr, up, s, ac)
     gx, gs = torch.autograd.grad(out, (xr, sr), g.detach().cpu().double())
     return out, gx, gs
 
@@ -47,7 +60,8 @@ def _expect_layout(out, x, skip):
 
 
 def _check(x, skip, mode, s, g=None):
-    out = dtk.concat_skip(x, skip, upsample=mode, scale_factor=s)
+    up, ac = _up(mode)
+    out = dtk.concat_skip(x, skip, upsample=up, scale_factor=s, align_corners=ac)
     g = rand(*out.shape, dtype=out.dtype, device=out.device) if g is None else g
     gx, gs = torch.autograd.grad(out, (x, skip), g)
     r, rgx, rgs = _ref_fwd_bwd(x, skip, g, mode, s)
@@ -55,7 +69,12 @@ def _check(x, skip, mode, s, g=None):
     assert out.dtype == dtype and out.shape == r.shape
     assert gx.shape == x.shape and gs.shape == skip.shape
     assert_close(out, r.to(out.device), dtype=dtype)
-    assert_close(gx, rgx.to(out.device), dtype=dtype)
+    if mode == "bilinear-ac" and s >= 4 and dtype == torch.float32:
+        # each x pixel sums up to (2s)^2 weighted terms: ATen's own float32 gradient
+        # (which ours equals bit for bit) is ~1.7e-5 from float64 here
+        assert_close(gx, rgx.to(out.device), rtol=1e-5, atol=5e-5)
+    else:
+        assert_close(gx, rgx.to(out.device), dtype=dtype)
     assert_close(gs, rgs.to(out.device), dtype=dtype)
     return out
 
@@ -71,8 +90,9 @@ def test_forward_backward(backend_dtype, mode, s, formats):
 
 @pytest.mark.skipif(INTERPRET, reason="larger shapes: too slow for the Triton interpreter")
 @pytest.mark.parametrize("formats", FORMATS)
-@pytest.mark.parametrize("mode,s", [(None, 1), ("nearest", 2), ("bilinear", 2), ("nearest", 3), ("bilinear", 4)],
-                         ids=["none", "nearest2", "bilinear2", "nearest3", "bilinear4"])
+@pytest.mark.parametrize("mode,s", [(None, 1), ("nearest", 2), ("bilinear", 2), ("nearest", 3), ("bilinear", 4),
+                                    ("bilinear-ac", 4)],
+                         ids=["none", "nearest2", "bilinear2", "nearest3", "bilinear4", "bilinear-ac4"])
 def test_larger_odd_shapes(backend, mode, s, formats):
     """Enough rows and pixels to split across threads/blocks mid-plane, odd W and C
     (no 16-byte packs), and channel counts that straddle a pack."""
@@ -83,8 +103,10 @@ def test_larger_odd_shapes(backend, mode, s, formats):
 
 
 @pytest.mark.parametrize("mode,s", [("nearest", 2), ("nearest", 3), ("bilinear", 1), ("bilinear", 2), ("bilinear", 3),
-                                    ("bilinear", 4), ("bilinear", 8)],
-                         ids=["nearest2", "nearest3", "bilinear1", "bilinear2", "bilinear3", "bilinear4", "bilinear8"])
+                                    ("bilinear", 4), ("bilinear", 8), ("bilinear-ac", 2), ("bilinear-ac", 3),
+                                    ("bilinear-ac", 4)],
+                         ids=["nearest2", "nearest3", "bilinear1", "bilinear2", "bilinear3", "bilinear4", "bilinear8",
+                              "bilinear-ac2", "bilinear-ac3", "bilinear-ac4"])
 @pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "cl"])
 @pytest.mark.parametrize("shape", [(2, 4, 40, 50), (3, 1, 37, 29)], ids=["even", "odd"])
 def test_bit_exact_with_aten_float32(backend, mode, s, fmt, shape):
@@ -100,17 +122,16 @@ def test_bit_exact_with_aten_float32(backend, mode, s, fmt, shape):
         pytest.skip("the Triton interpreter rounds tl.fma twice (NumPy has no fma)")
     x = rand(*shape)  # H_out + W_out > 128: ATen's generic (not vectorised) path
     x[0, 0, 7, 9], x[1, -1, 20, 0] = float("inf"), float("nan")
-    up = F.interpolate(x, scale_factor=s, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+    up = F.interpolate(x, scale_factor=s, **_interp_kwargs(mode))
     g = rand(*up.shape)
     g[0, 0, 0, 0], g[1, -1, 31, -2] = float("inf"), float("nan")
     xr = x.clone().requires_grad_()
     expected_gx = torch.autograd.grad(
-        F.interpolate(xr.contiguous(memory_format=fmt), scale_factor=s, mode=mode,
-                      **({"align_corners": False} if mode == "bilinear" else {})),
+        F.interpolate(xr.contiguous(memory_format=fmt), scale_factor=s, **_interp_kwargs(mode)),
         xr, g.contiguous(memory_format=fmt))[0]
     xd = x.to(device).contiguous(memory_format=fmt).requires_grad_()
     skip = torch.empty(shape[0], 0, *up.shape[2:], device=device).contiguous(memory_format=fmt)
-    out = dtk.concat_skip(xd, skip, upsample=mode, scale_factor=s)
+    out = dtk.concat_skip(xd, skip, upsample=_up(mode)[0], scale_factor=s, align_corners=_up(mode)[1])
     (gx,) = torch.autograd.grad(out, (xd,), g.to(device).contiguous(memory_format=fmt))
     torch.testing.assert_close(out.cpu(), up, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(gx.cpu(), expected_gx, rtol=0, atol=0, equal_nan=True)
@@ -118,7 +139,7 @@ def test_bit_exact_with_aten_float32(backend, mode, s, fmt, shape):
 
 @pytest.mark.sanitize
 @pytest.mark.parametrize("case", ["channel-slices", "transposed", "expanded", "misaligned", "odd-grad"])
-@pytest.mark.parametrize("mode", [None, "nearest", "bilinear"])
+@pytest.mark.parametrize("mode", [None, "nearest", "bilinear", "bilinear-ac"])
 def test_strided_inputs(backend, case, mode):
     """Views that are neither NCHW nor channels_last, or not 16-byte aligned."""
     _, device = backend
@@ -157,7 +178,7 @@ def _emulation_inputs(dtype, device="cpu"):
         for fx, fs in [(NCHW, NCHW), (CL, CL), (CL, NCHW)]:
             for mode, s in MODES:
                 yield r(n, cx, h, w, fmt=fx), r(n, cs, h * s, w * s, fmt=fs), mode, s
-    for mode, s in [(None, 1), ("nearest", 2), ("bilinear", 2)]:
+    for mode, s in [(None, 1), ("nearest", 2), ("bilinear", 2), ("bilinear-ac", 2)]:
         yield r(2, 9, 3, 8)[:, 1:6], r(2, 7, 3 * s, 8 * s, fmt=CL)[:, 2:6], mode, s  # channel slices
         yield r(2, 4, 8, 3).transpose(2, 3), r(2, 3, 8 * s, 3 * s).transpose(2, 3), mode, s
         yield (r(2 * 4 * 3 * 8 + 1)[1:].view(2, 4, 3, 8), r(2 * 3 * 3 * s * 8 * s + 1)[1:].view(2, 3, 3 * s, 8 * s),
@@ -173,8 +194,9 @@ def test_cuda_forward_code_on_the_host(dtype, next_):
     loads, and with next the pack-at-a-time upsampling of DTK_CUDA_CONCAT=next), run
     on the host over every pack, gives the CPU kernel's bits."""
     for k, (x, skip, mode, s) in enumerate(_emulation_inputs(dtype)):
-        want = torch.ops.dtkernels._concat_skip(x, skip, mode, s)
-        got = dtk._C._emulate_cuda_concat_skip(x, skip, mode, s, next_)
+        up, ac = _up(mode)
+        want = torch.ops.dtkernels._concat_skip(x, skip, up, s, ac)
+        got = dtk._C._emulate_cuda_concat_skip(x, skip, up, s, next_, ac)
         assert got.stride() == want.stride()
         assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), \
             f"input {k}: x {tuple(x.shape)} {x.stride()}, skip {tuple(skip.shape)} {skip.stride()}, {mode} x{s}"
@@ -191,7 +213,7 @@ def _emulation_grads(dtype, device="cpu"):
         for fmt in (NCHW, CL):
             for mode, s in MODES:
                 yield r(n, c, h * s, w * s, fmt=fmt), mode, s
-    for mode, s in [("nearest", 2), ("bilinear", 2), ("nearest", 3)]:
+    for mode, s in [("nearest", 2), ("bilinear", 2), ("nearest", 3), ("bilinear-ac", 3)]:
         yield r(2, 3, 8 * s, 3 * s).transpose(2, 3), mode, s
         yield r(2 * 3 * 3 * s * 8 * s + 1)[1:].view(2, 3, 3 * s, 8 * s), mode, s
 
@@ -204,8 +226,9 @@ def test_cuda_backward_code_on_the_host(dtype, next_):
     """The CUDA adjoint's per-thread code, run on the host over every pack, gives the
     CPU kernel's bits (with next: nearest NCHW packs at s = 2 from row packs)."""
     for k, (g, mode, s) in enumerate(_emulation_grads(dtype)):
-        want = torch.ops.dtkernels._concat_skip_backward(g, mode, s)
-        got = dtk._C._emulate_cuda_concat_skip_backward(g, mode, s, next_)
+        up, ac = _up(mode)
+        want = torch.ops.dtkernels._concat_skip_backward(g, up, s, ac)
+        got = dtk._C._emulate_cuda_concat_skip_backward(g, up, s, next_, ac)
         assert got.stride() == want.stride()
         assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), \
             f"input {k}: {tuple(g.shape)} {g.stride()}, {mode} x{s}"
@@ -254,8 +277,10 @@ def _next_matches_default(monkeypatch, calls):
 
 
 def _cuda_calls(dtype):
-    fwd = [(torch.ops.dtkernels._concat_skip, a) for a in _emulation_inputs(dtype, "cuda")]
-    return fwd + [(torch.ops.dtkernels._concat_skip_backward, a) for a in _emulation_grads(dtype, "cuda")]
+    fwd = [(torch.ops.dtkernels._concat_skip, (x, skip, _up(m)[0], s, _up(m)[1]))
+           for x, skip, m, s in _emulation_inputs(dtype, "cuda")]
+    return fwd + [(torch.ops.dtkernels._concat_skip_backward, (g, _up(m)[0], s, _up(m)[1]))
+                  for g, m, s in _emulation_grads(dtype, "cuda")]
 
 
 def test_scale_factor_is_ignored_without_upsample(backend):
@@ -319,10 +344,11 @@ def test_saves_nothing_and_gradients_are_views():
         assert (gx.untyped_storage().data_ptr() == g.untyped_storage().data_ptr()) == (mode is None)
 
 
-@pytest.mark.parametrize("mode", [None, "nearest", "bilinear"])
+@pytest.mark.parametrize("mode", [None, "nearest", "bilinear", "bilinear-ac"])
 def test_opcheck(backend, mode):
     _, device = backend
     s = 1 if mode is None else 2
+    mode, ac = _up(mode)
     samples = [
         _inputs(2, 3, 4, 3, 5, s, device=device),
         _inputs(2, 3, 4, 3, 5, s, device=device, formats=(CL, CL)),
@@ -330,12 +356,12 @@ def test_opcheck(backend, mode):
     ]
     for x, skip in samples:
         for sample in ((x, skip), (x.detach(), skip.detach())):
-            torch.library.opcheck(torch.ops.dtkernels.concat_skip.default, (*sample, mode, s))
-        torch.library.opcheck(torch.ops.dtkernels._concat_skip.default, (x.detach(), skip.detach(), mode, s))
+            torch.library.opcheck(torch.ops.dtkernels.concat_skip.default, (*sample, mode, s, ac))
+        torch.library.opcheck(torch.ops.dtkernels._concat_skip.default, (x.detach(), skip.detach(), mode, s, ac))
         g = rand(2, 3, 6, 10, device=device, memory_format=CL if x.is_contiguous(memory_format=CL) else None)
         for gg in (g, g.detach().requires_grad_()):
-            torch.library.opcheck(torch.ops.dtkernels.concat_skip_backward.default, (gg, mode, s))
-        torch.library.opcheck(torch.ops.dtkernels._concat_skip_backward.default, (g.detach(), mode, s))
+            torch.library.opcheck(torch.ops.dtkernels.concat_skip_backward.default, (gg, mode, s, ac))
+        torch.library.opcheck(torch.ops.dtkernels._concat_skip_backward.default, (g.detach(), mode, s, ac))
 
 
 def test_gradcheck_float64(backend):
@@ -345,9 +371,10 @@ def test_gradcheck_float64(backend):
     if name == "triton":
         pytest.skip("gradcheck runs the kernels ~1000 times: too slow for the interpreter "
                     "(test_forward_backward checks the Triton gradients against float64)")
-    for mode, s in [(None, 1), ("nearest", 2), ("bilinear", 2), ("bilinear", 3)]:
+    for mode, s in [(None, 1), ("nearest", 2), ("bilinear", 2), ("bilinear", 3), ("bilinear-ac", 3)]:
         x, skip = _inputs(2, 2, 3, 3, 4, s, dtype=torch.float64)
-        f = lambda a, b: dtk.concat_skip(a, b, upsample=mode, scale_factor=s)  # noqa: E731
+        up, ac = _up(mode)
+        f = lambda a, b: dtk.concat_skip(a, b, upsample=up, scale_factor=s, align_corners=ac)  # noqa: E731
         assert torch.autograd.gradcheck(f, (x, skip))
         assert torch.autograd.gradgradcheck(f, (x, skip))
 
@@ -367,13 +394,14 @@ def test_meta_and_fake_tensors():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [None, "bilinear"])
+@pytest.mark.parametrize("mode", [None, "bilinear", "bilinear-ac"])
 def test_torch_compile_fullgraph(backend, mode):
     _, device = backend
     torch._dynamo.reset()
+    up, ac = _up(mode)
 
     def decoder(x, skip, w):
-        return dtk.concat_skip(x * w, skip, upsample=mode).relu().sum(dim=1)
+        return dtk.concat_skip(x * w, skip, upsample=up, align_corners=ac).relu().sum(dim=1)
 
     compiled = torch.compile(decoder, fullgraph=True)
     s = 1 if mode is None else 2
@@ -414,6 +442,16 @@ def test_errors(check_path):
     with pytest.raises(TypeError, match="must be a Tensor"):
         cs(x, 1.0)
     assert cs(x, skip, upsample="nearest", scale_factor=2.0).shape == (2, 7, 10, 12)
+    for mode in (None, "nearest"):  # as F.interpolate: only interpolating modes take align_corners
+        with pytest.raises(ValueError, match="align_corners=True needs upsample='bilinear'"):
+            cs(x, skip if mode else rand(2, 4, 5, 6), upsample=mode, align_corners=True)
+        with pytest.raises(ValueError, match="align_corners=True needs upsample='bilinear'"):
+            torch.ops.dtkernels._concat_skip(x, skip, mode, 2, True)
+        with pytest.raises(ValueError, match="align_corners=True needs upsample='bilinear'"):
+            torch.ops.dtkernels._concat_skip_backward(skip, mode, 2, True)
+    with pytest.raises(TypeError, match="align_corners must be a bool"):
+        cs(x, skip, upsample="bilinear", align_corners=1)
+    assert torch.equal(cs(x, skip, upsample="bilinear", align_corners=None), cs(x, skip, upsample="bilinear"))
     # The native kernels check too (direct calls bypass the Python checks).
     with pytest.raises(ValueError, match="same batch size"):
         torch.ops.dtkernels._concat_skip(x, skip[:1], "nearest", 2)
@@ -464,8 +502,15 @@ def test_module():
     x, skip = _inputs(2, 3, 4, 2, 3, 3, grad=False)
     assert_close(m(x, skip), ref.concat_skip(x, skip, "bilinear", 3))
     assert "upsample='bilinear', scale_factor=3" in repr(m)
+    m = dtk.nn.ConcatSkip(upsample="bilinear", scale_factor=4, align_corners=True)  # smp's DeepLabV3+ decoder
+    x, skip = _inputs(2, 3, 4, 2, 3, 4, grad=False)
+    want = torch.cat([torch.nn.UpsamplingBilinear2d(scale_factor=4)(x), skip], 1)
+    assert_close(m(x, skip), want)
+    assert "align_corners=True" in repr(m)
     with pytest.raises(ValueError):
         dtk.nn.ConcatSkip(upsample="area")
+    with pytest.raises(ValueError):
+        dtk.nn.ConcatSkip(upsample="nearest", align_corners=True)
 
 
 @pytest.mark.skipif(INTERPRET, reason="compiles the real kernels; the interpreter replaces them")
@@ -479,15 +524,17 @@ def test_triton_kernels_compile_for_sm90(dtype):
     p = f"*{dtype}"
     ints = {name: "i64" for name in ("R", "COLS", "C", "CX", "H", "W", "HI", "WI", "HO", "WO")}
     strides = {f"{t}s{i}": "i64" for t in "xsg" for i in range(4)}
-    fwd = {"x_ptr": p, "skip_ptr": p, "out_ptr": p, **ints, **strides}
-    bwd = {"g_ptr": p, "gx_ptr": p, **ints, **strides}
-    for mode, s in [(0, 1), (1, 2), (2, 2), (2, 3)]:
+    scales = {"sh": "fp64", "sw": "fp64"}
+    fwd = {"x_ptr": p, "skip_ptr": p, "out_ptr": p, **ints, **strides, **scales}
+    bwd = {"g_ptr": p, "gx_ptr": p, **ints, **strides, **scales}
+    for mode, s, align in [(0, 1, False), (1, 2, False), (2, 2, False), (2, 3, False), (2, 4, True)]:
         for cl in (False, True):
-            const = {"CL": cl, "MODE": mode, "S": s, "FP64": False, "BLOCK": 2048, "BLOCK_C": 64 if cl else 128}
+            const = {"CL": cl, "MODE": mode, "S": s, "FP64": False, "ALIGN": align, "BLOCK": 2048,
+                     "BLOCK_C": 64 if cl else 128}
             for kernel, sig in ((k._concat_skip_kernel, fwd), (k._concat_skip_backward_kernel, bwd)):
                 c = compile_triton(kernel, sig, const, aligned=not (mode == 2 and cl))
                 assert "cubin" in c.asm
     if dtype == "fp32":  # the skip rows are copied with 16-byte accesses
         c = compile_triton(k._concat_skip_kernel, fwd, {"CL": False, "MODE": 0, "S": 1, "FP64": False,
-                                                        "BLOCK": 2048, "BLOCK_C": 128})
+                                                        "ALIGN": False, "BLOCK": 2048, "BLOCK_C": 128})
         assert "st.global.v4" in c.asm["ptx"]

@@ -48,9 +48,11 @@ struct LinearAxis {
   // with weights that depend on j only (checked against the table, so the
   // contiguous loops of bilinear_hrow reproduce it exactly). 0 otherwise.
   int64_t period = 0;
-  LinearAxis(int64_t n_in, int64_t n_out, int64_t s) : i0(n_out), i1(n_out), l0(n_out), l1(n_out) {
-    const A scale = static_cast<A>(1.0 / static_cast<double>(s));
-    for (int64_t d = 0; d < n_out; ++d) linear_source(d, scale, n_in, n_out, i0[d], i1[d], l0[d], l1[d]);
+  LinearAxis(int64_t n_in, int64_t n_out, int64_t s, bool align_corners)
+      : i0(n_out), i1(n_out), l0(n_out), l1(n_out) {
+    const A scale = linear_scale<A>(n_in, n_out, s, align_corners);
+    for (int64_t d = 0; d < n_out; ++d)
+      linear_source(d, scale, n_in, n_out, i0[d], i1[d], l0[d], l1[d], align_corners);
     bool regular = periodic_scale(s) && n_in >= 3 && n_out == s * n_in;
     for (int64_t d = s; regular && d < n_out - s; ++d) {
       const int64_t j = d % s, want = d / s - (j < s / 2 ? 1 : 0);
@@ -76,8 +78,8 @@ struct LinearAdjoint {
   // floating point, as with s = 3).
   int64_t period = 0, lo = 0, hi = 0;
   std::vector<A> pw;
-  LinearAdjoint(int64_t n_in, int64_t n_out, int64_t s) : start(n_in + 1, 0) {
-    LinearAxis<A> ax(n_in, n_out, s);
+  LinearAdjoint(int64_t n_in, int64_t n_out, int64_t s, bool align_corners) : start(n_in + 1, 0) {
+    LinearAxis<A> ax(n_in, n_out, s, align_corners);
     std::vector<std::vector<int64_t>> by_input(n_in);  // indices into ax
     for (int64_t o = 0; o < n_out; ++o) {
       by_input[ax.i0[o]].push_back(o);
@@ -481,15 +483,15 @@ struct Plan {
   View4<const T> av, bv;
   std::unique_ptr<Axis<acc_t<T>>> ah, aw;
   Plan(const at::Tensor& a_in, const at::Tensor& b_in, bool cl, Upsample mode, int64_t s, int64_t hi, int64_t wi,
-       int64_t ho, int64_t wo)
+       int64_t ho, int64_t wo, bool align_corners)
       : a(unit_stride(a_in, cl ? 1 : 3, cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)),
         b(b_in.defined() ? unit_stride(b_in, cl ? 1 : 3, cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)
                          : a),
         av(a),
         bv(b) {
     if (mode == Upsample::Bilinear) {
-      ah = std::make_unique<Axis<acc_t<T>>>(hi, ho, s);
-      aw = std::make_unique<Axis<acc_t<T>>>(wi, wo, s);
+      ah = std::make_unique<Axis<acc_t<T>>>(hi, ho, s, align_corners);
+      aw = std::make_unique<Axis<acc_t<T>>>(wi, wo, s, align_corners);
     }
   }
 };
@@ -497,10 +499,11 @@ struct Plan {
 // ---- forward -----------------------------------------------------------------------
 
 template <typename T>
-void forward_nchw(const at::Tensor& x_in, const at::Tensor& skip_in, at::Tensor& out, Upsample mode, int64_t s) {
+void forward_nchw(const at::Tensor& x_in, const at::Tensor& skip_in, at::Tensor& out, Upsample mode, int64_t s,
+                  bool align) {
   using E = typename bits_of<T>::type;
   const int64_t cx = x_in.size(1), ct = out.size(1), ho = out.size(2), wo = out.size(3), wi = x_in.size(3);
-  const Plan<T, LinearAxis> p(x_in, skip_in, false, mode, s, x_in.size(2), wi, ho, wo);
+  const Plan<T, LinearAxis> p(x_in, skip_in, false, mode, s, x_in.size(2), wi, ho, wo, align);
   const View4<const T>&xv = p.av, &sv = p.bv;
   T* po = out.mutable_data_ptr<T>();
   const int64_t rows = out.size(0) * ct * ho;
@@ -555,9 +558,9 @@ void forward_nchw(const at::Tensor& x_in, const at::Tensor& skip_in, at::Tensor&
 
 template <typename T>
 void forward_channels_last(const at::Tensor& x_in, const at::Tensor& skip_in, at::Tensor& out, Upsample mode,
-                           int64_t s) {
+                           int64_t s, bool align) {
   const int64_t cx = x_in.size(1), cs = skip_in.size(1), ct = out.size(1), ho = out.size(2), wo = out.size(3);
-  const Plan<T, LinearAxis> p(x_in, skip_in, true, mode, s, x_in.size(2), x_in.size(3), ho, wo);
+  const Plan<T, LinearAxis> p(x_in, skip_in, true, mode, s, x_in.size(2), x_in.size(3), ho, wo, align);
   const View4<const T>&xv = p.av, &sv = p.bv;
   T* po = out.mutable_data_ptr<T>();
   const int64_t pixels = out.size(0) * ho * wo;
@@ -582,16 +585,17 @@ void forward_channels_last(const at::Tensor& x_in, const at::Tensor& skip_in, at
 }
 
 at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, std::optional<c10::string_view> upsample,
-                       int64_t scale_factor) {
+                       int64_t scale_factor, bool align_corners) {
   const Upsample mode = parse_upsample(upsample, "concat_skip");
+  check_align_corners(mode, align_corners, "concat_skip");
   check_concat_skip(x, skip, mode, scale_factor, "concat_skip");
   at::Tensor out = new_concat_skip_output(x, skip);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_skip", [&] {
     if (out.is_contiguous(at::MemoryFormat::ChannelsLast) && !out.is_contiguous())
-      forward_channels_last<scalar_t>(x, skip, out, mode, scale_factor);
+      forward_channels_last<scalar_t>(x, skip, out, mode, scale_factor, align_corners);
     else
-      forward_nchw<scalar_t>(x, skip, out, mode, scale_factor);
+      forward_nchw<scalar_t>(x, skip, out, mode, scale_factor, align_corners);
   });
   return out;
 }
@@ -599,9 +603,9 @@ at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, std::optiona
 // ---- backward: the upsample's adjoint ------------------------------------------------
 
 template <typename T>
-void adjoint_nchw(const at::Tensor& g_in, at::Tensor& gx, Upsample mode, int64_t s) {
+void adjoint_nchw(const at::Tensor& g_in, at::Tensor& gx, Upsample mode, int64_t s, bool align) {
   const int64_t c = gx.size(1), hi = gx.size(2), wi = gx.size(3);
-  const Plan<T, LinearAdjoint> p(g_in, at::Tensor(), false, mode, s, hi, wi, g_in.size(2), g_in.size(3));
+  const Plan<T, LinearAdjoint> p(g_in, at::Tensor(), false, mode, s, hi, wi, g_in.size(2), g_in.size(3), align);
   const View4<const T>& gv = p.av;
   T* po = gx.mutable_data_ptr<T>();
   const int64_t rows = gx.size(0) * c * hi;
@@ -630,9 +634,9 @@ void adjoint_nchw(const at::Tensor& g_in, at::Tensor& gx, Upsample mode, int64_t
 }
 
 template <typename T>
-void adjoint_channels_last(const at::Tensor& g_in, at::Tensor& gx, Upsample mode, int64_t s) {
+void adjoint_channels_last(const at::Tensor& g_in, at::Tensor& gx, Upsample mode, int64_t s, bool align) {
   const int64_t c = gx.size(1), hi = gx.size(2), wi = gx.size(3);
-  const Plan<T, LinearAdjoint> p(g_in, at::Tensor(), true, mode, s, hi, wi, g_in.size(2), g_in.size(3));
+  const Plan<T, LinearAdjoint> p(g_in, at::Tensor(), true, mode, s, hi, wi, g_in.size(2), g_in.size(3), align);
   const View4<const T>& gv = p.av;
   T* po = gx.mutable_data_ptr<T>();
   const int64_t pixels = gx.size(0) * hi * wi;
@@ -669,16 +673,17 @@ void adjoint_channels_last(const at::Tensor& g_in, at::Tensor& gx, Upsample mode
 }
 
 at::Tensor concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::string_view> upsample,
-                                int64_t scale_factor) {
+                                int64_t scale_factor, bool align_corners) {
   const Upsample mode = parse_upsample(upsample, "concat_skip_backward");
+  check_align_corners(mode, align_corners, "concat_skip_backward");
   at::Tensor gx = new_upsample_grad(grad_up, mode, scale_factor, "concat_skip_backward");
   if (gx.numel() == 0) return gx;
   const int64_t s = mode == Upsample::None ? 1 : scale_factor;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_up.scalar_type(), "concat_skip_backward", [&] {
     if (gx.is_contiguous(at::MemoryFormat::ChannelsLast) && !gx.is_contiguous())
-      adjoint_channels_last<scalar_t>(grad_up, gx, mode, s);
+      adjoint_channels_last<scalar_t>(grad_up, gx, mode, s, align_corners);
     else
-      adjoint_nchw<scalar_t>(grad_up, gx, mode, s);
+      adjoint_nchw<scalar_t>(grad_up, gx, mode, s, align_corners);
   });
   return gx;
 }
@@ -697,8 +702,10 @@ auto every_pack(at::Tensor& out) {
 }  // namespace
 
 at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
-                                    std::optional<c10::string_view> upsample, int64_t scale_factor, bool next) {
+                                    std::optional<c10::string_view> upsample, int64_t scale_factor, bool next,
+                                    bool align_corners) {
   const Upsample mode = parse_upsample(upsample, "concat_skip");
+  check_align_corners(mode, align_corners, "concat_skip");
   check_concat_skip(x, skip, mode, scale_factor, "concat_skip");
   at::Tensor out = new_concat_skip_output(x, skip);
   if (out.numel() == 0) return out;
@@ -707,22 +714,27 @@ at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
     using T = scalar_t;
     using A = at::opmath_type<T>;
     for_concat_packs<Concat, T>(out, mode, next, every_pack<T>(out), strided4<T>(x), strided4<T>(skip), x.size(1),
-                                x.size(2), x.size(3), s, static_cast<A>(1.0 / s), FastDivmod(static_cast<uint32_t>(s)));
+                                x.size(2), x.size(3), s, linear_scale<A>(x.size(2), out.size(2), s, align_corners),
+                                linear_scale<A>(x.size(3), out.size(3), s, align_corners),
+                                FastDivmod(static_cast<uint32_t>(s)), align_corners);
   });
   return out;
 }
 
 at::Tensor emulate_cuda_concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::string_view> upsample,
-                                             int64_t scale_factor, bool next) {
+                                             int64_t scale_factor, bool next, bool align_corners) {
   const Upsample mode = parse_upsample(upsample, "concat_skip_backward");
+  check_align_corners(mode, align_corners, "concat_skip_backward");
   at::Tensor gx = new_upsample_grad(grad_up, mode, scale_factor, "concat_skip_backward");
   if (gx.numel() == 0) return gx;
   const int s = mode == Upsample::None ? 1 : static_cast<int>(scale_factor);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_up.scalar_type(), "emulate_cuda_concat_skip_backward",
                                   [&] {
     using T = scalar_t;
+    using A = at::opmath_type<T>;
     for_concat_packs<Adjoint, T>(gx, mode, next, every_pack<T>(gx), strided4<T>(grad_up), grad_up.size(2),
-                                 grad_up.size(3), s, static_cast<at::opmath_type<T>>(1.0 / s));
+                                 grad_up.size(3), s, linear_scale<A>(gx.size(2), grad_up.size(2), s, align_corners),
+                                 linear_scale<A>(gx.size(3), grad_up.size(3), s, align_corners), align_corners);
   });
   return gx;
 }

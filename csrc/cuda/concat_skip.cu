@@ -57,8 +57,9 @@ void launch(at::Tensor& out, Upsample mode, bool next, Args... args) {
 }
 
 at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, std::optional<c10::string_view> upsample,
-                       int64_t scale_factor) {
+                       int64_t scale_factor, bool align_corners) {
   const Upsample mode = parse_upsample(upsample, "concat_skip");
+  check_align_corners(mode, align_corners, "concat_skip");
   check_concat_skip(x, skip, mode, scale_factor, "concat_skip");
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = new_concat_skip_output(x, skip);
@@ -72,14 +73,17 @@ at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, std::optiona
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_skip_cuda", [&] {
     using A = acc_t<scalar_t>;
     launch<Concat, scalar_t>(out, mode, next, strided4<scalar_t>(x), strided4<scalar_t>(skip), x.size(1),
-                             x.size(2), x.size(3), s, static_cast<A>(1.0 / s), FastDivmod(static_cast<uint32_t>(s)));
+                             x.size(2), x.size(3), s, linear_scale<A>(x.size(2), out.size(2), s, align_corners),
+                             linear_scale<A>(x.size(3), out.size(3), s, align_corners),
+                             FastDivmod(static_cast<uint32_t>(s)), align_corners);
   });
   return out;
 }
 
 at::Tensor concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::string_view> upsample,
-                                int64_t scale_factor) {
+                                int64_t scale_factor, bool align_corners) {
   const Upsample mode = parse_upsample(upsample, "concat_skip_backward");
+  check_align_corners(mode, align_corners, "concat_skip_backward");
   c10::cuda::CUDAGuard guard(grad_up.device());
   at::Tensor gx = new_upsample_grad(grad_up, mode, scale_factor, "concat_skip_backward");
   if (gx.numel() == 0) return gx;
@@ -88,7 +92,8 @@ at::Tensor concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::st
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_up.scalar_type(), "concat_skip_backward_cuda", [&] {
     using A = acc_t<scalar_t>;
     launch<Adjoint, scalar_t>(gx, mode, next, strided4<scalar_t>(grad_up), grad_up.size(2), grad_up.size(3),
-                              s, static_cast<A>(1.0 / s));
+                              s, linear_scale<A>(gx.size(2), grad_up.size(2), s, align_corners),
+                              linear_scale<A>(gx.size(3), grad_up.size(3), s, align_corners), align_corners);
   });
   return gx;
 }

@@ -13,8 +13,8 @@ namespace dtkernels {
 namespace {
 
 using Mode = std::optional<c10::string_view>;
-using Fwd = at::Tensor(const at::Tensor&, const at::Tensor&, Mode, int64_t);
-using Bwd = at::Tensor(const at::Tensor&, Mode, int64_t);
+using Fwd = at::Tensor(const at::Tensor&, const at::Tensor&, Mode, int64_t, bool);
+using Bwd = at::Tensor(const at::Tensor&, Mode, int64_t, bool);
 
 Route fwd_route("concat_skip");
 Route bwd_route("concat_skip_backward");
@@ -26,14 +26,15 @@ const c10::TypedOperatorHandle<Fwd>& public_op() {
 
 const UnboxedEntry<Fwd> unboxed_entry("concat_skip");
 
-at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, Mode upsample, int64_t scale_factor) {
+at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, Mode upsample, int64_t scale_factor,
+                       bool align_corners) {
   static const Routed<Fwd> r(fwd_route, "dtkernels::_concat_skip", "dtkernels::_concat_skip_py");
-  return r.pick(x.device()).call(x, skip, upsample, scale_factor);
+  return r.pick(x.device()).call(x, skip, upsample, scale_factor, align_corners);
 }
 
-at::Tensor concat_skip_backward(const at::Tensor& grad_up, Mode upsample, int64_t scale_factor) {
+at::Tensor concat_skip_backward(const at::Tensor& grad_up, Mode upsample, int64_t scale_factor, bool align_corners) {
   static const Routed<Bwd> r(bwd_route, "dtkernels::_concat_skip_backward", "dtkernels::_concat_skip_backward_py");
-  return r.pick(grad_up.device()).call(grad_up, upsample, scale_factor);
+  return r.pick(grad_up.device()).call(grad_up, upsample, scale_factor, align_corners);
 }
 
 using torch::autograd::AutogradContext;
@@ -41,13 +42,14 @@ using torch::autograd::variable_list;
 
 struct ConcatSkip : torch::autograd::Function<ConcatSkip> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& skip, Mode upsample,
-                            int64_t scale_factor) {
-    at::Tensor out = call_below_autograd(public_op(), x, skip, upsample, scale_factor);
+                            int64_t scale_factor, bool align_corners) {
+    at::Tensor out = call_below_autograd(public_op(), x, skip, upsample, scale_factor, align_corners);
     // SymInts, so that torch.compile can trace this with dynamic shapes
     ctx->saved_data["cx"] = x.sym_size(1);
     ctx->saved_data["cs"] = skip.sym_size(1);
     ctx->saved_data["upsample"] = upsample ? c10::IValue(std::string(*upsample)) : c10::IValue();
     ctx->saved_data["scale_factor"] = scale_factor;
+    ctx->saved_data["align_corners"] = align_corners;
     ctx->saved_data["backend"] = static_cast<int64_t>(current_backend());
     return out;
   }
@@ -63,24 +65,28 @@ struct ConcatSkip : torch::autograd::Function<ConcatSkip> {
       const c10::IValue& mode = ctx->saved_data["upsample"];
       if (!mode.isNone()) {
         BackendGuard scope(static_cast<int>(ctx->saved_data["backend"].toInt()));
-        gx = call_in_backward(bwd, gx, Mode(mode.toStringRef()), ctx->saved_data["scale_factor"].toInt());
+        gx = call_in_backward(bwd, gx, Mode(mode.toStringRef()), ctx->saved_data["scale_factor"].toInt(),
+                              ctx->saved_data["align_corners"].toBool());
       }
     }
-    return {gx, gskip, at::Tensor(), at::Tensor()};
+    return {gx, gskip, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-at::Tensor concat_skip_autograd(const at::Tensor& x, const at::Tensor& skip, Mode upsample, int64_t scale_factor) {
-  if (!autograd_records(x, skip)) return call_below_autograd(public_op(), x, skip, upsample, scale_factor);
-  return ConcatSkip::apply(x, skip, upsample, scale_factor);
+at::Tensor concat_skip_autograd(const at::Tensor& x, const at::Tensor& skip, Mode upsample, int64_t scale_factor,
+                                bool align_corners) {
+  if (!autograd_records(x, skip))
+    return call_below_autograd(public_op(), x, skip, upsample, scale_factor, align_corners);
+  return ConcatSkip::apply(x, skip, upsample, scale_factor, align_corners);
 }
 
 // Under torch.autocast, as torch.cat: x and skip of different float dtypes meet in the wider one.
 template <c10::DeviceType D>
-at::Tensor concat_skip_autocast(const at::Tensor& x, const at::Tensor& skip, Mode upsample, int64_t scale_factor) {
+at::Tensor concat_skip_autocast(const at::Tensor& x, const at::Tensor& skip, Mode upsample, int64_t scale_factor,
+                                bool align_corners) {
   const auto [a, b] = autocast_promote<D>(x, skip);
   AutocastOff<D> off;
-  return public_op().call(a, b, upsample, scale_factor);
+  return public_op().call(a, b, upsample, scale_factor, align_corners);
 }
 
 }  // namespace

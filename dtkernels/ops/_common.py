@@ -90,6 +90,18 @@ def check_upsample(op: str, upsample) -> None:
         raise ValueError(f"{op}: upsample must be None, 'nearest' or 'bilinear', got {upsample!r}")
 
 
+def check_align_corners(op: str, upsample, align_corners) -> bool:
+    """A bool (None as False, F.interpolate's default), True only with bilinear."""
+    if align_corners is None:
+        return False
+    if not isinstance(align_corners, bool):
+        raise TypeError(f"{op}: align_corners must be a bool, got {type(align_corners).__name__}")
+    if align_corners and upsample != "bilinear":
+        raise ValueError(f"{op}: align_corners=True needs upsample='bilinear' (as F.interpolate, only interpolating "
+                         "modes take it)")
+    return align_corners
+
+
 def check_scale_factor(op: str, v) -> int:
     """A positive integer (an integral float such as 2.0 is accepted)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):

@@ -55,19 +55,37 @@ def is_fp64(t: torch.Tensor) -> bool:
     return t.dtype == torch.float64
 
 
+def align_corners_scale(n_in: int, n_out: int, fp64: bool) -> float:
+    """ATen's align_corners scale (n_in - 1) / (n_out - 1) in the compute type (0 for
+    one output), divided on the host: a device division may not round correctly."""
+    if n_out <= 1:
+        return 0.0
+    t = torch.float64 if fp64 else torch.float32
+    return (torch.tensor(n_in - 1, dtype=t) / torch.tensor(n_out - 1, dtype=t)).item()
+
+
 @triton.jit
-def linear_source(d, n_in, S: tl.constexpr, FP64: tl.constexpr):
-    """Bilinear (align_corners=False) source indices and weights of output index
-    `d` at integer scale S, as ATen's CPU kernel and csrc/common.h linear_source
-    compute them: scale = 1/S rounded to the compute type, one fused multiply-add,
-    clamped at 0; S == 1 maps each index onto itself with weights (1, 0)."""
+def linear_source(d, n_in, S: tl.constexpr, FP64: tl.constexpr, ALIGN: tl.constexpr, scale):
+    """Bilinear source indices and weights of output index `d` at integer scale S,
+    as ATen's CPU kernel and csrc/common.h linear_source compute them: without
+    align_corners scale = 1/S rounded to the compute type, one fused multiply-add,
+    clamped at 0; with it src = d * scale (`scale` from align_corners_scale, used
+    for float32; an fma with 0, so no compiler can fuse it into the subtraction
+    below). S == 1 maps each index onto itself with weights (1, 0)."""
     if S == 1:
         i0 = d
         i1 = d
         l1 = tl.zeros(d.shape, tl.float64 if FP64 else tl.float32)
         l0 = l1 + 1.0
     else:
-        if FP64:
+        if ALIGN:
+            if FP64:  # (n_in - 1) / (S * n_in - 1) here: the interpreter (float64's only
+                # Triton use) would round a float argument to fp32; numpy divides exactly
+                sc = (n_in - 1).to(tl.float64) / (n_in * S - 1).to(tl.float64)
+                src = tl.fma(d.to(tl.float64), sc, 0.0)
+            else:
+                src = tl.fma(d.to(tl.float32), tl.cast(scale, tl.float32), 0.0)
+        elif FP64:
             src = tl.fma(tl.full(d.shape, 1.0, tl.float64) / S, d.to(tl.float64) + 0.5, -0.5)
         else:
             src = tl.fma(tl.full(d.shape, 1.0 / S, tl.float32), d.to(tl.float32) + 0.5, -0.5)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import column_tiles, configs, is_fp64, linear_source, new_empty
+from ._utils import align_corners_scale, column_tiles, configs, is_fp64, linear_source, new_empty
 
 _MODES = {None: 0, "nearest": 1, "bilinear": 2}
 
@@ -58,12 +58,14 @@ def _jit(fn):
     return triton.jit(fn, do_not_specialize=[a for a in _NO_SPEC if a in fn.__code__.co_varnames])
 
 
-@triton.autotune(configs=_CONFIGS, key=["R", "COLS", "CL", "MODE", "S"])
+# sh, sw (align_corners' scales) are annotated float64 so that float64 tensors get
+# theirs unrounded; float32 ones arrive float32-exact (align_corners_scale).
+@triton.autotune(configs=_CONFIGS, key=["R", "COLS", "CL", "MODE", "S", "ALIGN"])
 @_jit
 def _concat_skip_kernel(x_ptr, skip_ptr, out_ptr, R, COLS, C, CX, H, W, HI, WI,
-                        xs0, xs1, xs2, xs3, ss0, ss1, ss2, ss3,
+                        xs0, xs1, xs2, xs3, ss0, ss1, ss2, ss3, sh: tl.float64, sw: tl.float64,
                         CL: tl.constexpr, MODE: tl.constexpr, S: tl.constexpr, FP64: tl.constexpr,
-                        BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+                        ALIGN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
     n, c, h, w, offs, mask = _tile(R, COLS, C, H, W, BLOCK, BLOCK_C, CL)
     from_x = c < CX
     xm = mask & from_x
@@ -74,8 +76,8 @@ def _concat_skip_kernel(x_ptr, skip_ptr, out_ptr, R, COLS, C, CX, H, W, HI, WI,
     elif MODE == 1:
         up = tl.load(xb + (h // S) * xs2 + (w // S) * xs3, mask=xm, other=0.0)
     else:
-        h0, h1, hl0, hl1 = linear_source(h, HI, S, FP64)
-        w0, w1, wl0, wl1 = linear_source(w, WI, S, FP64)
+        h0, h1, hl0, hl1 = linear_source(h, HI, S, FP64, ALIGN, sh)
+        w0, w1, wl0, wl1 = linear_source(w, WI, S, FP64, ALIGN, sw)
         x00 = tl.load(xb + h0 * xs2 + w0 * xs3, mask=xm, other=0.0).to(hl0.dtype)
         x01 = tl.load(xb + h0 * xs2 + w1 * xs3, mask=xm, other=0.0).to(hl0.dtype)
         x10 = tl.load(xb + h1 * xs2 + w0 * xs3, mask=xm, other=0.0).to(hl0.dtype)
@@ -89,19 +91,20 @@ def _concat_skip_kernel(x_ptr, skip_ptr, out_ptr, R, COLS, C, CX, H, W, HI, WI,
 
 
 @triton.jit
-def _reads(o, i, n_in, n_out, S: tl.constexpr, FP64: tl.constexpr):
+def _reads(o, i, n_in, n_out, S: tl.constexpr, FP64: tl.constexpr, ALIGN: tl.constexpr, scale):
     """Whether output index o (maybe out of range) reads input index i through its
     first / second source index, and the two weights."""
-    i0, i1, l0, l1 = linear_source(o, n_in, S, FP64)
+    i0, i1, l0, l1 = linear_source(o, n_in, S, FP64, ALIGN, scale)
     ok = (o >= 0) & (o < n_out)
     return ok & (i0 == i), ok & (i1 == i), l0, l1
 
 
-@triton.autotune(configs=_CONFIGS, key=["R", "COLS", "CL", "MODE", "S"])
+@triton.autotune(configs=_CONFIGS, key=["R", "COLS", "CL", "MODE", "S", "ALIGN"])
 @_jit
 def _concat_skip_backward_kernel(g_ptr, gx_ptr, R, COLS, C, H, W, HO, WO, gs0, gs1, gs2, gs3,
+                                 sh: tl.float64, sw: tl.float64,
                                  CL: tl.constexpr, MODE: tl.constexpr, S: tl.constexpr, FP64: tl.constexpr,
-                                 BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+                                 ALIGN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
     """gx (N, C, H, W) from g (N, C, H*S, W*S): each x pixel gathers the gradient of
     the output pixels that read it."""
     n, c, h, w, offs, mask = _tile(R, COLS, C, H, W, BLOCK, BLOCK_C, CL)
@@ -114,16 +117,18 @@ def _concat_skip_backward_kernel(g_ptr, gx_ptr, R, COLS, C, H, W, HO, WO, gs0, g
             for dx in tl.static_range(S):
                 acc += tl.load(gb + (h * S + dy) * gs2 + (w * S + dx) * gs3, mask=mask, other=0.0).to(acc.dtype)
     else:
-        # Output rows/columns that can read input index i lie in [S*i - S, S*i + 2S);
-        # each is kept when one of its two source indices is i. Order: output row,
-        # output column, then corners 00, 01, 10, 11 (zero weights included). Runtime
-        # loops: unrolled, the 9*S*S bodies take minutes to compile.
-        for kh in range(3 * S):
+        # Output rows/columns that can read input index i lie in [S*i - S, S*i + 2S)
+        # (align_corners: [S*i - S, S*i + 3S), csrc/concat_skip.h); each is kept when
+        # one of its two source indices is i. Order: output row, output column, then
+        # corners 00, 01, 10, 11 (zero weights included). Runtime loops: unrolled, the
+        # 9*S*S bodies take minutes to compile.
+        SPAN: tl.constexpr = (4 if ALIGN else 3) * S
+        for kh in range(SPAN):
             oh = h * S - S + kh
-            a0, a1, hl0, hl1 = _reads(oh, h, H, HO, S, FP64)
-            for kw in range(3 * S):
+            a0, a1, hl0, hl1 = _reads(oh, h, H, HO, S, FP64, ALIGN, sh)
+            for kw in range(SPAN):
                 ow = w * S - S + kw
-                b0, b1, wl0, wl1 = _reads(ow, w, W, WO, S, FP64)
+                b0, b1, wl0, wl1 = _reads(ow, w, W, WO, S, FP64, ALIGN, sw)
                 g = tl.load(gb + oh * gs2 + ow * gs3, mask=mask & (a0 | a1) & (b0 | b1), other=0.0).to(acc.dtype)
                 acc = tl.where(a0 & b0, tl.fma(hl0 * wl0, g, acc), acc)
                 acc = tl.where(a0 & b1, tl.fma(hl0 * wl1, g, acc), acc)
@@ -149,7 +154,8 @@ def _channels_last(fmt) -> bool:
     return fmt == torch.channels_last
 
 
-def concat_skip(x: torch.Tensor, skip: torch.Tensor, upsample, scale_factor: int) -> torch.Tensor:
+def concat_skip(x: torch.Tensor, skip: torch.Tensor, upsample, scale_factor: int,
+                align_corners: bool = False) -> torch.Tensor:
     from ..ops._common import cat_memory_format
 
     fmt = cat_memory_format(x, skip)
@@ -158,13 +164,17 @@ def concat_skip(x: torch.Tensor, skip: torch.Tensor, upsample, scale_factor: int
     if out.numel() == 0:
         return out
     s = 1 if upsample is None else int(scale_factor)
+    fp64 = is_fp64(x)
+    sh, sw = ((align_corners_scale(x.shape[2], out.shape[2], fp64), align_corners_scale(x.shape[3], out.shape[3], fp64))
+              if align_corners else (0.0, 0.0))
     _launch(_concat_skip_kernel, out, _channels_last(fmt), x, skip, out,
-            (x.shape[1], out.shape[2], out.shape[3], x.shape[2], x.shape[3], *x.stride(), *skip.stride()),
-            MODE=_MODES[upsample], S=s, FP64=is_fp64(x))
+            (x.shape[1], out.shape[2], out.shape[3], x.shape[2], x.shape[3], *x.stride(), *skip.stride(), sh, sw),
+            MODE=_MODES[upsample], S=s, FP64=fp64, ALIGN=bool(align_corners))
     return out
 
 
-def concat_skip_backward(grad_up: torch.Tensor, upsample, scale_factor: int) -> torch.Tensor:
+def concat_skip_backward(grad_up: torch.Tensor, upsample, scale_factor: int,
+                         align_corners: bool = False) -> torch.Tensor:
     from ..ops._common import suggest_memory_format
 
     fmt = suggest_memory_format(grad_up)
@@ -173,7 +183,10 @@ def concat_skip_backward(grad_up: torch.Tensor, upsample, scale_factor: int) -> 
     gx = new_empty(n, c, ho // s, wo // s, dtype=grad_up.dtype, device=grad_up.device, memory_format=fmt)
     if gx.numel() == 0:
         return gx
+    fp64 = is_fp64(grad_up)
+    sh, sw = ((align_corners_scale(gx.shape[2], ho, fp64), align_corners_scale(gx.shape[3], wo, fp64))
+              if align_corners else (0.0, 0.0))
     _launch(_concat_skip_backward_kernel, gx, _channels_last(fmt), grad_up, gx,
-            (gx.shape[2], gx.shape[3], ho, wo, *grad_up.stride()),
-            MODE=_MODES[upsample], S=s, FP64=is_fp64(grad_up))
+            (gx.shape[2], gx.shape[3], ho, wo, *grad_up.stride(), sh, sw),
+            MODE=_MODES[upsample], S=s, FP64=fp64, ALIGN=bool(align_corners))
     return gx
