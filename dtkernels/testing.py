@@ -93,3 +93,17 @@ def saved_tensor_bytes(fn, exclude=()):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn()
     return sum(storages.values()), storages, result
+
+
+class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that reaches the dispatcher below autograd, as (name, args,
+    kwargs) in ``calls``, e.g. ("dtkernels.max_pool2d.default", ...). The
+    dispatcher leaves out trailing arguments equal to their defaults."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((str(func), args, kwargs or {}))
+        return func(*args, **(kwargs or {}))

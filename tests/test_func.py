@@ -12,7 +12,7 @@ from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
 import dtkernels as dtk
 from dtkernels.reference import TorchvisionDenseBlock
-from dtkernels.testing import assert_close, rand
+from dtkernels.testing import OpLog, assert_close, rand
 
 from test_export import _Net, _randomize_running_stats
 
@@ -137,26 +137,16 @@ def test_compile_with_transforms():
     assert "dtkernels.max_pool2d" in graphs[0] and "dtkernels.residual_add" in graphs[0]
 
 
-class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_kernels_run_outside_transforms():
     """The decompositions are only for transforms: plain calls, with or without
     grad, still run our kernels."""
     x = rand(2, 4, 6, 6, requires_grad=True)
     for call in (lambda: dtk.residual_add(x, x), lambda: dtk.max_pool2d(x, 2),
                  lambda: dtk.concat_skip(x, x, upsample=None)):
-        with _OpLog() as log:
+        with OpLog() as log:
             call()
-        assert [op for op in log.ops if op != "aten.detach.default"][0].startswith("dtkernels."), log.ops
-        assert all(op.startswith("dtkernels.") or op == "aten.detach.default" for op in log.ops), log.ops
+        ops = [c[0] for c in log.calls if c[0] != "aten.detach.default"]
+        assert ops and all(op.startswith("dtkernels.") for op in ops), ops
 
 
 def test_errors_under_transforms_match():
