@@ -17,6 +17,7 @@ from torch import nn
 
 import dtkernels as dtk
 from dtkernels.reference import TorchvisionDenseBlock
+from dtkernels.testing import saved_tensor_bytes
 
 
 def densenet121(num_classes: int = 1000) -> nn.Module:
@@ -38,15 +39,9 @@ def densenet121(num_classes: int = 1000) -> nn.Module:
 
 
 def saved_bytes(model, x) -> int:
-    seen = {}
-
-    def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum()
-    return sum(seen.values())
+    """Bytes autograd saves for one forward, parameters and buffers left out."""
+    exclude = [*model.parameters(), *model.buffers()]
+    return saved_tensor_bytes(lambda: model(x).sum(), exclude)[0]
 
 
 def main() -> None:
