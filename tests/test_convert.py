@@ -128,3 +128,33 @@ def test_convert_root_module():
     assert type(new) is dtk.nn.DenseBlock and not new.training
     x = rand(2, 4, 5, 5)
     assert_close(new(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_whole_models_match_eager():
+    """The two whole-model benchmarks' models: a torchvision-layout DenseNet-121
+    converted, and the residual U-Net on our ops, against their eager selves
+    (outputs bit-identical, gradients to rounding)."""
+    from benchmarks.densenet import densenet121
+    from benchmarks.unet import UNet
+
+    torch.manual_seed(0)
+    theirs = densenet121(num_classes=10)
+    ours = dtk.nn.convert(copy.deepcopy(theirs))
+    x = rand(2, 3, 64, 64)
+    a, b = ours(x), theirs(x)
+    assert torch.equal(a, b)
+    for u, v in zip(torch.autograd.grad(a.sum(), list(ours.parameters())),
+                    torch.autograd.grad(b.sum(), list(theirs.parameters()))):
+        assert_close(u, v, rtol=1e-4, atol=1e-5)
+    unet = UNet()
+    state = copy.deepcopy(unet.state_dict())
+    outs, grads = [], []
+    for fast in (False, True):
+        unet.load_state_dict(state)
+        unet.fast = fast
+        out = unet(x)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), list(unet.parameters())))
+    assert torch.equal(outs[0], outs[1])
+    for u, v in zip(*grads):
+        assert_close(u, v, rtol=1e-4, atol=1e-5)
