@@ -92,7 +92,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void load_pack(const T* src, int64_t stride, P
   }
 }
 
-// The forward's elements: cat([up(x), skip], 1) at (n, c, h, w) of the output.
+// The forward's elements: cat([up(x), skip], 1) at (n, c, h, w) of the output, or
+// cat([skip, up(x)], 1) with skip_first.
 template <typename T, int MODE>
 struct Concat {
   Strided4<T> x, skip;
@@ -101,6 +102,7 @@ struct Concat {
   at::opmath_type<T> scale_h, scale_w;  // linear_scale per axis (bilinear)
   FastDivmod ds;  // nearest's source index h / s, per element
   bool align;     // bilinear's align_corners
+  bool skip_first;
   // MODE: the upsample (0 none, 1 nearest, 2 bilinear), plus 3 for the opt-in
   // kernels (DTK_CUDA_CONCAT=next) until a GPU run has measured them: the upsampled
   // part a pack at a time (one load for a nearest NCHW pack at s = 2, row pointers
@@ -163,11 +165,17 @@ struct Concat {
 
   template <int V, bool CL>
   C10_HOST_DEVICE C10_ALWAYS_INLINE Pack<T, V> pack(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
-    if (next && c < cx) {
+    // up(x) fills output channels [x0, x0 + cx), skip [s0, s0 + cs). A channels_last
+    // pack (V channels from c) may straddle the two; an NCHW pack is one channel's.
+    const int64_t cs = o.c - cx, x0 = skip_first ? cs : 0, s0 = skip_first ? 0 : cx;
+    const bool in_x = c >= x0 && c < x0 + cx;
+    const bool all_x = CL ? c >= x0 && c + V <= x0 + cx : in_x;
+    const bool all_skip = CL ? c >= s0 && c + V <= s0 + cs : !in_x;
+    if (next && in_x) {
       if constexpr (!CL && M == 1 && V % 2 == 0) {
         if (s == 2 && x.s3 == 1) {  // w is a multiple of V: source columns w/2 .. w/2 + V/2 - 1
           Pack<T, V / 2> half;
-          load_pack<T, V / 2>(x.at(n, c, ds.div(static_cast<uint32_t>(h)), w / 2), 1, half);
+          load_pack<T, V / 2>(x.at(n, c - x0, ds.div(static_cast<uint32_t>(h)), w / 2), 1, half);
           Pack<T, V> p;
           DTK_UNROLL
           for (int j = 0; j < V; ++j) p.v[j] = half.v[j / 2];
@@ -175,21 +183,21 @@ struct Concat {
         }
       }
       if constexpr (M == 2) {
-        if (!CL || c + V <= cx) return bilinear_pack<V, CL>(n, c, h, w, o);
+        if (all_x) return bilinear_pack<V, CL>(n, c - x0, h, w, o);
       }
     }
     // The pack's single strided source, when it has one.
     const T* src = nullptr;
     int64_t st = 0;
-    if (c >= cx) {  // NCHW: the whole pack is one skip row segment; CL: from c on
-      src = skip.at(n, c - cx, h, w);
+    if (all_skip) {  // NCHW: one skip row segment; CL: V channels of one skip pixel
+      src = skip.at(n, c - s0, h, w);
       st = CL ? skip.s1 : skip.s3;
     } else if (!CL && M == 0) {
-      src = x.at(n, c, h, w);
+      src = x.at(n, c - x0, h, w);
       st = x.s3;
-    } else if (CL && M != 2 && c + V <= cx) {  // V channels of one x pixel
-      src = M == 1 ? x.at(n, c, ds.div(static_cast<uint32_t>(h)), ds.div(static_cast<uint32_t>(w)))
-                   : x.at(n, c, h, w);
+    } else if (CL && M != 2 && all_x) {  // V channels of one x pixel
+      src = M == 1 ? x.at(n, c - x0, ds.div(static_cast<uint32_t>(h)), ds.div(static_cast<uint32_t>(w)))
+                   : x.at(n, c - x0, h, w);
       st = x.s1;
     }
     Pack<T, V> p;
@@ -199,7 +207,7 @@ struct Concat {
       DTK_UNROLL
       for (int j = 0; j < V; ++j) {
         const int64_t cj = CL ? c + j : c, wj = CL ? w : w + j;
-        p.v[j] = cj >= cx ? *skip.at(n, cj - cx, h, wj) : up(n, cj, h, wj, o);
+        p.v[j] = cj >= x0 && cj < x0 + cx ? up(n, cj - x0, h, wj, o) : *skip.at(n, cj - s0, h, wj);
       }
     }
     return p;
@@ -352,7 +360,7 @@ namespace cpu {
 // DTK_CUDA_CONCAT=next.
 at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
                                     std::optional<c10::string_view> upsample, int64_t scale_factor, bool next,
-                                    bool align_corners);
+                                    bool align_corners, bool skip_first);
 at::Tensor emulate_cuda_concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::string_view> upsample,
                                              int64_t scale_factor, bool next, bool align_corners);
 }  // namespace cpu

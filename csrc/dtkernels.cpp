@@ -40,15 +40,16 @@ TORCH_LIBRARY(dtkernels, m) {
   def_kernel(m, "_residual_add(Tensor x, Tensor fx, float alpha, bool relu) -> Tensor");
   def_kernel(m, "_residual_add_backward(Tensor grad_out, Tensor out, float scale) -> Tensor");
 
-  // concat_skip: cat([up(x), skip], 1), up = None (identity), "nearest" or "bilinear"
-  // (align_corners as F.interpolate's, bilinear only) by the integer scale_factor. Its backward is views except
+  // concat_skip: cat([up(x), skip], 1) (skip_first: cat([skip, up(x)], 1)), up = None
+  // (identity), "nearest" or "bilinear" (align_corners as F.interpolate's, bilinear
+  // only) by the integer scale_factor. Its backward is views except
   // for the upsample's adjoint, concat_skip_backward: grad_up is the x-part of the
   // output gradient (N, Cx, H*s, W*s), the result x's gradient (N, Cx, H, W).
-  m.def("concat_skip(Tensor x, Tensor skip, str? upsample=None, int scale_factor=2, bool align_corners=False) "
-        "-> Tensor");
+  m.def("concat_skip(Tensor x, Tensor skip, str? upsample=None, int scale_factor=2, bool align_corners=False, "
+        "bool skip_first=False) -> Tensor");
   m.def("concat_skip_backward(Tensor grad_up, str? upsample, int scale_factor, bool align_corners=False) -> Tensor");
-  def_kernel(m, "_concat_skip(Tensor x, Tensor skip, str? upsample, int scale_factor, bool align_corners=False) "
-        "-> Tensor");
+  def_kernel(m, "_concat_skip(Tensor x, Tensor skip, str? upsample, int scale_factor, bool align_corners=False, "
+        "bool skip_first=False) -> Tensor");
   def_kernel(m, "_concat_skip_backward(Tensor grad_up, str? upsample, int scale_factor, bool align_corners=False) "
         "-> Tensor");
 
@@ -158,7 +159,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_emulate_cuda_concat_skip", &dtkernels::cpu::emulate_cuda_concat_skip,
         "Test aid: the CUDA concat_skip forward's per-thread code (next: DTK_CUDA_CONCAT=next), run on the host.",
         py::arg("x"), py::arg("skip"), py::arg("upsample"), py::arg("scale_factor"), py::arg("next"),
-        py::arg("align_corners") = false);
+        py::arg("align_corners") = false, py::arg("skip_first") = false);
   m.def("_emulate_cuda_concat_skip_backward", &dtkernels::cpu::emulate_cuda_concat_skip_backward,
         "Test aid: the CUDA concat_skip backward's per-thread code (next: DTK_CUDA_CONCAT=next), run on the host.",
         py::arg("grad_up"), py::arg("upsample"), py::arg("scale_factor"), py::arg("next"),

@@ -26,23 +26,25 @@ class ResidualAdd(nn.Module):
 
 
 class ConcatSkip(nn.Module):
-    """``cat([up(x), skip], 1)``: the U-Net decoder's upsample-and-concatenate, in one
-    pass. ``upsample`` is None, "nearest" or "bilinear" (``align_corners`` as
-    F.interpolate's)."""
+    """``cat([up(x), skip], 1)`` (``skip_first``: ``cat([skip, up(x)], 1)``): the U-Net
+    decoder's upsample-and-concatenate, in one pass. ``upsample`` is None, "nearest"
+    or "bilinear" (``align_corners`` as F.interpolate's)."""
 
-    def __init__(self, upsample: str | None = "nearest", scale_factor: int = 2, align_corners: bool = False):
+    def __init__(self, upsample: str | None = "nearest", scale_factor: int = 2, align_corners: bool = False,
+                 skip_first: bool = False):
         super().__init__()
         ops._common.check_upsample("ConcatSkip", upsample)
         self.upsample = upsample
         self.scale_factor = ops._common.check_scale_factor("ConcatSkip", scale_factor)
         self.align_corners = ops._common.check_align_corners("ConcatSkip", upsample, align_corners)
+        self.skip_first = bool(skip_first)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         return ops.concat_skip(x, skip, upsample=self.upsample, scale_factor=self.scale_factor,
-                               align_corners=self.align_corners)
+                               align_corners=self.align_corners, skip_first=self.skip_first)
 
     def extra_repr(self) -> str:
-        extra = ", align_corners=True" if self.align_corners else ""
+        extra = (", align_corners=True" if self.align_corners else "") + (", skip_first=True" if self.skip_first else "")
         return f"upsample={self.upsample!r}, scale_factor={self.scale_factor}{extra}"
 
 

@@ -27,15 +27,16 @@ def _interpolate_kwargs(upsample: str, align_corners: bool = False) -> dict:
 
 
 def concat_skip(x: Tensor, skip: Tensor, upsample: str | None = None, scale_factor: int = 2,
-                align_corners: bool = False) -> Tensor:
-    """cat([up(x), skip], 1) as eager PyTorch writes it: F.interpolate, then torch.cat."""
+                align_corners: bool = False, skip_first: bool = False) -> Tensor:
+    """cat([up(x), skip], 1) (or cat([skip, up(x)], 1)) as eager PyTorch writes it:
+    F.interpolate, then torch.cat."""
     if upsample is None:
         up = x
     elif x.numel() == 0:  # F.interpolate refuses empty tensors; any mode repeats nothing
         up = x.repeat_interleave(scale_factor, 2).repeat_interleave(scale_factor, 3)
     else:
         up = F.interpolate(x, scale_factor=scale_factor, **_interpolate_kwargs(upsample, align_corners))
-    return torch.cat([up, skip], 1)
+    return torch.cat([skip, up] if skip_first else [up, skip], 1)
 
 
 def concat_skip_backward(grad_up: Tensor, upsample: str | None, scale_factor: int,

@@ -184,12 +184,12 @@ _UNBOXED_CALLS = {
                      False))],
     "residual_add": [(rand(2, 3, 4, 5), rand(2, 3, 4, 5), 0.5, True), (rand(2, 3), rand(3, 2), 1.0, True),
                      (rand(2, 3), rand(2, 3, dtype=torch.float64), 1.0, False)],
-    "concat_skip": [(rand(2, 3, 4, 5), rand(2, 2, 8, 10), "bilinear", 2, False),
-                    (rand(2, 3, 4, 5), rand(2, 2, 8, 10), "bilinear", 2, True),
-                    (rand(2, 3, 4, 5), rand(2, 2, 4, 5), None, 2, False),
-                    (rand(2, 3, 4, 5), rand(3, 2, 8, 10), "nearest", 2, False),
-                    (rand(2, 3, 4, 5), rand(2, 2, 8, 10), "nearest", 2, True),
-                    (rand(2, 3, 4, 5), rand(2, 2, 8, 10), "cubic", 2, False)],
+    "concat_skip": [(rand(2, 3, 4, 5), rand(2, 2, 8, 10), "bilinear", 2, False, False),
+                    (rand(2, 3, 4, 5), rand(2, 2, 8, 10), "bilinear", 2, True, True),
+                    (rand(2, 3, 4, 5), rand(2, 2, 4, 5), None, 2, False, True),
+                    (rand(2, 3, 4, 5), rand(3, 2, 8, 10), "nearest", 2, False, False),
+                    (rand(2, 3, 4, 5), rand(2, 2, 8, 10), "nearest", 2, True, False),
+                    (rand(2, 3, 4, 5), rand(2, 2, 8, 10), "cubic", 2, False, False)],
 }
 
 

@@ -43,12 +43,12 @@ def _inputs(n, cx, cs, h, w, s, *, dtype=torch.float32, device="cpu", formats=(N
     return x, skip
 
 
-def _ref_fwd_bwd(x, skip, g, mode, s):
+def _ref_fwd_bwd(x, skip, g, mode, s, skip_first=False):
     """The oracle in float64 (ATen's CPU kernels), for the same inputs."""
     xr = x.detach().cpu().double().requires_grad_()
     sr = skip.detach().cpu().double().requires_grad_()
     up, ac = _up(mode)
-    out = ref.concat_skip(xr, sr, up, s, ac)
+    out = ref.concat_skip(xr, sr, up, s, ac, skip_first)
     gx, gs = torch.autograd.grad(out, (xr, sr), g.detach().cpu().double())
     return out, gx, gs
 
@@ -59,12 +59,12 @@ def _expect_layout(out, x, skip):
     assert out.is_contiguous(memory_format=fmt), f"expected {fmt}, got strides {out.stride()}"
 
 
-def _check(x, skip, mode, s, g=None):
+def _check(x, skip, mode, s, g=None, skip_first=False):
     up, ac = _up(mode)
-    out = dtk.concat_skip(x, skip, upsample=up, scale_factor=s, align_corners=ac)
+    out = dtk.concat_skip(x, skip, upsample=up, scale_factor=s, align_corners=ac, skip_first=skip_first)
     g = rand(*out.shape, dtype=out.dtype, device=out.device) if g is None else g
     gx, gs = torch.autograd.grad(out, (x, skip), g)
-    r, rgx, rgs = _ref_fwd_bwd(x, skip, g, mode, s)
+    r, rgx, rgs = _ref_fwd_bwd(x, skip, g, mode, s, skip_first)
     dtype = x.dtype
     assert out.dtype == dtype and out.shape == r.shape
     assert gx.shape == x.shape and gs.shape == skip.shape
@@ -86,6 +86,20 @@ def test_forward_backward(backend_dtype, mode, s, formats):
     x, skip = _inputs(2, 3, 5, 3, 5, s, dtype=dtype, device=device, formats=formats)
     out = _check(x, skip, mode, s)
     _expect_layout(out, x, skip)
+
+
+@pytest.mark.parametrize("formats", FORMATS)
+@pytest.mark.parametrize("mode,s", [(None, 1), ("nearest", 2), ("bilinear", 2), ("bilinear-ac", 3)],
+                         ids=["none", "nearest2", "bilinear2", "bilinear-ac3"])
+def test_skip_first(backend_dtype, mode, s, formats):
+    """cat([skip, up(x)], 1): the same values in the other channel order, and each
+    gradient from its own part of the output gradient. Channel counts that leave
+    channels_last packs straddling the skip/x boundary."""
+    _, device, dtype = backend_dtype
+    for cx, cs in [(3, 5), (8, 8), (5, 11)]:
+        x, skip = _inputs(2, cx, cs, 3, 4, s, dtype=dtype, device=device, formats=formats)
+        out = _check(x, skip, mode, s, skip_first=True)
+        _expect_layout(out, x, skip)
 
 
 @pytest.mark.skipif(INTERPRET, reason="larger shapes: too slow for the Triton interpreter")
@@ -195,11 +209,13 @@ def test_cuda_forward_code_on_the_host(dtype, next_):
     on the host over every pack, gives the CPU kernel's bits."""
     for k, (x, skip, mode, s) in enumerate(_emulation_inputs(dtype)):
         up, ac = _up(mode)
-        want = torch.ops.dtkernels._concat_skip(x, skip, up, s, ac)
-        got = dtk._C._emulate_cuda_concat_skip(x, skip, up, s, next_, ac)
-        assert got.stride() == want.stride()
-        assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), \
-            f"input {k}: x {tuple(x.shape)} {x.stride()}, skip {tuple(skip.shape)} {skip.stride()}, {mode} x{s}"
+        for first in (False, True):
+            want = torch.ops.dtkernels._concat_skip(x, skip, up, s, ac, first)
+            got = dtk._C._emulate_cuda_concat_skip(x, skip, up, s, next_, ac, first)
+            assert got.stride() == want.stride()
+            assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), \
+                f"input {k}: x {tuple(x.shape)} {x.stride()}, skip {tuple(skip.shape)} {skip.stride()}, {mode} x{s}" \
+                f"{', skip first' if first else ''}"
 
 
 def _emulation_grads(dtype, device="cpu"):
@@ -277,8 +293,8 @@ def _next_matches_default(monkeypatch, calls):
 
 
 def _cuda_calls(dtype):
-    fwd = [(torch.ops.dtkernels._concat_skip, (x, skip, _up(m)[0], s, _up(m)[1]))
-           for x, skip, m, s in _emulation_inputs(dtype, "cuda")]
+    fwd = [(torch.ops.dtkernels._concat_skip, (x, skip, _up(m)[0], s, _up(m)[1], first))
+           for x, skip, m, s in _emulation_inputs(dtype, "cuda") for first in (False, True)]
     return fwd + [(torch.ops.dtkernels._concat_skip_backward, (g, _up(m)[0], s, _up(m)[1]))
                   for g, m, s in _emulation_grads(dtype, "cuda")]
 
@@ -357,6 +373,7 @@ def test_opcheck(backend, mode):
     for x, skip in samples:
         for sample in ((x, skip), (x.detach(), skip.detach())):
             torch.library.opcheck(torch.ops.dtkernels.concat_skip.default, (*sample, mode, s, ac))
+        torch.library.opcheck(torch.ops.dtkernels.concat_skip.default, (x, skip, mode, s, ac, True))
         torch.library.opcheck(torch.ops.dtkernels._concat_skip.default, (x.detach(), skip.detach(), mode, s, ac))
         g = rand(2, 3, 6, 10, device=device, memory_format=CL if x.is_contiguous(memory_format=CL) else None)
         for gg in (g, g.detach().requires_grad_()):
@@ -394,14 +411,15 @@ def test_meta_and_fake_tensors():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [None, "bilinear", "bilinear-ac"])
+@pytest.mark.parametrize("mode", [None, "bilinear", "bilinear-ac", "bilinear-skip-first"])
 def test_torch_compile_fullgraph(backend, mode):
     _, device = backend
     torch._dynamo.reset()
-    up, ac = _up(mode)
+    first = mode == "bilinear-skip-first"
+    up, ac = _up("bilinear" if first else mode)
 
     def decoder(x, skip, w):
-        return dtk.concat_skip(x * w, skip, upsample=up, align_corners=ac).relu().sum(dim=1)
+        return dtk.concat_skip(x * w, skip, upsample=up, align_corners=ac, skip_first=first).relu().sum(dim=1)
 
     compiled = torch.compile(decoder, fullgraph=True)
     s = 1 if mode is None else 2
@@ -451,6 +469,8 @@ def test_errors(check_path):
             torch.ops.dtkernels._concat_skip_backward(skip, mode, 2, True)
     with pytest.raises(TypeError, match="align_corners must be a bool"):
         cs(x, skip, upsample="bilinear", align_corners=1)
+    with pytest.raises(TypeError, match="skip_first must be a bool"):
+        cs(x, skip, upsample="bilinear", skip_first="yes")
     assert torch.equal(cs(x, skip, upsample="bilinear", align_corners=None), cs(x, skip, upsample="bilinear"))
     # The native kernels check too (direct calls bypass the Python checks).
     with pytest.raises(ValueError, match="same batch size"):
@@ -511,6 +531,11 @@ def test_module():
         dtk.nn.ConcatSkip(upsample="area")
     with pytest.raises(ValueError):
         dtk.nn.ConcatSkip(upsample="nearest", align_corners=True)
+    m = dtk.nn.ConcatSkip(upsample="bilinear", align_corners=True, skip_first=True)  # MONAI / milesial U-Net order
+    x, skip = _inputs(2, 3, 4, 2, 3, 2, grad=False)
+    want = torch.cat([skip, F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)], 1)
+    assert_close(m(x, skip), want)
+    assert "align_corners=True, skip_first=True" in repr(m)
 
 
 @pytest.mark.skipif(INTERPRET, reason="compiles the real kernels; the interpreter replaces them")
@@ -522,7 +547,7 @@ def test_triton_kernels_compile_for_sm90(dtype):
     from dtkernels.triton import concat_skip as k
 
     p = f"*{dtype}"
-    ints = {name: "i64" for name in ("R", "COLS", "C", "CX", "H", "W", "HI", "WI", "HO", "WO")}
+    ints = {name: "i64" for name in ("R", "COLS", "C", "CX", "X0", "S0", "H", "W", "HI", "WI", "HO", "WO")}
     strides = {f"{t}s{i}": "i64" for t in "xsg" for i in range(4)}
     scales = {"sh": "fp64", "sw": "fp64"}
     fwd = {"x_ptr": p, "skip_ptr": p, "out_ptr": p, **ints, **strides, **scales}

@@ -148,8 +148,10 @@ def _decompositions_match_on(dtype, device, exact):
                      atol=1e-6 if dtype != torch.bfloat16 else 1e-2)
         gu = rand(2, 5, 14, 18, dtype=dtype)
         assert_close(_decomp(ops.concat_skip_backward)(gu, up, 2), ops.concat_skip_backward(gu, up, 2))
-    assert_close(_decomp(ops.concat_skip)(x, skip, "bilinear", 2, True), ops.concat_skip(x, skip, "bilinear", 2, True),
-                 rtol=0, atol=1e-6 if dtype != torch.bfloat16 else 1e-2)
+    for first in (False, True):
+        assert_close(_decomp(ops.concat_skip)(x, skip, "bilinear", 2, True, first),
+                     ops.concat_skip(x, skip, "bilinear", 2, True, first), rtol=0,
+                     atol=1e-6 if dtype != torch.bfloat16 else 1e-2)
     assert_close(_decomp(ops.concat_skip_backward)(gu, "bilinear", 2, True),
                  ops.concat_skip_backward(gu, "bilinear", 2, True))
 

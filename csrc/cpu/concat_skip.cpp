@@ -500,9 +500,10 @@ struct Plan {
 
 template <typename T>
 void forward_nchw(const at::Tensor& x_in, const at::Tensor& skip_in, at::Tensor& out, Upsample mode, int64_t s,
-                  bool align) {
+                  bool align, bool skip_first) {
   using E = typename bits_of<T>::type;
   const int64_t cx = x_in.size(1), ct = out.size(1), ho = out.size(2), wo = out.size(3), wi = x_in.size(3);
+  const int64_t x0 = skip_first ? ct - cx : 0, s0 = skip_first ? 0 : cx;  // first output channel of each part
   const Plan<T, LinearAxis> p(x_in, skip_in, false, mode, s, x_in.size(2), wi, ho, wo, align);
   const View4<const T>&xv = p.av, &sv = p.bv;
   T* po = out.mutable_data_ptr<T>();
@@ -515,10 +516,11 @@ void forward_nchw(const at::Tensor& x_in, const at::Tensor& skip_in, at::Tensor&
       const int64_t n = r / (ct * ho), c = r / ho % ct, oh = r % ho;
       const int64_t k = std::min(end - r, ho - oh);  // rows of this plane in this chunk
       T* o = po + r * wo;
-      const bool from_skip = c >= cx;
+      const bool from_skip = c >= s0 && c < s0 + (ct - cx);
+      const int64_t cc = from_skip ? c - s0 : c - x0;  // the channel in its input
       if (from_skip || mode == Upsample::None) {  // a plain copy of k rows
         const View4<const T>& v = from_skip ? sv : xv;
-        const T* src = v.at(n, from_skip ? c - cx : c, oh, 0);
+        const T* src = v.at(n, cc, oh, 0);
         if (v.sh == wo || k == 1) {
           std::memcpy(o, src, sizeof(T) * k * wo);
         } else {
@@ -526,7 +528,7 @@ void forward_nchw(const at::Tensor& x_in, const at::Tensor& skip_in, at::Tensor&
         }
       } else if (mode == Upsample::Nearest) {
         for (int64_t j = 0; j < k; ++j)
-          repeat_row_k(reinterpret_cast<const E*>(xv.at(n, c, (oh + j) / s, 0)), reinterpret_cast<E*>(o + j * wo), wi, s);
+          repeat_row_k(reinterpret_cast<const E*>(xv.at(n, cc, (oh + j) / s, 0)), reinterpret_cast<E*>(o + j * wo), wi, s);
       } else {
         const auto &ah = *p.ah, &aw = *p.aw;
         // Source rows interpolated along w, two kept: consecutive output rows share them.
@@ -535,10 +537,10 @@ void forward_nchw(const at::Tensor& x_in, const at::Tensor& skip_in, at::Tensor&
             if (tag[u] == h) return hrow.data() + u * wo;
           const int u = tag[0] == keep ? 1 : 0;
           if (aw.period >= 4)
-            bilinear_hrow_wide_k(xv.at(n, c, h, 0), hrow.data() + u * wo, wi, aw.period, aw.i0.data(), aw.i1.data(),
+            bilinear_hrow_wide_k(xv.at(n, cc, h, 0), hrow.data() + u * wo, wi, aw.period, aw.i0.data(), aw.i1.data(),
                                  aw.l0.data(), aw.l1.data());
           else
-            bilinear_hrow_k(xv.at(n, c, h, 0), hrow.data() + u * wo, wi, wo, aw.period, aw.i0.data(), aw.i1.data(),
+            bilinear_hrow_k(xv.at(n, cc, h, 0), hrow.data() + u * wo, wi, wo, aw.period, aw.i0.data(), aw.i1.data(),
                             aw.l0.data(), aw.l1.data());
           tag[u] = h;
           return hrow.data() + u * wo;
@@ -558,8 +560,9 @@ void forward_nchw(const at::Tensor& x_in, const at::Tensor& skip_in, at::Tensor&
 
 template <typename T>
 void forward_channels_last(const at::Tensor& x_in, const at::Tensor& skip_in, at::Tensor& out, Upsample mode,
-                           int64_t s, bool align) {
+                           int64_t s, bool align, bool skip_first) {
   const int64_t cx = x_in.size(1), cs = skip_in.size(1), ct = out.size(1), ho = out.size(2), wo = out.size(3);
+  const int64_t x0 = skip_first ? cs : 0, s0 = skip_first ? 0 : cx;  // first output channel of each part
   const Plan<T, LinearAxis> p(x_in, skip_in, true, mode, s, x_in.size(2), x_in.size(3), ho, wo, align);
   const View4<const T>&xv = p.av, &sv = p.bv;
   T* po = out.mutable_data_ptr<T>();
@@ -572,20 +575,20 @@ void forward_channels_last(const at::Tensor& x_in, const at::Tensor& skip_in, at
         if (mode == Upsample::Bilinear) {
           const auto &ah = *p.ah, &aw = *p.aw;
           const int64_t h0 = ah.i0[oh], h1 = ah.i1[oh], w0 = aw.i0[ow], w1 = aw.i1[ow];
-          bilinear_pixel_k(xv.at(n, 0, h0, w0), xv.at(n, 0, h0, w1), xv.at(n, 0, h1, w0), xv.at(n, 0, h1, w1), o, cx,
-                           aw.l0[ow], aw.l1[ow], ah.l0[oh], ah.l1[oh]);
+          bilinear_pixel_k(xv.at(n, 0, h0, w0), xv.at(n, 0, h0, w1), xv.at(n, 0, h1, w0), xv.at(n, 0, h1, w1),
+                           o + x0, cx, aw.l0[ow], aw.l1[ow], ah.l0[oh], ah.l1[oh]);
         } else {
           const int64_t d = mode == Upsample::Nearest ? s : 1;
-          std::memcpy(o, xv.at(n, 0, oh / d, ow / d), sizeof(T) * cx);
+          std::memcpy(o + x0, xv.at(n, 0, oh / d, ow / d), sizeof(T) * cx);
         }
       }
-      if (cs > 0) std::memcpy(o + cx, sv.at(n, 0, oh, ow), sizeof(T) * cs);
+      if (cs > 0) std::memcpy(o + s0, sv.at(n, 0, oh, ow), sizeof(T) * cs);
     }
   });
 }
 
 at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, std::optional<c10::string_view> upsample,
-                       int64_t scale_factor, bool align_corners) {
+                       int64_t scale_factor, bool align_corners, bool skip_first) {
   const Upsample mode = parse_upsample(upsample, "concat_skip");
   check_align_corners(mode, align_corners, "concat_skip");
   check_concat_skip(x, skip, mode, scale_factor, "concat_skip");
@@ -593,9 +596,9 @@ at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, std::optiona
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_skip", [&] {
     if (out.is_contiguous(at::MemoryFormat::ChannelsLast) && !out.is_contiguous())
-      forward_channels_last<scalar_t>(x, skip, out, mode, scale_factor, align_corners);
+      forward_channels_last<scalar_t>(x, skip, out, mode, scale_factor, align_corners, skip_first);
     else
-      forward_nchw<scalar_t>(x, skip, out, mode, scale_factor, align_corners);
+      forward_nchw<scalar_t>(x, skip, out, mode, scale_factor, align_corners, skip_first);
   });
   return out;
 }
@@ -703,7 +706,7 @@ auto every_pack(at::Tensor& out) {
 
 at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
                                     std::optional<c10::string_view> upsample, int64_t scale_factor, bool next,
-                                    bool align_corners) {
+                                    bool align_corners, bool skip_first) {
   const Upsample mode = parse_upsample(upsample, "concat_skip");
   check_align_corners(mode, align_corners, "concat_skip");
   check_concat_skip(x, skip, mode, scale_factor, "concat_skip");
@@ -716,7 +719,7 @@ at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
     for_concat_packs<Concat, T>(out, mode, next, every_pack<T>(out), strided4<T>(x), strided4<T>(skip), x.size(1),
                                 x.size(2), x.size(3), s, linear_scale<A>(x.size(2), out.size(2), s, align_corners),
                                 linear_scale<A>(x.size(3), out.size(3), s, align_corners),
-                                FastDivmod(static_cast<uint32_t>(s)), align_corners);
+                                FastDivmod(static_cast<uint32_t>(s)), align_corners, skip_first);
   });
   return out;
 }

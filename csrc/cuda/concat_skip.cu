@@ -57,7 +57,7 @@ void launch(at::Tensor& out, Upsample mode, bool next, Args... args) {
 }
 
 at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, std::optional<c10::string_view> upsample,
-                       int64_t scale_factor, bool align_corners) {
+                       int64_t scale_factor, bool align_corners, bool skip_first) {
   const Upsample mode = parse_upsample(upsample, "concat_skip");
   check_align_corners(mode, align_corners, "concat_skip");
   check_concat_skip(x, skip, mode, scale_factor, "concat_skip");
@@ -75,7 +75,7 @@ at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, std::optiona
     launch<Concat, scalar_t>(out, mode, next, strided4<scalar_t>(x), strided4<scalar_t>(skip), x.size(1),
                              x.size(2), x.size(3), s, linear_scale<A>(x.size(2), out.size(2), s, align_corners),
                              linear_scale<A>(x.size(3), out.size(3), s, align_corners),
-                             FastDivmod(static_cast<uint32_t>(s)), align_corners);
+                             FastDivmod(static_cast<uint32_t>(s)), align_corners, skip_first);
   });
   return out;
 }

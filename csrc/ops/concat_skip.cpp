@@ -13,7 +13,7 @@ namespace dtkernels {
 namespace {
 
 using Mode = std::optional<c10::string_view>;
-using Fwd = at::Tensor(const at::Tensor&, const at::Tensor&, Mode, int64_t, bool);
+using Fwd = at::Tensor(const at::Tensor&, const at::Tensor&, Mode, int64_t, bool, bool);
 using Bwd = at::Tensor(const at::Tensor&, Mode, int64_t, bool);
 
 Route fwd_route("concat_skip");
@@ -27,9 +27,9 @@ const c10::TypedOperatorHandle<Fwd>& public_op() {
 const UnboxedEntry<Fwd> unboxed_entry("concat_skip");
 
 at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, Mode upsample, int64_t scale_factor,
-                       bool align_corners) {
+                       bool align_corners, bool skip_first) {
   static const Routed<Fwd> r(fwd_route, "dtkernels::_concat_skip", "dtkernels::_concat_skip_py");
-  return r.pick(x.device()).call(x, skip, upsample, scale_factor, align_corners);
+  return r.pick(x.device()).call(x, skip, upsample, scale_factor, align_corners, skip_first);
 }
 
 at::Tensor concat_skip_backward(const at::Tensor& grad_up, Mode upsample, int64_t scale_factor, bool align_corners) {
@@ -42,14 +42,15 @@ using torch::autograd::variable_list;
 
 struct ConcatSkip : torch::autograd::Function<ConcatSkip> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& skip, Mode upsample,
-                            int64_t scale_factor, bool align_corners) {
-    at::Tensor out = call_below_autograd(public_op(), x, skip, upsample, scale_factor, align_corners);
+                            int64_t scale_factor, bool align_corners, bool skip_first) {
+    at::Tensor out = call_below_autograd(public_op(), x, skip, upsample, scale_factor, align_corners, skip_first);
     // SymInts, so that torch.compile can trace this with dynamic shapes
     ctx->saved_data["cx"] = x.sym_size(1);
     ctx->saved_data["cs"] = skip.sym_size(1);
     ctx->saved_data["upsample"] = upsample ? c10::IValue(std::string(*upsample)) : c10::IValue();
     ctx->saved_data["scale_factor"] = scale_factor;
     ctx->saved_data["align_corners"] = align_corners;
+    ctx->saved_data["skip_first"] = skip_first;
     ctx->saved_data["backend"] = static_cast<int64_t>(current_backend());
     return out;
   }
@@ -57,11 +58,12 @@ struct ConcatSkip : torch::autograd::Function<ConcatSkip> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto bwd = op_handle<Bwd>("dtkernels::concat_skip_backward");
     const at::Tensor& grad = grads[0];
-    const c10::SymInt cx = ctx->saved_data["cx"].toSymInt();
+    const c10::SymInt cx = ctx->saved_data["cx"].toSymInt(), cs = ctx->saved_data["cs"].toSymInt();
+    const bool skip_first = ctx->saved_data["skip_first"].toBool();
     at::Tensor gx, gskip;
-    if (ctx->needs_input_grad(1)) gskip = grad.narrow_symint(1, cx, ctx->saved_data["cs"].toSymInt());
+    if (ctx->needs_input_grad(1)) gskip = grad.narrow_symint(1, skip_first ? c10::SymInt(0) : cx, cs);
     if (ctx->needs_input_grad(0)) {
-      gx = grad.narrow_symint(1, 0, cx);
+      gx = grad.narrow_symint(1, skip_first ? cs : c10::SymInt(0), cx);
       const c10::IValue& mode = ctx->saved_data["upsample"];
       if (!mode.isNone()) {
         BackendGuard scope(static_cast<int>(ctx->saved_data["backend"].toInt()));
@@ -69,24 +71,24 @@ struct ConcatSkip : torch::autograd::Function<ConcatSkip> {
                               ctx->saved_data["align_corners"].toBool());
       }
     }
-    return {gx, gskip, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {gx, gskip, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor concat_skip_autograd(const at::Tensor& x, const at::Tensor& skip, Mode upsample, int64_t scale_factor,
-                                bool align_corners) {
+                                bool align_corners, bool skip_first) {
   if (!autograd_records(x, skip))
-    return call_below_autograd(public_op(), x, skip, upsample, scale_factor, align_corners);
-  return ConcatSkip::apply(x, skip, upsample, scale_factor, align_corners);
+    return call_below_autograd(public_op(), x, skip, upsample, scale_factor, align_corners, skip_first);
+  return ConcatSkip::apply(x, skip, upsample, scale_factor, align_corners, skip_first);
 }
 
 // Under torch.autocast, as torch.cat: x and skip of different float dtypes meet in the wider one.
 template <c10::DeviceType D>
 at::Tensor concat_skip_autocast(const at::Tensor& x, const at::Tensor& skip, Mode upsample, int64_t scale_factor,
-                                bool align_corners) {
+                                bool align_corners, bool skip_first) {
   const auto [a, b] = autocast_promote<D>(x, skip);
   AutocastOff<D> off;
-  return public_op().call(a, b, upsample, scale_factor, align_corners);
+  return public_op().call(a, b, upsample, scale_factor, align_corners, skip_first);
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
-"""concat_skip(x, skip, *, upsample=None, scale_factor=2, align_corners=False) = cat([up(x), skip], 1).
+"""concat_skip(x, skip, *, upsample=None, scale_factor=2, align_corners=False, skip_first=False)
+= cat([up(x), skip], 1), or cat([skip, up(x)], 1) with skip_first.
 
 The U-Net decoder's "upsample, then concatenate with the encoder's skip" in one pass
 that reads each input once and writes one output (eager writes the upsampled x, then
@@ -24,7 +25,7 @@ from ._common import (cat_memory_format, check_align_corners, check_same, check_
 OP = "concat_skip"
 
 
-def _check(x, skip, upsample=None, scale_factor=2, align_corners=False):
+def _check(x, skip, upsample=None, scale_factor=2, align_corners=False, skip_first=False):
     check_tensor(OP, "x", x)
     check_tensor(OP, "skip", skip)
     if x.dim() != 4 or skip.dim() != 4:
@@ -64,9 +65,9 @@ def _grad_x_shape(grad_up, upsample, scale_factor):
     return (n, c, h // s, w // s)
 
 
-def _reference(x, skip, upsample, scale_factor, align_corners=False):
+def _reference(x, skip, upsample, scale_factor, align_corners=False, skip_first=False):
     out = empty_in(_out_shape(x, skip), x, cat_memory_format(x, skip))
-    return out.copy_(reference.concat_skip(x, skip, upsample, scale_factor, align_corners))
+    return out.copy_(reference.concat_skip(x, skip, upsample, scale_factor, align_corners, skip_first))
 
 
 def _reference_backward(grad_up, upsample, scale_factor, align_corners=False):
@@ -75,8 +76,8 @@ def _reference_backward(grad_up, upsample, scale_factor, align_corners=False):
 
 
 @decomposition(OP)
-def _decompose(x, skip, upsample=None, scale_factor=2, align_corners=False):
-    return reference.concat_skip(x, skip, upsample, scale_factor, align_corners)
+def _decompose(x, skip, upsample=None, scale_factor=2, align_corners=False, skip_first=False):
+    return reference.concat_skip(x, skip, upsample, scale_factor, align_corners, skip_first)
 
 
 @decomposition(OP + "_backward")
@@ -92,8 +93,8 @@ backends.register(OP + "_backward", native="_concat_skip_backward", triton="conc
                   reference=_reference_backward, auto_cuda=("cuda", "triton"), check=_check_backward)
 
 
-def _fake(x, skip, upsample=None, scale_factor=2, align_corners=False):
-    _check(x, skip, upsample, scale_factor, align_corners)
+def _fake(x, skip, upsample=None, scale_factor=2, align_corners=False, skip_first=False):
+    _check(x, skip, upsample, scale_factor, align_corners, skip_first)
     return empty_in(_out_shape(x, skip), x, cat_memory_format(x, skip))
 
 
@@ -132,8 +133,10 @@ torch.library.register_autograd("dtkernels::concat_skip_backward", _backward_bac
 
 
 def concat_skip(x: Tensor, skip: Tensor, *, upsample: str | None = None, scale_factor: int = 2,
-                align_corners: bool = False) -> Tensor:
-    """``torch.cat([up(x), skip], dim=1)`` in one pass: the U-Net decoder's skip.
+                align_corners: bool = False, skip_first: bool = False) -> Tensor:
+    """``torch.cat([up(x), skip], dim=1)`` in one pass: the U-Net decoder's skip
+    (``skip_first=True``: ``torch.cat([skip, up(x)], dim=1)``, the order of mmseg's
+    and MONAI's U-Nets).
 
     ``upsample`` is None (x already has skip's H and W), "nearest" or "bilinear"
     (``align_corners`` as F.interpolate's: False by default, True as
@@ -145,11 +148,13 @@ def concat_skip(x: Tensor, skip: Tensor, *, upsample: str | None = None, scale_f
     """
     check_upsample(OP, upsample)
     ac = check_align_corners(OP, upsample, align_corners)
+    if not isinstance(skip_first, bool):
+        raise TypeError(f"{OP}: skip_first must be a bool, got {type(skip_first).__name__}")
     s = 2 if upsample is None else check_scale_factor(OP, scale_factor)
     if not (isinstance(x, Tensor) and isinstance(skip, Tensor)):
         _check(x, skip, upsample, s)  # the friendly TypeError; the op's own kernels check tensors
     if transform_active():
         _check(x, skip, upsample, s, ac)
-        return _decompose(x, skip, upsample, s, ac)
+        return _decompose(x, skip, upsample, s, ac, skip_first)
     op = _C._unboxed_concat_skip if unboxed_ok(x, skip) else torch.ops.dtkernels.concat_skip.default
-    return op(x, skip, upsample, s, ac)
+    return op(x, skip, upsample, s, ac, skip_first)

@@ -51,7 +51,7 @@ def _tile(R, COLS, C, H, W, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.c
 # by 16. Only the ones that make accesses contiguous and aligned are specialised:
 # the row length (16-byte stores) and the unit strides; sizes and outer strides
 # would multiply compilations (minutes of a GPU test run) for no speed.
-_NO_SPEC = ["R", "C", "CX", "H", "W", "HI", "WI", "HO", "WO", "xs0", "xs2", "ss0", "ss2", "gs0", "gs2"]
+_NO_SPEC = ["R", "C", "CX", "X0", "S0", "H", "W", "HI", "WI", "HO", "WO", "xs0", "xs2", "ss0", "ss2", "gs0", "gs2"]
 
 
 def _jit(fn):
@@ -62,15 +62,16 @@ def _jit(fn):
 # theirs unrounded; float32 ones arrive float32-exact (align_corners_scale).
 @triton.autotune(configs=_CONFIGS, key=["R", "COLS", "CL", "MODE", "S", "ALIGN"])
 @_jit
-def _concat_skip_kernel(x_ptr, skip_ptr, out_ptr, R, COLS, C, CX, H, W, HI, WI,
+def _concat_skip_kernel(x_ptr, skip_ptr, out_ptr, R, COLS, C, CX, X0, S0, H, W, HI, WI,
                         xs0, xs1, xs2, xs3, ss0, ss1, ss2, ss3, sh: tl.float64, sw: tl.float64,
                         CL: tl.constexpr, MODE: tl.constexpr, S: tl.constexpr, FP64: tl.constexpr,
                         ALIGN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
     n, c, h, w, offs, mask = _tile(R, COLS, C, H, W, BLOCK, BLOCK_C, CL)
-    from_x = c < CX
+    # up(x) fills output channels [X0, X0 + CX), skip the others from S0 (skip_first: S0 = 0)
+    from_x = (c >= X0) & (c < X0 + CX)
     xm = mask & from_x
-    v = tl.load(skip_ptr + n * ss0 + (c - CX) * ss1 + h * ss2 + w * ss3, mask=mask & (c >= CX), other=0.0)
-    xb = x_ptr + n * xs0 + c * xs1
+    v = tl.load(skip_ptr + n * ss0 + (c - S0) * ss1 + h * ss2 + w * ss3, mask=mask & ~from_x, other=0.0)
+    xb = x_ptr + n * xs0 + (c - X0) * xs1
     if MODE == 0:
         up = tl.load(xb + h * xs2 + w * xs3, mask=xm, other=0.0)
     elif MODE == 1:
@@ -155,7 +156,7 @@ def _channels_last(fmt) -> bool:
 
 
 def concat_skip(x: torch.Tensor, skip: torch.Tensor, upsample, scale_factor: int,
-                align_corners: bool = False) -> torch.Tensor:
+                align_corners: bool = False, skip_first: bool = False) -> torch.Tensor:
     from ..ops._common import cat_memory_format
 
     fmt = cat_memory_format(x, skip)
@@ -168,7 +169,8 @@ def concat_skip(x: torch.Tensor, skip: torch.Tensor, upsample, scale_factor: int
     sh, sw = ((align_corners_scale(x.shape[2], out.shape[2], fp64), align_corners_scale(x.shape[3], out.shape[3], fp64))
               if align_corners else (0.0, 0.0))
     _launch(_concat_skip_kernel, out, _channels_last(fmt), x, skip, out,
-            (x.shape[1], out.shape[2], out.shape[3], x.shape[2], x.shape[3], *x.stride(), *skip.stride(), sh, sw),
+            (x.shape[1], skip.shape[1] if skip_first else 0, 0 if skip_first else x.shape[1], out.shape[2],
+             out.shape[3], x.shape[2], x.shape[3], *x.stride(), *skip.stride(), sh, sw),
             MODE=_MODES[upsample], S=s, FP64=fp64, ALIGN=bool(align_corners))
     return out
 
