@@ -58,8 +58,8 @@ def _jit(fn):
     return triton.jit(fn, do_not_specialize=[a for a in _NO_SPEC if a in fn.__code__.co_varnames])
 
 
-# sh, sw (align_corners' scales) are annotated float64 so that float64 tensors get
-# theirs unrounded; float32 ones arrive float32-exact (align_corners_scale).
+# sh, sw: align_corners' scales for float32, float32-exact from the host
+# (align_corners_scale); float64 (interpreter-only) computes its own in linear_source.
 @triton.autotune(configs=_CONFIGS, key=["R", "COLS", "CL", "MODE", "S", "ALIGN"])
 @_jit
 def _concat_skip_kernel(x_ptr, skip_ptr, out_ptr, R, COLS, C, CX, X0, S0, H, W, HI, WI,
