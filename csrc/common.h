@@ -223,6 +223,15 @@ inline void check_concat_skip(const at::Tensor& x, const at::Tensor& skip, Upsam
                     mode == Upsample::None ? "" : std::to_string(scale), " must equal skip's ", skip.sizes().slice(2));
 }
 
+// The first output channel of concat_skip's two parts: up(x) at x0, skip at s0
+// (skip_first: skip, then up(x)).
+struct ConcatOffsets {
+  int64_t x0, s0;
+};
+inline ConcatOffsets concat_offsets(int64_t cx, int64_t cs, bool skip_first) {
+  return skip_first ? ConcatOffsets{cs, 0} : ConcatOffsets{0, cx};
+}
+
 // concat_skip's output, (N, Cx + Cs, skip's H and W) in torch.cat's memory format.
 inline at::Tensor new_concat_skip_output(const at::Tensor& x, const at::Tensor& skip) {
   return new_empty({x.size(0), x.size(1) + skip.size(1), skip.size(2), skip.size(3)}, skip.options(),

@@ -102,7 +102,7 @@ struct Concat {
   at::opmath_type<T> scale_h, scale_w;  // linear_scale per axis (bilinear)
   FastDivmod ds;  // nearest's source index h / s, per element
   bool align;     // bilinear's align_corners
-  bool skip_first;
+  ConcatOffsets at;  // where up(x) and skip start in the output's channels
   // MODE: the upsample (0 none, 1 nearest, 2 bilinear), plus 3 for the opt-in
   // kernels (DTK_CUDA_CONCAT=next) until a GPU run has measured them: the upsampled
   // part a pack at a time (one load for a nearest NCHW pack at s = 2, row pointers
@@ -167,7 +167,7 @@ struct Concat {
   C10_HOST_DEVICE C10_ALWAYS_INLINE Pack<T, V> pack(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
     // up(x) fills output channels [x0, x0 + cx), skip [s0, s0 + cs). A channels_last
     // pack (V channels from c) may straddle the two; an NCHW pack is one channel's.
-    const int64_t cs = o.c - cx, x0 = skip_first ? cs : 0, s0 = skip_first ? 0 : cx;
+    const int64_t cs = o.c - cx, x0 = at.x0, s0 = at.s0;
     const bool in_x = c >= x0 && c < x0 + cx;
     const bool all_x = CL ? c >= x0 && c + V <= x0 + cx : in_x;
     const bool all_skip = CL ? c >= s0 && c + V <= s0 + cs : !in_x;

@@ -503,7 +503,8 @@ void forward_nchw(const at::Tensor& x_in, const at::Tensor& skip_in, at::Tensor&
                   bool align, bool skip_first) {
   using E = typename bits_of<T>::type;
   const int64_t cx = x_in.size(1), ct = out.size(1), ho = out.size(2), wo = out.size(3), wi = x_in.size(3);
-  const int64_t x0 = skip_first ? ct - cx : 0, s0 = skip_first ? 0 : cx;  // first output channel of each part
+  const ConcatOffsets at = concat_offsets(cx, ct - cx, skip_first);
+  const int64_t x0 = at.x0, s0 = at.s0;
   const Plan<T, LinearAxis> p(x_in, skip_in, false, mode, s, x_in.size(2), wi, ho, wo, align);
   const View4<const T>&xv = p.av, &sv = p.bv;
   T* po = out.mutable_data_ptr<T>();
@@ -562,7 +563,8 @@ template <typename T>
 void forward_channels_last(const at::Tensor& x_in, const at::Tensor& skip_in, at::Tensor& out, Upsample mode,
                            int64_t s, bool align, bool skip_first) {
   const int64_t cx = x_in.size(1), cs = skip_in.size(1), ct = out.size(1), ho = out.size(2), wo = out.size(3);
-  const int64_t x0 = skip_first ? cs : 0, s0 = skip_first ? 0 : cx;  // first output channel of each part
+  const ConcatOffsets at = concat_offsets(cx, cs, skip_first);
+  const int64_t x0 = at.x0, s0 = at.s0;
   const Plan<T, LinearAxis> p(x_in, skip_in, true, mode, s, x_in.size(2), x_in.size(3), ho, wo, align);
   const View4<const T>&xv = p.av, &sv = p.bv;
   T* po = out.mutable_data_ptr<T>();
@@ -719,7 +721,8 @@ at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
     for_concat_packs<Concat, T>(out, mode, next, every_pack<T>(out), strided4<T>(x), strided4<T>(skip), x.size(1),
                                 x.size(2), x.size(3), s, linear_scale<A>(x.size(2), out.size(2), s, align_corners),
                                 linear_scale<A>(x.size(3), out.size(3), s, align_corners),
-                                FastDivmod(static_cast<uint32_t>(s)), align_corners, skip_first);
+                                FastDivmod(static_cast<uint32_t>(s)), align_corners,
+                                concat_offsets(x.size(1), skip.size(1), skip_first));
   });
   return out;
 }

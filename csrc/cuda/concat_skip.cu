@@ -75,7 +75,8 @@ at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, std::optiona
     launch<Concat, scalar_t>(out, mode, next, strided4<scalar_t>(x), strided4<scalar_t>(skip), x.size(1),
                              x.size(2), x.size(3), s, linear_scale<A>(x.size(2), out.size(2), s, align_corners),
                              linear_scale<A>(x.size(3), out.size(3), s, align_corners),
-                             FastDivmod(static_cast<uint32_t>(s)), align_corners, skip_first);
+                             FastDivmod(static_cast<uint32_t>(s)), align_corners,
+                             concat_offsets(x.size(1), skip.size(1), skip_first));
   });
   return out;
 }
