@@ -164,8 +164,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Test aid: the CUDA concat_skip backward's per-thread code (next: DTK_CUDA_CONCAT=next), run on the host.",
         py::arg("grad_up"), py::arg("upsample"), py::arg("scale_factor"), py::arg("next"),
         py::arg("align_corners") = false);
-  m.def("_emulate_cuda_max_pool2d_backward", &dtkernels::cpu::emulate_cuda_backward_rows,
-        "Test aid: the CUDA NCHW max_pool2d backward's per-thread code, run on the host.");
+  m.def("_emulate_cuda_max_pool2d", &dtkernels::cpu::emulate_cuda_max_pool2d,
+        "Test aid: the default CUDA max_pool2d forward's per-thread code (fast_split: the item split "
+        "DTK_CUDA_MAXPOOL_FWD=vec sets), run on the host.");
+  m.def("_emulate_cuda_max_pool2d_backward", &dtkernels::cpu::emulate_cuda_max_pool2d_backward,
+        "Test aid: the default CUDA max_pool2d backward's per-thread code, run on the host.");
+  m.def("_emulate_cuda_max_pool2d_backward_rows", &dtkernels::cpu::emulate_cuda_backward_rows,
+        "Test aid: the opt-in CUDA NCHW max_pool2d backward's (DTK_CUDA_MAXPOOL_BWD=rows) per-thread code, "
+        "run on the host.");
   m.def("_set_cpu_f16c", [](bool on) {
         dtkernels::cpu::f16c_flag().store(on && dtkernels::cpu::cpu_has_f16c());
         return dtkernels::cpu::cpu_f16c();

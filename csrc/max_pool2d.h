@@ -205,11 +205,11 @@ struct PoolBackward {
   at::Tensor grad_input, grad_out, offsets;
 };
 
-// ---- The CUDA backward's per-thread work, for host and device ------------------------------
+// ---- The CUDA kernels' per-thread work, for host and device --------------------------------
 //
 // Written C10_HOST_DEVICE so that the CPU build runs the very code the GPU runs
-// (cpu::emulate_cuda_backward_rows): the tests check its index arithmetic against
-// the reference on every shape without a GPU.
+// (the cpu::emulate_cuda_* functions, over every thread item): the tests hold each
+// CUDA kernel to the CPU kernel, bit for bit, on every shape without a GPU.
 
 // int32 geometry (the CUDA kernels check that sizes fit).
 struct PoolDims {
@@ -230,6 +230,212 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void window_range(int i, int k, int s, int p, 
   hi = (i + p) / s < outs - 1 ? (i + p) / s : outs - 1;
 }
 
+// ATen's scan rule: a value replaces the running maximum when greater, or NaN.
+template <typename A>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_fold(A a, int t, A& m, int& tap) {
+  if (a > m || a != a) {
+    m = a;
+    tap = t;
+  }
+}
+
+// ---- The CUDA default kernels -------------------------------------------------------------------
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE int pool_first_tap(int o, int s, int p, int d) {
+  const int lead = p - o * s;
+  return lead > 0 ? (lead + d - 1) / d : 0;
+}
+
+// Writes a window's offset and ATen's flat index (h0, w0: the window's first tap,
+// maybe in the padding) where asked for.
+template <typename O>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_store_results(int64_t* idx, O* off, int64_t o, int tap, int h0, int w0,
+                                                          const PoolDims& g) {
+  if (off) off[o] = static_cast<O>(tap);
+  if (idx) idx[o] = static_cast<int64_t>(h0 + (tap / g.kw) * g.dh) * g.W + w0 + (tap % g.kw) * g.dw;
+}
+
+// Both layouts as rows of pixels of B elements: NCHW planes are n*C + c with B = 1,
+// NHWC planes are images with B = C. Thread item q is one pixel of a Hs x Ws plane and
+// one pack of N of its elements (C % N == 0).
+struct PoolItem {
+  int c, x, y;    // first element in the pixel, column, row
+  int64_t plane;
+  int64_t pix;    // pixel index over all planes
+};
+
+// pool_split's divisors as 32-bit multiply-shifts, for launches of fewer than 2^31
+// items; `on` only with the opt-in vec forward until a GPU run has measured it.
+struct PoolFastSplit {
+  bool on = false;
+  FastDivmod packs, ws, hs;  // C / N, Ws, Hs
+};
+
+// The fast split for n items of N elements, when asked for and n fits.
+template <int N>
+PoolFastSplit pool_fast_split(const PoolDims& g, int64_t n, bool want) {
+  if (!want || n >= (int64_t(1) << 31)) return PoolFastSplit{};
+  return PoolFastSplit{true, FastDivmod(static_cast<uint32_t>(g.C / N)), FastDivmod(static_cast<uint32_t>(g.Wo)),
+                       FastDivmod(static_cast<uint32_t>(g.Ho))};
+}
+
+template <int N, bool NHWC>
+C10_HOST_DEVICE C10_ALWAYS_INLINE PoolItem pool_split(int64_t q, const PoolDims& g, int Hs, int Ws,
+                                                      const PoolFastSplit& f) {
+  PoolItem it;
+  if (f.on) {
+    const uint32_t q32 = static_cast<uint32_t>(q), pix = NHWC ? f.packs.div(q32) : q32;
+    const uint32_t r = f.ws.div(pix), plane = f.hs.div(r);
+    it.c = NHWC ? static_cast<int>(q32 - pix * f.packs.d) * N : 0;
+    it.pix = pix;
+    it.x = static_cast<int>(pix - r * f.ws.d);
+    it.y = static_cast<int>(r - plane * f.hs.d);
+    it.plane = plane;
+    return it;
+  }
+  it.c = NHWC ? static_cast<int>(q % (g.C / N)) * N : 0;
+  it.pix = NHWC ? q / (g.C / N) : q;
+  it.x = static_cast<int>(it.pix % Ws);
+  const int64_t r = it.pix / Ws;
+  it.y = static_cast<int>(r % Hs);
+  it.plane = r / Hs;
+  return it;
+}
+
+// Forward item q: one output pixel and a pack of N of its elements (NHWC; N = 1 for
+// NCHW), taps row-major from the window's first tap inside the input.
+template <typename T, typename O, int N, bool NHWC>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_item(int64_t q, const T* x, T* out, int64_t* idx, O* off,
+                                                         const PoolDims& g, const PoolFastSplit& fs) {
+  using A = at::opmath_type<T>;
+  using P = Pack<T, N>;
+  const int B = NHWC ? g.C : 1;
+  const PoolItem it = pool_split<N, NHWC>(q, g, g.Ho, g.Wo, fs);
+  const int oh = it.y, ow = it.x;
+  const T* xp = x + it.plane * g.H * g.W * B + it.c;
+  const int h0 = oh * g.sh - g.ph, w0 = ow * g.sw - g.pw;
+  const int i0 = pool_first_tap(oh, g.sh, g.ph, g.dh), j0 = pool_first_tap(ow, g.sw, g.pw, g.dw);
+  A m[N];
+  int tap[N];
+  DTK_UNROLL
+  for (int k = 0; k < N; ++k) {
+    m[k] = -std::numeric_limits<A>::infinity();
+    tap[k] = i0 * g.kw + j0;
+  }
+  for (int i = i0, ih = h0 + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh)
+    for (int j = j0, iw = w0 + j0 * g.dw; j < g.kw && iw < g.W; ++j, iw += g.dw) {
+      const P v = *reinterpret_cast<const P*>(xp + (static_cast<int64_t>(ih) * g.W + iw) * B);
+      DTK_UNROLL
+      for (int k = 0; k < N; ++k) pool_fold(static_cast<A>(v.v[k]), i * g.kw + j, m[k], tap[k]);
+    }
+  P res;
+  DTK_UNROLL
+  for (int k = 0; k < N; ++k) res.v[k] = static_cast<T>(m[k]);
+  const int64_t o = it.pix * B + it.c;
+  *reinterpret_cast<P*>(out + o) = res;
+  DTK_UNROLL
+  for (int k = 0; k < N; ++k) pool_store_results(idx, off, o + k, tap[k], h0, w0, g);
+}
+
+// NCHW forward item q: V outputs of a row (V independent loads in flight per tap,
+// strided by sw, so not one vector load; the index arithmetic shared).
+template <typename T, typename O, int V>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_rows(int64_t q, const T* x, T* out, int64_t* idx, O* off,
+                                                         const PoolDims& g) {
+  using A = at::opmath_type<T>;
+  const int groups = (g.Wo + V - 1) / V;
+  const int ow0 = static_cast<int>(q % groups) * V;
+  const int64_t r = q / groups;  // plane * Ho + oh
+  const int oh = static_cast<int>(r % g.Ho);
+  const T* xp = x + (r / g.Ho) * g.H * g.W;
+  const int h0 = oh * g.sh - g.ph, i0 = pool_first_tap(oh, g.sh, g.ph, g.dh);
+  const int nv = g.Wo - ow0 < V ? g.Wo - ow0 : V;
+  A m[V];
+  int tap[V];
+  DTK_UNROLL
+  for (int v = 0; v < V; ++v) {
+    m[v] = -std::numeric_limits<A>::infinity();
+    tap[v] = i0 * g.kw + pool_first_tap(ow0 + v, g.sw, g.pw, g.dw);
+  }
+  const int w0 = ow0 * g.sw - g.pw;
+  for (int i = i0, ih = h0 + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh) {
+    const T* row = xp + static_cast<int64_t>(ih) * g.W;
+    for (int j = 0; j < g.kw; ++j) {
+      DTK_UNROLL
+      for (int v = 0; v < V; ++v) {
+        const int iw = w0 + v * g.sw + j * g.dw;
+        if (v < nv && iw >= 0 && iw < g.W) pool_fold(static_cast<A>(row[iw]), i * g.kw + j, m[v], tap[v]);
+      }
+    }
+  }
+  const int64_t o = r * g.Wo + ow0;
+  DTK_UNROLL
+  for (int v = 0; v < V; ++v)
+    if (v < nv) {
+      out[o + v] = static_cast<T>(m[v]);
+      pool_store_results(idx, off, o + v, tap[v], h0, w0 + v * g.sw, g);
+    }
+}
+
+// Backward item q: one input pixel and a pack of N of its elements (NHWC; N = 1 for
+// NCHW), gathering in ascending (oh, ow) order, ATen's summation order.
+template <typename T, typename O, int N, bool NHWC>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_backward_item(int64_t q, const T* go, const O* off, T* gi,
+                                                          const PoolDims& g) {
+  using A = at::opmath_type<T>;
+  using P = Pack<T, N>;
+  const int B = NHWC ? g.C : 1;
+  const PoolItem it = pool_split<N, NHWC>(q, g, g.H, g.W, PoolFastSplit{});
+  const int ih = it.y, iw = it.x;
+  const int64_t base = it.plane * g.Ho * g.Wo;
+  int ohl, ohh, owl, owh;
+  window_range(ih, g.kh, g.sh, g.ph, g.dh, g.Ho, ohl, ohh);
+  window_range(iw, g.kw, g.sw, g.pw, g.dw, g.Wo, owl, owh);
+  A acc[N];
+  DTK_UNROLL
+  for (int k = 0; k < N; ++k) acc[k] = A(0);
+  for (int oh = ohl; oh <= ohh; ++oh) {
+    const int ni = ih + g.ph - oh * g.sh;
+    if (ni % g.dh) continue;
+    const int ti = (ni / g.dh) * g.kw;
+    for (int ow = owl; ow <= owh; ++ow) {
+      const int nj = iw + g.pw - ow * g.sw;
+      if (nj % g.dw) continue;
+      const int tap = ti + nj / g.dw;
+      const int64_t o = (base + static_cast<int64_t>(oh) * g.Wo + ow) * B + it.c;
+      const P gv = *reinterpret_cast<const P*>(go + o);
+      DTK_UNROLL
+      for (int k = 0; k < N; ++k)
+        if (static_cast<int>(off[o + k]) == tap) acc[k] += static_cast<A>(gv.v[k]);
+    }
+  }
+  P res;
+  DTK_UNROLL
+  for (int k = 0; k < N; ++k) res.v[k] = static_cast<T>(acc[k]);
+  *reinterpret_cast<P*>(gi + it.pix * B + it.c) = res;
+}
+
+// The pack the default kernels take, as launch(N, NHWC, items): NCHW one element per
+// item; NHWC 16-byte packs when C allows and both pointers are 16-byte aligned.
+template <typename T, typename Launch>
+void with_pool_layout(bool nhwc, int64_t C, int64_t elems, const void* a, const void* b, Launch launch) {
+  constexpr int N = 16 / sizeof(T);
+  if (!nhwc) launch(std::integral_constant<int, 1>{}, std::false_type{}, elems);
+  else if (C % N == 0 && aligned_to(a, 16) && aligned_to(b, 16))
+    launch(std::integral_constant<int, N>{}, std::true_type{}, elems / N);
+  else launch(std::integral_constant<int, 1>{}, std::true_type{}, elems);
+}
+
+// Calls f(O{}) with the offsets' integer type (int8 when the forward kept none).
+template <typename F>
+void with_offset_type(int64_t elem_size, F f) {
+  if (elem_size == 2) f(int16_t{});
+  else if (elem_size == 4) f(int32_t{});
+  else f(int8_t{});
+}
+
+// ---- The CUDA NCHW backward "rows" (opt-in), per thread ---------------------------------------
+//
 // NCHW backward of V consecutive input columns iw0.. of input row ih of a plane:
 // acc[v] = the sum of grad_out over the windows whose maximum is column iw0 + v, in
 // ascending (oh, ow) order (ATen's order, so results are bit-identical to a gather
@@ -272,7 +478,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_backward_columns(const T* go, const 
   }
 }
 
-// ---- The CUDA NCHW forward "vec" (opt-in), per thread, for host and device ----------------
+// ---- The CUDA NCHW forward "vec" (opt-in), per thread -----------------------------------------
 //
 // A thread computes V consecutive outputs of one output row from 16-byte loads: per
 // window row, the 32 input bytes at columns [ow0*S, ow0*S + V*S) plus one 16-byte
@@ -326,15 +532,6 @@ auto with_pool_square_geometry(const PoolDims& g, F f) {
   return f(zero{}, zero{}, zero{});
 }
 
-// ATen's scan rule: a value replaces the running maximum when greater, or NaN.
-template <typename A>
-C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_fold(A a, int t, A& m, int& tap) {
-  if (a > m || a != a) {
-    m = a;
-    tap = t;
-  }
-}
-
 // Thread item q of the vec forward: q = (plane * Ho + oh) * groups + ow0 / V. Writes
 // out, and when given the int8 offsets and ATen's int64 indices. `packed`: Wo % V == 0
 // and the outputs aligned, so every group is whole and stores as one pack.
@@ -352,8 +549,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, 
   const T* xp = x + static_cast<int64_t>(plane) * g.H * g.W;
   const int b = ow0 * S;  // a multiple of P
   const int h0 = oh * g.sh - g.ph;
-  const int lead = g.ph - oh * g.sh;
-  const int i0 = lead > 0 ? (lead + g.dh - 1) / g.dh : 0;
+  const int i0 = pool_first_tap(oh, g.sh, g.ph, g.dh);
   const T ninf = static_cast<T>(-std::numeric_limits<A>::infinity());
   A m[V];
   int tap[V];
@@ -432,13 +628,25 @@ namespace cpu {
 // Test aid: whether the CPU kernels take small NCHW planes whole (the default) or by
 // rows, as larger planes go; returns the setting.
 bool set_whole_planes(bool on);
+// The CUDA default forward (pool_forward_item / pool_forward_rows per thread item, in
+// the pack with_pool_layout picks; fast_split as DTK_CUDA_MAXPOOL_FWD=vec sets for
+// channels_last) run on the host: (out, indices, offsets) as _max_pool2d gives them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_max_pool2d(
+    const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+    std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool channels_last,
+    bool return_indices, bool return_offsets, bool fast_split);
+// The CUDA default backward (pool_backward_item per thread item) run on the host.
+at::Tensor emulate_cuda_max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& offsets,
+                                            std::vector<int64_t> input_size, std::vector<int64_t> kernel_size,
+                                            std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                            std::vector<int64_t> dilation, bool channels_last);
 // The CUDA NCHW "vec" forward (pool_forward_vec per thread item) run on the host:
 // (out, indices, offsets) as _max_pool2d gives them; an error for a geometry it lacks.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool return_indices,
     bool return_offsets);
-// The CUDA NCHW backward (pool_backward_columns per thread item) run on the host.
+// The CUDA NCHW "rows" backward (pool_backward_columns per thread item) run on the host.
 at::Tensor emulate_cuda_backward_rows(const at::Tensor& grad_out, const at::Tensor& offsets,
                                       std::vector<int64_t> input_size, std::vector<int64_t> kernel_size,
                                       std::vector<int64_t> stride, std::vector<int64_t> padding,

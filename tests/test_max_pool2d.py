@@ -318,6 +318,64 @@ def test_deterministic_backward(backend):
     assert torch.equal(a, b)
 
 
+def _same_bits(a, b):
+    """Equal values, NaN payloads included, whatever the layouts."""
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def _misaligned(x):
+    """x's values in a tensor of x's layout whose data starts one element past an
+    allocation's start: the CUDA kernels' 16-byte packs must not be taken there."""
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype)[1:]
+    y = buf.as_strided(x.shape, x.stride())
+    y.copy_(x)
+    return y
+
+
+# channels_last shapes whose C is a whole number of the CUDA kernels' 16-byte packs in
+# every dtype (C % 8 == 0), with odd planes, and int16 and int32 offsets (> 128 and
+# > 32768 taps).
+_CUDA_DEFAULT_EXTRA = [((2, 8, 9, 11), 3, 2, 1, 1, False), ((1, 16, 7, 13), (2, 3), (1, 2), (1, 0), (2, 1), True),
+                       ((3, 24, 5, 6), 2, 2, 0, 1, True), ((1, 8, 20, 23), (12, 12), (3, 3), (5, 5), (1, 1), True),
+                       ((1, 2, 182, 183), 182, 1, 0, 1, False), ((2, 1, 2, 5), (2, 2), (1, 1), (1, 1), (3, 3), False)]
+
+
+@pytest.mark.skipif(INTERPRET, reason="host code; the Triton run needs not repeat it")
+@pytest.mark.parametrize("memory_format", [None, CL], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=["f32", "f16", "bf16", "f64"])
+def test_cuda_default_kernels_code_on_the_host(dtype, memory_format):
+    """The default CUDA kernels' per-thread code (pool_forward_item, pool_forward_rows
+    and pool_backward_item in csrc/max_pool2d.h, in the pack the launcher picks), run
+    on the host over every thread item, gives the CPU kernel's values, int64 indices,
+    offsets and gradients bit for bit: random geometry with NaN, -inf and ties, windows
+    with no tap in the input, int16 and int32 offsets, channels_last with and without
+    16-byte packs, misaligned data, and the 32-bit item split of DTK_CUDA_MAXPOOL_FWD=vec."""
+    cl = memory_format is CL
+    cases = _aten_cases(60, seed=11) + _CUDA_DEFAULT_EXTRA
+    for n, (shape, k, s, p, d, cm) in enumerate(cases):
+        k, s, p, d = mp.normalize_args(k, s, p, d)
+        where = f"case {shape} k={k} s={s} p={p} d={d} ceil={cm}"
+        x = _data(shape, dtype, "cpu", memory_format, seed=n)
+        want = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, cl, True, True)
+        for xs in [x, _misaligned(x)] if cl else [x]:
+            for fast in [False, True] if cl else [False]:
+                got = dtk._C._emulate_cuda_max_pool2d(xs, k, s, p, d, cm, cl, True, True, fast)
+                for a, b in zip(got, want):
+                    assert _same_bits(a, b) and a.stride() == b.stride(), where
+        alone = dtk._C._emulate_cuda_max_pool2d(x, k, s, p, d, cm, cl, False, False, False)
+        assert _same_bits(alone[0], want[0]) and alone[1].numel() == alone[2].numel() == 0, where
+        off = want[2]
+        g = rand(*off.shape, dtype=dtype, generator=torch.Generator().manual_seed(n))
+        g = g.contiguous(memory_format=memory_format) if cl else g
+        want_g = torch.ops.dtkernels._max_pool2d_backward(g, off, list(shape), k, s, p, d, cl)
+        for gs in [g, _misaligned(g)] if cl else [g]:
+            got_g = dtk._C._emulate_cuda_max_pool2d_backward(gs, off, list(shape), k, s, p, d, cl)
+            assert _same_bits(got_g, want_g) and got_g.stride() == want_g.stride(), where
+
+
 @pytest.mark.skipif(INTERPRET, reason="host code; the Triton run needs not repeat it")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
                          ids=["f32", "f16", "bf16", "f64"])
@@ -338,7 +396,7 @@ def test_cuda_rows_backward_code_on_the_host(dtype):
         _, _, off = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, False, True)
         g = rand(*off.shape, dtype=dtype, generator=torch.Generator().manual_seed(n))
         want = torch.ops.dtkernels._max_pool2d_backward(g, off, list(shape), k, s, p, d, False)
-        got = dtk._C._emulate_cuda_max_pool2d_backward(g, off, list(shape), k, s, p, d)
+        got = dtk._C._emulate_cuda_max_pool2d_backward_rows(g, off, list(shape), k, s, p, d)
         assert torch.equal(got, want), f"case {shape} k={k} s={s} p={p} d={d} ceil={cm}"
 
 
@@ -429,10 +487,6 @@ def _run_and_kernels(fn, *args):
         out = fn(*args)
         torch.cuda.synchronize()
     return out, " ".join(e.key for e in prof.key_averages())
-
-
-def _same_bits(a, b):
-    return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.is_floating_point() else torch.equal(a, b)
 
 
 def _switch_matches_default(monkeypatch, env, kernel, fn, args_list, check_kernels=True):

@@ -899,6 +899,64 @@ bool set_whole_planes(bool on) {
   return on;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_max_pool2d(
+    const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+    std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool channels_last,
+    bool return_indices, bool return_offsets, bool fast_split) {
+  PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, channels_last,
+                                  return_indices, return_offsets);
+  PoolOutputs& res = f.res;
+  if (res.out.numel() == 0) return {res.out, res.indices, res.offsets};
+  const PoolDims g = pool_dims(f.g);
+  int64_t* idx = return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "emulate_cuda_max_pool2d", [&] {
+    using T = scalar_t;
+    const T* xp = f.x.const_data_ptr<T>();
+    T* op = res.out.mutable_data_ptr<T>();
+    with_offset_type(res.offsets.element_size(), [&](auto o_type) {
+      using O = decltype(o_type);
+      O* off = return_offsets ? static_cast<O*>(res.offsets.data_ptr()) : nullptr;
+      if (channels_last) {  // as the CUDA launcher, one thread item at a time
+        with_pool_layout<T>(true, g.C, res.out.numel(), xp, op, [&](auto n_, auto nhwc_, int64_t n) {
+          constexpr int N = decltype(n_)::value;
+          const PoolFastSplit fs = pool_fast_split<N>(g, n, fast_split);
+          for (int64_t q = 0; q < n; ++q) pool_forward_item<T, O, N, decltype(nhwc_)::value>(q, xp, op, idx, off, g, fs);
+        });
+      } else {
+        constexpr int V = 4;
+        const int64_t n = res.out.numel() / g.Wo * ((g.Wo + V - 1) / V);
+        for (int64_t q = 0; q < n; ++q) pool_forward_rows<T, O, V>(q, xp, op, idx, off, g);
+      }
+    });
+  });
+  return {res.out, res.indices, res.offsets};
+}
+
+at::Tensor emulate_cuda_max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& offsets,
+                                            std::vector<int64_t> input_size, std::vector<int64_t> kernel_size,
+                                            std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                            std::vector<int64_t> dilation, bool channels_last) {
+  PoolBackward b = prepare_backward(grad_out, offsets, input_size, kernel_size, stride, padding, dilation,
+                                    channels_last);
+  if (b.grad_input.numel() == 0) return b.grad_input;
+  const PoolDims g = pool_dims(b.g);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.grad_out.scalar_type(),
+                                  "emulate_cuda_max_pool2d_backward", [&] {
+    using T = scalar_t;
+    const T* gp = b.grad_out.const_data_ptr<T>();
+    T* ip = b.grad_input.mutable_data_ptr<T>();
+    with_offset_type(b.offsets.element_size(), [&](auto o_type) {
+      using O = decltype(o_type);
+      const O* op = static_cast<const O*>(b.offsets.const_data_ptr());
+      with_pool_layout<T>(channels_last, g.C, b.grad_input.numel(), gp, ip, [&](auto n_, auto nhwc_, int64_t n) {
+        for (int64_t q = 0; q < n; ++q)
+          pool_backward_item<T, O, decltype(n_)::value, decltype(nhwc_)::value>(q, gp, op, ip, g);
+      });
+    });
+  });
+  return b.grad_input;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool return_indices,

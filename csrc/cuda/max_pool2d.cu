@@ -46,133 +46,21 @@ Geo device_geo(const Pool2d& g) {
   return pool_dims(g);
 }
 
-__device__ __forceinline__ int first_tap(int o, int s, int p, int d) {
-  const int lead = p - o * s;
-  return lead > 0 ? (lead + d - 1) / d : 0;
-}
-
-template <typename O>
-__device__ __forceinline__ void store_results(int64_t* idx, O* off, int64_t o, int tap, int h0, int w0,
-                                              const Geo& g) {
-  if (off) off[o] = static_cast<O>(tap);
-  if (idx) idx[o] = static_cast<int64_t>(h0 + (tap / g.kw) * g.dh) * g.W + w0 + (tap % g.kw) * g.dw;
-}
-
-// Both layouts as rows of pixels of B elements: NCHW planes are n*C + c with B = 1,
-// NHWC planes are images with B = C. Thread item q is one pixel of a Hs x Ws plane and
-// one pack of N of its elements (C % N == 0).
-struct Item {
-  int c, x, y;    // first element in the pixel, column, row
-  int64_t plane;
-  int64_t pix;    // pixel index over all planes
-};
-
-// split_item's divisors as 32-bit multiply-shifts, for launches of fewer than 2^31
-// items; `on` only with the opt-in vec forward until a GPU run has measured it.
-struct FastSplit {
-  bool on = false;
-  FastDivmod packs, ws, hs;  // C / N, Ws, Hs
-};
-
-template <int N, bool NHWC>
-__device__ __forceinline__ Item split_item(int64_t q, const Geo& g, int Hs, int Ws, const FastSplit& f) {
-  Item it;
-  if (f.on) {
-    const uint32_t q32 = static_cast<uint32_t>(q), pix = NHWC ? f.packs.div(q32) : q32;
-    const uint32_t r = f.ws.div(pix), plane = f.hs.div(r);
-    it.c = NHWC ? static_cast<int>(q32 - pix * f.packs.d) * N : 0;
-    it.pix = pix;
-    it.x = static_cast<int>(pix - r * f.ws.d);
-    it.y = static_cast<int>(r - plane * f.hs.d);
-    it.plane = plane;
-    return it;
-  }
-  it.c = NHWC ? static_cast<int>(q % (g.C / N)) * N : 0;
-  it.pix = NHWC ? q / (g.C / N) : q;
-  it.x = static_cast<int>(it.pix % Ws);
-  const int64_t r = it.pix / Ws;
-  it.y = static_cast<int>(r % Hs);
-  it.plane = r / Hs;
-  return it;
-}
-
+// The kernels' per-thread work is in csrc/max_pool2d.h, where the CPU tests run it too.
 template <typename T, typename O, int N, bool NHWC>
 __global__ void max_pool2d_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __restrict__ idx,
-                                  O* __restrict__ off, Geo g, int64_t n, FastSplit fs) {
-  using A = acc_t<T>;
-  using P = Pack<T, N>;
-  const int B = NHWC ? g.C : 1;
+                                  O* __restrict__ off, Geo g, int64_t n, PoolFastSplit fs) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n; q += stride) {
-    const Item it = split_item<N, NHWC>(q, g, g.Ho, g.Wo, fs);
-    const int oh = it.y, ow = it.x;
-    const T* xp = x + it.plane * g.H * g.W * B + it.c;
-    const int h0 = oh * g.sh - g.ph, w0 = ow * g.sw - g.pw;
-    const int i0 = first_tap(oh, g.sh, g.ph, g.dh), j0 = first_tap(ow, g.sw, g.pw, g.dw);
-    A m[N];
-    int tap[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      m[k] = -std::numeric_limits<A>::infinity();
-      tap[k] = i0 * g.kw + j0;
-    }
-    for (int i = i0, ih = h0 + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh)
-      for (int j = j0, iw = w0 + j0 * g.dw; j < g.kw && iw < g.W; ++j, iw += g.dw) {
-        const P v = *reinterpret_cast<const P*>(xp + (static_cast<int64_t>(ih) * g.W + iw) * B);
-#pragma unroll
-        for (int k = 0; k < N; ++k) pool_fold(static_cast<A>(v.v[k]), i * g.kw + j, m[k], tap[k]);
-      }
-    P res;
-#pragma unroll
-    for (int k = 0; k < N; ++k) res.v[k] = static_cast<T>(m[k]);
-    const int64_t o = it.pix * B + it.c;
-    *reinterpret_cast<P*>(out + o) = res;
-#pragma unroll
-    for (int k = 0; k < N; ++k) store_results(idx, off, o + k, tap[k], h0, w0, g);
-  }
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n; q += stride)
+    pool_forward_item<T, O, N, NHWC>(q, x, out, idx, off, g, fs);
 }
 
-// NCHW with V outputs of a row per thread: V independent loads in flight per tap
-// (strided by sw, so not one vector load) and the index arithmetic shared.
 template <typename T, typename O, int V>
 __global__ void max_pool2d_rows_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __restrict__ idx,
                                        O* __restrict__ off, Geo g, int64_t n) {
-  using A = acc_t<T>;
-  const int groups = (g.Wo + V - 1) / V;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n; q += stride) {
-    const int ow0 = static_cast<int>(q % groups) * V;
-    const int64_t r = q / groups;  // plane * Ho + oh
-    const int oh = static_cast<int>(r % g.Ho);
-    const T* xp = x + (r / g.Ho) * g.H * g.W;
-    const int h0 = oh * g.sh - g.ph, i0 = first_tap(oh, g.sh, g.ph, g.dh);
-    const int nv = min(V, g.Wo - ow0);
-    A m[V];
-    int tap[V];
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      m[v] = -std::numeric_limits<A>::infinity();
-      tap[v] = i0 * g.kw + first_tap(ow0 + v, g.sw, g.pw, g.dw);
-    }
-    const int w0 = ow0 * g.sw - g.pw;
-    for (int i = i0, ih = h0 + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh) {
-      const T* row = xp + static_cast<int64_t>(ih) * g.W;
-      for (int j = 0; j < g.kw; ++j) {
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-          const int iw = w0 + v * g.sw + j * g.dw;
-          if (v < nv && iw >= 0 && iw < g.W) pool_fold(static_cast<A>(row[iw]), i * g.kw + j, m[v], tap[v]);
-        }
-      }
-    }
-    const int64_t o = r * g.Wo + ow0;
-#pragma unroll
-    for (int v = 0; v < V; ++v)
-      if (v < nv) {
-        out[o + v] = static_cast<T>(m[v]);
-        store_results(idx, off, o + v, tap[v], h0, w0 + v * g.sw, g);
-      }
-  }
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n; q += stride)
+    pool_forward_rows<T, O, V>(q, x, out, idx, off, g);
 }
 
 // NCHW "vec" (opt-in: DTK_CUDA_MAXPOOL_FWD=vec, until an H100 run has measured it
@@ -207,45 +95,12 @@ bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& 
   });
 }
 
-// Backward: one thread per input pixel and pack, gathering in ascending (oh, ow)
-// order, ATen's summation order.
 template <typename T, typename O, int N, bool NHWC>
 __global__ void max_pool2d_backward_kernel(const T* __restrict__ go, const O* __restrict__ off,
                                            T* __restrict__ gi, Geo g, int64_t n) {
-  using A = acc_t<T>;
-  using P = Pack<T, N>;
-  const int B = NHWC ? g.C : 1;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n; q += stride) {
-    const Item it = split_item<N, NHWC>(q, g, g.H, g.W, FastSplit{});
-    const int ih = it.y, iw = it.x;
-    const int64_t base = it.plane * g.Ho * g.Wo;
-    int ohl, ohh, owl, owh;
-    window_range(ih, g.kh, g.sh, g.ph, g.dh, g.Ho, ohl, ohh);
-    window_range(iw, g.kw, g.sw, g.pw, g.dw, g.Wo, owl, owh);
-    A acc[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) acc[k] = A(0);
-    for (int oh = ohl; oh <= ohh; ++oh) {
-      const int ni = ih + g.ph - oh * g.sh;
-      if (ni % g.dh) continue;
-      const int ti = (ni / g.dh) * g.kw;
-      for (int ow = owl; ow <= owh; ++ow) {
-        const int nj = iw + g.pw - ow * g.sw;
-        if (nj % g.dw) continue;
-        const int tap = ti + nj / g.dw;
-        const int64_t o = (base + static_cast<int64_t>(oh) * g.Wo + ow) * B + it.c;
-        const P gv = *reinterpret_cast<const P*>(go + o);
-#pragma unroll
-        for (int k = 0; k < N; ++k)
-          if (static_cast<int>(off[o + k]) == tap) acc[k] += static_cast<A>(gv.v[k]);
-      }
-    }
-    P res;
-#pragma unroll
-    for (int k = 0; k < N; ++k) res.v[k] = static_cast<T>(acc[k]);
-    *reinterpret_cast<P*>(gi + it.pix * B + it.c) = res;
-  }
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n; q += stride)
+    pool_backward_item<T, O, N, NHWC>(q, go, off, gi, g);
 }
 
 // Backward, NCHW, "rows" (opt-in: DTK_CUDA_MAXPOOL_BWD=rows, until an H100 run has
@@ -281,26 +136,6 @@ __global__ void max_pool2d_backward_rows_kernel(const T* __restrict__ go, const 
   }
 }
 
-// Calls f(O{}) with the offsets' integer type (int8 when the forward kept none).
-template <typename F>
-void with_offset_type(int64_t elem_size, F f) {
-  if (elem_size == 2) f(int16_t{});
-  else if (elem_size == 4) f(int32_t{});
-  else f(int8_t{});
-}
-
-// Launches kernel<T, O, N, NHWC> over `elems` elements: NCHW one element per thread;
-// NHWC 16-byte packs when C allows and both pointers are 16-byte aligned.
-template <typename T, typename O, typename Launch>
-void launch_layout(bool nhwc, int64_t C, int64_t elems, const void* a, const void* b, Launch launch) {
-  constexpr int N = 16 / sizeof(T);
-  const auto grid = [](int64_t n) { return grid_for(n, kThreads, 8); };
-  if (!nhwc) launch(std::integral_constant<int, 1>{}, std::false_type{}, grid(elems), elems);
-  else if (C % N == 0 && aligned_to(a, 16) && aligned_to(b, 16))
-    launch(std::integral_constant<int, N>{}, std::true_type{}, grid(elems / N), elems / N);
-  else launch(std::integral_constant<int, 1>{}, std::true_type{}, grid(elems), elems);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
                                                           at::IntArrayRef stride, at::IntArrayRef padding,
                                                           at::IntArrayRef dilation, bool ceil_mode,
@@ -322,13 +157,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
       using O = decltype(o_type);
       O* off = return_offsets ? static_cast<O*>(res.offsets.data_ptr()) : nullptr;
       if (channels_last) {
-        launch_layout<T, O>(true, g.C, res.out.numel(), xp, op, [&](auto n_, auto nhwc_, unsigned grid, int64_t n) {
+        with_pool_layout<T>(true, g.C, res.out.numel(), xp, op, [&](auto n_, auto nhwc_, int64_t n) {
           constexpr int N = decltype(n_)::value;
-          FastSplit fs;
-          if (env_is("DTK_CUDA_MAXPOOL_FWD", "vec") && n < (int64_t(1) << 31))
-            fs = FastSplit{true, FastDivmod(static_cast<uint32_t>(g.C / N)), FastDivmod(static_cast<uint32_t>(g.Wo)),
-                           FastDivmod(static_cast<uint32_t>(g.Ho))};
-          max_pool2d_kernel<T, O, N, decltype(nhwc_)::value><<<grid, kThreads, 0, stream>>>(xp, op, idx, off, g, n, fs);
+          const PoolFastSplit fs = pool_fast_split<N>(g, n, env_is("DTK_CUDA_MAXPOOL_FWD", "vec"));
+          max_pool2d_kernel<T, O, N, decltype(nhwc_)::value>
+              <<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n, fs);
         });
       } else if (!launch_vec_forward<T>(xp, op, idx, off, g, res.out.numel() / (g.Ho * g.Wo), stream)) {
         constexpr int V = 4;
@@ -375,9 +208,9 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
-      launch_layout<T, O>(channels_last, g.C, b.grad_input.numel(), gp, ip, [&](auto n_, auto nhwc_, unsigned grid, int64_t n) {
+      with_pool_layout<T>(channels_last, g.C, b.grad_input.numel(), gp, ip, [&](auto n_, auto nhwc_, int64_t n) {
         max_pool2d_backward_kernel<T, O, decltype(n_)::value, decltype(nhwc_)::value>
-            <<<grid, kThreads, 0, stream>>>(gp, op, ip, g, n);
+            <<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(gp, op, ip, g, n);
       });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
