@@ -122,13 +122,15 @@ def test_larger_odd_shapes(backend, mode, s, formats):
                          ids=["nearest2", "nearest3", "bilinear1", "bilinear2", "bilinear3", "bilinear4", "bilinear8",
                               "bilinear-ac2", "bilinear-ac3", "bilinear-ac4"])
 @pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "cl"])
-@pytest.mark.parametrize("shape", [(2, 4, 40, 50), (3, 1, 37, 29)], ids=["even", "odd"])
+@pytest.mark.parametrize("shape", [(2, 4, 40, 50), (3, 1, 37, 29), (2, 2, 32, 131)], ids=["even", "odd", "wide"])
 def test_bit_exact_with_aten_float32(backend, mode, s, fmt, shape):
     """float32 forward equals ATen's generic CPU kernel bit for bit (ATen's own
     channels_last and small-image paths round differently, by an ulp), and the
     backward equals ATen's CPU backward in every layout: same terms, same order,
     same fused multiply-adds, NaN and inf included. The odd shape's 111 rows split
-    mid-plane between two threads."""
+    mid-plane between two threads. The CPU's NCHW bilinear backward takes planes a
+    vector at a time for these, except the wide shape's periodic scales (2, 4, 8),
+    whose long rows go column-vectorised."""
     name, device = backend
     if name == "reference":
         pytest.skip("the reference is ATen itself")
@@ -178,6 +180,21 @@ def test_strided_inputs(backend, case, mode):
     x = x.detach().requires_grad_()
     skip = skip.detach().requires_grad_()
     _check(x, skip, mode, s, g)
+
+
+@pytest.mark.skipif(INTERPRET, reason="larger shapes: too slow for the Triton interpreter")
+@pytest.mark.parametrize("s", [2, 4])
+def test_bilinear_backward_paths(backend_dtype, s):
+    """Both NCHW bilinear backward paths of the CPU kernel in every dtype, against the
+    float64 oracle: whole rows column-vectorised (periodic scales, from 64 or 128
+    columns), and planes a vector at a time (short rows, or many planes), with plane
+    counts that fill no whole vector and rows of no whole vector. (align_corners
+    always takes planes, which every other bilinear test checks; its float32 source
+    positions are too coarse for this tolerance on rows this wide, in ATen too.)"""
+    _, device, dtype = backend_dtype
+    for n, cx, h, w in [(1, 3, 5, 131), (2, 5, 4, 67), (1, 260, 2, 70), (3, 7, 6, 13)]:
+        x, skip = _inputs(n, cx, 2, h, w, s, dtype=dtype, device=device)
+        _check(x, skip, "bilinear", s)
 
 
 def _emulation_inputs(dtype, device="cpu"):

@@ -145,6 +145,20 @@ DTK_INLINE f32x8 interleave_hi(f32x8 a, f32x8 b) { return __builtin_shufflevecto
 DTK_INLINE f64x4 interleave_lo(f64x4 a, f64x4 b) { return __builtin_shufflevector(a, b, 0, 4, 1, 5); }
 DTK_INLINE f64x4 interleave_hi(f64x4 a, f64x4 b) { return __builtin_shufflevector(a, b, 2, 6, 3, 7); }
 
+// An N x N block (N = Lanes<A>::N vectors of N) transposed in place: log2(N) rounds of
+// interleaving vector l with vector l + N/2 (each round rotates the index bits).
+template <typename V, int N>
+DTK_INLINE void transpose(V (&v)[N]) {
+  for (int round = 1; round < N; round *= 2) {
+    V t[N];
+    for (int l = 0; l < N / 2; ++l) {
+      t[2 * l] = interleave_lo(v[l], v[l + N / 2]);
+      t[2 * l + 1] = interleave_hi(v[l], v[l + N / 2]);
+    }
+    for (int l = 0; l < N; ++l) v[l] = t[l];
+  }
+}
+
 // Non-temporal stores, for outputs too large to stay in cache: no read-for-ownership
 // of the destination lines, no eviction of the inputs. `p` must be 16-byte aligned;
 // call stream_fence() before the data is handed to another thread.
