@@ -337,6 +337,10 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_item(int64_t q, const T* x, 
   for (int k = 0; k < N; ++k) pool_store_results(idx, off, o + k, tap[k], h0, w0, g);
 }
 
+// The NCHW forward's outputs per thread item, and its items for `numel` outputs.
+constexpr int kPoolRowsV = 4;
+inline int64_t pool_rows_items(int64_t numel, int64_t Wo) { return numel / Wo * ((Wo + kPoolRowsV - 1) / kPoolRowsV); }
+
 // NCHW forward item q: V outputs of a row (V independent loads in flight per tap,
 // strided by sw, so not one vector load; the index arithmetic shared).
 template <typename T, typename O, int V>

@@ -923,9 +923,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_max_pool2d(
           for (int64_t q = 0; q < n; ++q) pool_forward_item<T, O, N, decltype(nhwc_)::value>(q, xp, op, idx, off, g, fs);
         });
       } else {
-        constexpr int V = 4;
-        const int64_t n = res.out.numel() / g.Wo * ((g.Wo + V - 1) / V);
-        for (int64_t q = 0; q < n; ++q) pool_forward_rows<T, O, V>(q, xp, op, idx, off, g);
+        const int64_t n = pool_rows_items(res.out.numel(), g.Wo);
+        for (int64_t q = 0; q < n; ++q) pool_forward_rows<T, O, kPoolRowsV>(q, xp, op, idx, off, g);
       }
     });
   });

@@ -164,9 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
               <<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n, fs);
         });
       } else if (!launch_vec_forward<T>(xp, op, idx, off, g, res.out.numel() / (g.Ho * g.Wo), stream)) {
-        constexpr int V = 4;
-        const int64_t n = res.out.numel() / g.Wo * ((g.Wo + V - 1) / V);
-        max_pool2d_rows_kernel<T, O, V><<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n);
+        const int64_t n = pool_rows_items(res.out.numel(), g.Wo);
+        max_pool2d_rows_kernel<T, O, kPoolRowsV>
+            <<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
