@@ -23,6 +23,7 @@ from .ops import concat_skip  # noqa: E402
 from .ops import max_pool2d  # noqa: E402
 from .ops import decompositions  # noqa: E402
 from . import nn, reference, testing  # noqa: E402
+from . import fx  # noqa: E402  (after nn: fuse() uses convert)
 
 from .info import VERSION as __version__  # noqa: E402
 
@@ -36,5 +37,6 @@ __all__ = [
     "available_backends",
     "build_info",
     "nn",
+    "fx",
     "reference",
 ]
