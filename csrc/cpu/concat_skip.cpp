@@ -344,12 +344,13 @@ DTK_INLINE void adjoint_walk(const E* DTK_RESTRICT cols, const LinearAdjoint<A>&
 // = plane l's column d), so that each walk step is one vector load and fma; every
 // lane runs the scalar walk's chain exactly (5x the walk's speed on DeepLabV3+'s
 // align_corners skip). planes/outs: the N planes' gradient and x-gradient bases
-// (lanes past `real` repeat a real plane and are not stored). ring: `nring`
-// transposed rows (w_out * N each), keyed by address in key.
+// (lanes past `real` repeat a real plane and are not stored); group: the first
+// plane's index. ring: `nring` transposed rows (w_out * N each), keyed by group and
+// gradient row in key (-1: none yet).
 template <typename T, typename A = acc_t<T>>
-DTK_INLINE void bilinear_adjoint_planes(const T* const* planes, T* const* outs, int real, int64_t ih,
+DTK_INLINE void bilinear_adjoint_planes(const T* const* planes, T* const* outs, int real, int64_t group, int64_t ih,
                                         const AdjointNchw<A>& p, int64_t w_out, A* DTK_RESTRICT acc,
-                                        A* DTK_RESTRICT ring, int64_t nring, const void** key) {
+                                        A* DTK_RESTRICT ring, int64_t nring, int64_t* key) {
   constexpr int N = Lanes<A>::N;
   using V = typename Lanes<A>::V;
   const LinearAdjoint<A>&ah = p.ah, &aw = p.aw;
@@ -358,8 +359,9 @@ DTK_INLINE void bilinear_adjoint_planes(const T* const* planes, T* const* outs, 
   for (int64_t a = ah.start[ih]; a < ah.start[ih + 1]; ++a) {
     const int64_t off = ah.d[a] * p.row;
     A* DTK_RESTRICT cols = ring + (ah.d[a] % nring) * w_out * N;
-    if (key[ah.d[a] % nring] != planes[0] + off) {
-      key[ah.d[a] % nring] = planes[0] + off;
+    const int64_t row_key = (group << 32) | ah.d[a];  // planes and rows both fewer than 2^31
+    if (key[ah.d[a] % nring] != row_key) {
+      key[ah.d[a] % nring] = row_key;
       int64_t d = 0;
       for (; d + N <= w_out; d += N) {
         V v[N];
@@ -491,11 +493,11 @@ DTK_CS_COPY_CLONES(uint64_t)
                                          acc_t<T>* wide) {                                          \
     bilinear_adjoint_row<T>(plane, o, ih, p, acc, wide);                                            \
   }                                                                                                 \
-  DTK_CLONES void bilinear_adjoint_planes_k(const T* const* planes, T* const* outs, int real, int64_t ih, \
-                                            const AdjointNchw<acc_t<T>>& p, int64_t w_out,          \
+  DTK_CLONES void bilinear_adjoint_planes_k(const T* const* planes, T* const* outs, int real, int64_t group, \
+                                            int64_t ih, const AdjointNchw<acc_t<T>>& p, int64_t w_out, \
                                             acc_t<T>* acc, acc_t<T>* ring, int64_t nring,           \
-                                            const void** key) {                                    \
-    bilinear_adjoint_planes<T>(planes, outs, real, ih, p, w_out, acc, ring, nring, key);            \
+                                            int64_t* key) {                                        \
+    bilinear_adjoint_planes<T>(planes, outs, real, group, ih, p, w_out, acc, ring, nring, key);     \
   }                                                                                                 \
   DTK_CLONES void bilinear_adjoint_edges_k(const T* g, int64_t step, T* o, int64_t w_in, int64_t rows, \
                                            const AdjointNchw<acc_t<T>>& p) {                        \
@@ -693,7 +695,7 @@ void adjoint_nchw(const at::Tensor& g_in, at::Tensor& gx, Upsample mode, int64_t
     for (int64_t i = 0; i < hi; ++i) nring = std::max(nring, p.ah->start[i + 1] - p.ah->start[i]);
     at::parallel_for(0, groups * hi, std::max<int64_t>(1, kGrain / (L * work)), [&](int64_t begin, int64_t end) {
       std::vector<acc_t<T>> acc(wi * L), ring(nring * wo * L);
-      std::vector<const void*> key(nring, nullptr);
+      std::vector<int64_t> key(nring, -1);
       for (int64_t u = begin; u < end; ++u) {
         const int64_t p0 = u / hi * L, ih = u % hi;
         const int real = static_cast<int>(std::min<int64_t>(L, nplanes - p0));
@@ -704,7 +706,8 @@ void adjoint_nchw(const at::Tensor& g_in, at::Tensor& gx, Upsample mode, int64_t
           planes[l] = gv.at(q / c, q % c, 0, 0);
           outs[l] = po + q * hi * wi;
         }
-        bilinear_adjoint_planes_k(planes, outs, real, ih, *bilinear, wo, acc.data(), ring.data(), nring, key.data());
+        bilinear_adjoint_planes_k(planes, outs, real, p0, ih, *bilinear, wo, acc.data(), ring.data(), nring,
+                                  key.data());
       }
     });
     return;
