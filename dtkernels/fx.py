@@ -7,7 +7,8 @@ Rewrites, where the intermediate has no other use:
 
 - ``torch.cat([F.interpolate(x, scale_factor=s, mode=m), skip], 1)`` (either order;
   ``nn.Upsample``, ``nn.UpsamplingNearest2d`` and ``nn.UpsamplingBilinear2d`` too;
-  nearest or bilinear, integer s) -> ``concat_skip``;
+  nearest or bilinear, integer s; or ``size=``, e.g. ``skip.shape[2:]``, used when it
+  is a whole multiple of x's size) -> ``concat_skip``;
 - ``relu(a + b)`` (``F.relu``, ``torch.relu``, ``.relu()``, ``nn.ReLU``; ``+``,
   ``torch.add``, ``.add()``; torchvision's ResNet blocks' ``out += identity``, which
   torch.fx traces as ``out + identity``) -> ``residual_add``;
@@ -39,16 +40,31 @@ def _same_kind(a, b) -> bool:
             and a.dtype in _FLOATS and a.device == b.device)
 
 
-def concat_upsampled(x, skip, upsample: str, scale_factor: int, align_corners: bool, skip_first: bool):
+def concat_upsampled(x, skip, upsample: str, scale_factor, align_corners: bool, skip_first: bool, size=None):
     """``cat([interpolate(x), skip], 1)`` (skip_first: ``cat([skip, interpolate(x)], 1)``)
-    through concat_skip when it applies, else through those ops."""
-    if (_same_kind(x, skip) and x.dim() == 4 and skip.dim() == 4 and x.shape[0] == skip.shape[0]
-            and skip.shape[2:] == (x.shape[2] * scale_factor, x.shape[3] * scale_factor)):
-        return ops.concat_skip(x, skip, upsample=upsample, scale_factor=scale_factor, align_corners=align_corners,
+    through concat_skip when it applies, else through those ops. interpolate's
+    ``size`` (scale_factor None) applies when it is a whole multiple of x's, the same
+    in both dimensions: ATen's results are then those of that scale, bit for bit."""
+    s = scale_factor if size is None else _whole_multiple(x, size)
+    if (s is not None and _same_kind(x, skip) and x.dim() == 4 and skip.dim() == 4
+            and x.shape[0] == skip.shape[0] and skip.shape[2:] == (x.shape[2] * s, x.shape[3] * s)):
+        return ops.concat_skip(x, skip, upsample=upsample, scale_factor=s, align_corners=align_corners,
                                skip_first=skip_first)
     kw = {"align_corners": align_corners} if upsample == "bilinear" else {}
-    up = F.interpolate(x, scale_factor=scale_factor, mode=upsample, **kw)
+    up = F.interpolate(x, size=size, scale_factor=scale_factor, mode=upsample, **kw)
     return torch.cat([skip, up] if skip_first else [up, skip], 1)
+
+
+def _whole_multiple(x, size):
+    """s when size is (s * H, s * W) for x's H, W and an integer s >= 1, else None."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return None
+    ints = (int, torch.SymInt)  # SymInt: compiled with dynamic shapes
+    h, w = (size, size) if isinstance(size, ints) else tuple(size) if len(size) == 2 else (None, None)
+    if not (isinstance(h, ints) and isinstance(w, ints)) or x.shape[2] == 0 or x.shape[3] == 0:
+        return None
+    s = h // x.shape[2]
+    return s if s >= 1 and h == s * x.shape[2] and w == s * x.shape[3] else None
 
 
 def add_relu(a, b, alpha=1):
@@ -127,7 +143,9 @@ def _int_scale(s):
 
 
 def _upsample_of(node: fx.Node, modules):
-    """(x, mode, scale, align_corners) when node upsamples one tensor as concat_skip can."""
+    """(x, mode, scale, align_corners, size) when node upsamples one tensor as
+    concat_skip can: by an integer scale (size None), or to a size (scale None) that
+    concat_upsampled checks per call."""
     if node.op == "call_module" and type(modules.get(node.target)) in (
             nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d):
         m = modules[node.target]
@@ -143,13 +161,13 @@ def _upsample_of(node: fx.Node, modules):
     else:
         return None
     s = _int_scale(a["scale_factor"])
-    if (s is None or a["mode"] not in ("nearest", "bilinear") or a["antialias"]
+    if ((s is None) == (a["size"] is None) or a["mode"] not in ("nearest", "bilinear") or a["antialias"]
             or a["recompute_scale_factor"] or not isinstance(a["input"], fx.Node)):
         return None
     ac = a["align_corners"]
     if a["mode"] == "nearest" and ac is not None:
         return None
-    return a["input"], a["mode"], s, bool(ac)
+    return a["input"], a["mode"], s, bool(ac), a["size"]
 
 
 def _fuse_concat(gm: fx.GraphModule, cat: fx.Node, modules) -> None:
@@ -163,9 +181,10 @@ def _fuse_concat(gm: fx.GraphModule, cat: fx.Node, modules) -> None:
         up = _upsample_of(part, modules) if isinstance(part, fx.Node) and len(part.users) == 1 else None
         if up is None or not isinstance(parts[1 - i], fx.Node):
             continue
-        x, mode, s, ac = up
+        x, mode, s, ac, size = up
         with gm.graph.inserting_before(cat):
-            new = gm.graph.call_function(concat_upsampled, (x, parts[1 - i], mode, s, ac, i == 1))
+            new = gm.graph.call_function(concat_upsampled, (x, parts[1 - i], mode, s, ac, i == 1),
+                                         {"size": size} if size is not None else {})
         cat.replace_all_uses_with(new)
         gm.graph.erase_node(cat)
         gm.graph.erase_node(part)

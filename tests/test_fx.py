@@ -13,7 +13,7 @@ from torch import nn
 import dtkernels as dtk
 from dtkernels import concat_skip
 from dtkernels import fx as dfx
-from dtkernels.testing import rand
+from dtkernels.testing import OpLog, rand
 
 from conftest import INTERPRET
 
@@ -90,7 +90,6 @@ class Unfusable(nn.Module):
         r = [torch.cat([u, skip], 0),  # not the channel dimension
              torch.cat([u, skip, skip], 1),  # three parts
              torch.cat([u, u], 1),  # u is read twice anyway
-             torch.cat([F.interpolate(x, size=(8, 8)), skip], 1),  # a size, not a scale
              torch.cat([F.interpolate(x, scale_factor=1.5), skip[..., :6, :6]], 1),  # not an integer scale
              torch.cat([F.interpolate(x, scale_factor=2, mode="bicubic"), skip], 1),
              torch.cat([F.interpolate(x, scale_factor=2, mode="nearest-exact"), skip], 1),
@@ -193,3 +192,35 @@ def test_fused_model_compiles_and_exports():
     names = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     assert sum("dtkernels.concat_skip" in n for n in names) == 4
     assert sum("dtkernels.residual_add" in n for n in names) == 3
+
+
+class ToSize(nn.Module):
+    """Decoders that upsample to the skip's size (odd inputs, DeepLab-style heads)."""
+
+    def forward(self, x, skip):
+        return (torch.cat([F.interpolate(x, size=skip.shape[2:], mode="bilinear", align_corners=False), skip], 1),
+                torch.cat([skip, F.interpolate(x, size=skip.shape[-2:])], 1),
+                torch.cat([F.interpolate(x, size=skip.shape[2:], mode="bilinear", align_corners=True), skip], 1))
+
+
+@pytest.mark.parametrize("case", ["x2", "x3", "not-a-multiple"])
+def test_fuse_interpolate_to_a_size(case):
+    """``size=`` that is a whole multiple s of x's size gives ATen's results for that
+    scale, bit for bit (outputs with H + W > 128: ATen's generic bilinear kernel), so
+    the fused call uses concat_skip; any other size runs the original ops."""
+    model = ToSize()
+    fused = dfx.fuse(model)
+    assert _kinds(fused).count(dfx.concat_upsampled) == 3 and torch.cat not in _kinds(fused)
+    x = rand(2, 3, 40, 50, requires_grad=True)
+    hw = {"x2": (80, 100), "x3": (120, 150), "not-a-multiple": (81, 100)}[case]
+    skip = rand(2, 4, *hw, requires_grad=True)
+    with OpLog() as log:
+        got = fused(x, skip)
+    ours = sum(name.startswith("dtkernels.concat_skip") for name, _, _ in log.calls)
+    assert ours == (0 if case == "not-a-multiple" else 3)
+    want = model(x, skip)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    g = [torch.randn_like(o) for o in want]
+    for a, b in zip(torch.autograd.grad(got, (x, skip), g), torch.autograd.grad(want, (x, skip), g)):
+        assert torch.equal(a, b)
