@@ -21,6 +21,7 @@ ops, so a rewritten model accepts whatever the original did.
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 
 import torch
@@ -106,7 +107,7 @@ class _Tracer(fx.Tracer):
     def __init__(self):
         import dtkernels
 
-        super().__init__(autowrap_modules=(__import__("math"), dtkernels),
+        super().__init__(autowrap_modules=(math, dtkernels),  # math: Tracer's own default
                          autowrap_functions=(ops.residual_add, ops.concat_skip, ops.max_pool2d))
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:

@@ -3,6 +3,7 @@ gradients unchanged; what it cannot fuse exactly is left alone, and a fused call
 given what the op cannot take runs the original ops."""
 from __future__ import annotations
 
+import copy
 import operator
 
 import pytest
@@ -57,6 +58,7 @@ def _grads(model, x, skip):
 def test_fuse_rewrites_and_keeps_results(channels_last):
     torch.manual_seed(0)
     model = Block().train()
+    eager = copy.deepcopy(model)  # fuse() shares model's modules: the reference runs its own
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = rand(2, 4, 8, 8, memory_format=fmt, requires_grad=True)
     skip = rand(2, 3, 8, 8, memory_format=fmt, requires_grad=True)
@@ -67,7 +69,7 @@ def test_fuse_rewrites_and_keeps_results(channels_last):
     for gone in (torch.cat, F.interpolate, operator.add, operator.iadd, torch.add, F.relu, "relu", F.max_pool2d):
         assert gone not in kinds, gone
     assert type(model.pool) is nn.MaxPool2d, "the original model is left as it was"
-    want, want_g = _grads(model, x, skip)
+    want, want_g = _grads(eager, x, skip)
     got, got_g = _grads(fused, x, skip)
     for i, (a, b) in enumerate(zip(got, want)):
         if i < 2:  # nearest: a copy
@@ -77,7 +79,9 @@ def test_fuse_rewrites_and_keeps_results(channels_last):
     for a, b in zip(got_g, want_g):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # the running statistics moved the same way
-    torch.testing.assert_close(fused.bn.running_mean, model.bn.running_mean)
+    torch.testing.assert_close(fused.bn.running_mean, eager.bn.running_mean)
+    torch.testing.assert_close(fused.bn.running_var, eager.bn.running_var)
+    assert fused.bn.num_batches_tracked == eager.bn.num_batches_tracked == 1
 
 
 class Unfusable(nn.Module):
