@@ -99,7 +99,7 @@ decltype(auto) call_below_autograd(const c10::TypedOperatorHandle<Sig>& op, Args
   return op.call(std::forward<Args>(args)...);
 }
 
-// Calls a backward op from an autograd Function's backward. Without create_graph,
+// Calls a backward op from an autograd node's backward. Without create_graph,
 // grad mode is off and no graph is recorded, so the call goes straight to the
 // kernel; with it, through the op's own autograd (double backward, in Python).
 template <typename Sig, typename... Args>
@@ -109,10 +109,9 @@ decltype(auto) call_in_backward(const c10::TypedOperatorHandle<Sig>& op, Args&&.
 }
 
 // Whether autograd has anything to record for a call with these tensor arguments:
-// one requires grad (in grad mode), or carries a forward-mode tangent (the
-// Functions have no jvp, and only Function::apply reports that). When not, a
-// public op's autograd kernel calls the op below autograd: Function::apply would
-// still build a node and its saved data, about 1 us a call, for nothing.
+// one requires grad (in grad mode), or carries a forward-mode tangent (which the
+// autograd kernel then refuses: csrc/autograd.h). When not, a public op's autograd
+// kernel calls the op below autograd and builds no node.
 inline bool autograd_records(const at::Tensor& t) {
   return t.defined() && ((t.requires_grad() && at::GradMode::is_enabled()) || t._fw_grad(/*level=*/0).defined());
 }

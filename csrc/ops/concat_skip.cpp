@@ -2,10 +2,10 @@
 // no tensor: skip's gradient is a view of the output gradient, and so is x's
 // without an upsample; only the upsample's adjoint (concat_skip_backward) runs a
 // kernel. A custom op's outputs may not alias its inputs, so the views are made
-// here, in the autograd Function, where they cost nothing.
-#include <torch/autograd.h>
+// here, in the autograd node, where they cost nothing.
 #include <torch/library.h>
 
+#include "../autograd.h"
 #include "../dispatch.h"
 #include "../unboxed.h"
 
@@ -37,41 +37,36 @@ at::Tensor concat_skip_backward(const at::Tensor& grad_up, Mode upsample, int64_
   return r.pick(grad_up.device()).call(grad_up, upsample, scale_factor, align_corners);
 }
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
+// Backward reads the two channel counts and the upsample's arguments; no tensor.
+struct ConcatSkipGrad {
+  static constexpr const char* name = "dtkernels_ConcatSkipBackward";
+  struct State {
+    c10::SymInt cx, cs;  // SymInts, so that torch.compile can trace this with dynamic shapes
+    std::optional<std::string> upsample;
+    int64_t scale_factor = 2;
+    bool align_corners = false, skip_first = false;
+    int64_t backend = 0;
+    template <class F>
+    void fields(F&& f) {
+      f(cx), f(cs), f(upsample), f(scale_factor), f(align_corners), f(skip_first), f(backend);
+    }
+  };
 
-struct ConcatSkip : torch::autograd::Function<ConcatSkip> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& skip, Mode upsample,
-                            int64_t scale_factor, bool align_corners, bool skip_first) {
-    at::Tensor out = call_below_autograd(public_op(), x, skip, upsample, scale_factor, align_corners, skip_first);
-    // SymInts, so that torch.compile can trace this with dynamic shapes
-    ctx->saved_data["cx"] = x.sym_size(1);
-    ctx->saved_data["cs"] = skip.sym_size(1);
-    ctx->saved_data["upsample"] = upsample ? c10::IValue(std::string(*upsample)) : c10::IValue();
-    ctx->saved_data["scale_factor"] = scale_factor;
-    ctx->saved_data["align_corners"] = align_corners;
-    ctx->saved_data["skip_first"] = skip_first;
-    ctx->saved_data["backend"] = static_cast<int64_t>(current_backend());
-    return out;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static ag::variable_list backward(const State& st, const ag::variable_list& grads, const at::Tensor&,
+                                    const std::vector<bool>& needs) {
     static const auto bwd = op_handle<Bwd>("dtkernels::concat_skip_backward");
     const at::Tensor& grad = grads[0];
-    const c10::SymInt cx = ctx->saved_data["cx"].toSymInt(), cs = ctx->saved_data["cs"].toSymInt();
-    const bool skip_first = ctx->saved_data["skip_first"].toBool();
     at::Tensor gx, gskip;
-    if (ctx->needs_input_grad(1)) gskip = grad.narrow_symint(1, skip_first ? c10::SymInt(0) : cx, cs);
-    if (ctx->needs_input_grad(0)) {
-      gx = grad.narrow_symint(1, skip_first ? cs : c10::SymInt(0), cx);
-      const c10::IValue& mode = ctx->saved_data["upsample"];
-      if (!mode.isNone()) {
-        BackendGuard scope(static_cast<int>(ctx->saved_data["backend"].toInt()));
-        gx = call_in_backward(bwd, gx, Mode(mode.toStringRef()), ctx->saved_data["scale_factor"].toInt(),
-                              ctx->saved_data["align_corners"].toBool());
+    if (!grad.defined()) return {gx, gskip};
+    if (needs[1]) gskip = grad.narrow_symint(1, st.skip_first ? c10::SymInt(0) : st.cx, st.cs);
+    if (needs[0]) {
+      gx = grad.narrow_symint(1, st.skip_first ? st.cs : c10::SymInt(0), st.cx);
+      if (st.upsample) {
+        BackendGuard scope(static_cast<int>(st.backend));
+        gx = call_in_backward(bwd, gx, Mode(*st.upsample), st.scale_factor, st.align_corners);
       }
     }
-    return {gx, gskip, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {gx, gskip};
   }
 };
 
@@ -79,7 +74,14 @@ at::Tensor concat_skip_autograd(const at::Tensor& x, const at::Tensor& skip, Mod
                                 bool align_corners, bool skip_first) {
   if (!autograd_records(x, skip))
     return call_below_autograd(public_op(), x, skip, upsample, scale_factor, align_corners, skip_first);
-  return ConcatSkip::apply(x, skip, upsample, scale_factor, align_corners, skip_first);
+  refuse_unsupported("concat_skip", x, skip);
+  at::Tensor out = call_below_autograd(public_op(), x, skip, upsample, scale_factor, align_corners, skip_first);
+  auto node = OpNode<ConcatSkipGrad>::make(x, skip);
+  node->state = {x.sym_size(1), skip.sym_size(1),
+                 upsample ? std::optional<std::string>(std::string(*upsample)) : std::nullopt,
+                 scale_factor, align_corners, skip_first, static_cast<int64_t>(current_backend())};
+  node->attach(out);
+  return out;
 }
 
 // Under torch.autocast, as torch.cat: x and skip of different float dtypes meet in the wider one.

@@ -1,9 +1,9 @@
 // max_pool2d's public op: routing (csrc/dispatch.h) and autograd. Backward keeps
 // only the window offsets (the op's third output: the tap of each window's maximum,
 // int8 up to 128 taps), neither the input nor int64 indices.
-#include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "../autograd.h"
 #include "../dispatch.h"
 #include "../unboxed.h"
 
@@ -39,39 +39,26 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
   return r.pick(grad_out.device()).call(grad_out, offsets, input_size, k, s, p, d, channels_last);
 }
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
+// Backward reads the offsets (saved), the input's size and the pooling arguments.
+struct MaxPool2dGrad {
+  static constexpr const char* name = "dtkernels_MaxPool2dBackward";
+  struct State {
+    std::vector<c10::SymInt> input_size;  // SymInts: traceable with dynamic shapes
+    std::vector<int64_t> k, s, p, d;
+    bool channels_last = false;
+    int64_t backend = 0;
+    template <class F>
+    void fields(F&& f) {
+      f(input_size), f(k), f(s), f(p), f(d), f(channels_last), f(backend);
+    }
+  };
 
-struct MaxPool2d : torch::autograd::Function<MaxPool2d> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, at::IntArrayRef k, at::IntArrayRef s,
-                               at::IntArrayRef p, at::IntArrayRef d, bool ceil_mode, bool channels_last,
-                               bool return_indices, bool return_offsets) {
-    auto [out, indices, offsets] =
-        call_below_autograd(public_op(), input, k, s, p, d, ceil_mode, channels_last, return_indices, return_offsets);
-    ctx->mark_non_differentiable({indices, offsets});
-    ctx->saved_data["input_size"] = input.sym_sizes();  // SymInts: traceable with dynamic shapes
-    ctx->saved_data["k"] = k;
-    ctx->saved_data["s"] = s;
-    ctx->saved_data["p"] = p;
-    ctx->saved_data["d"] = d;
-    ctx->saved_data["channels_last"] = channels_last;
-    ctx->saved_data["backend"] = static_cast<int64_t>(current_backend());
-    ctx->save_for_backward({offsets});
-    return {out, indices, offsets};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static ag::variable_list backward(const State& st, const ag::variable_list& grads, const at::Tensor& offsets,
+                                    const std::vector<bool>& needs) {
     static const auto bwd = op_handle<Bwd>("dtkernels::max_pool2d_backward");
-    const at::Tensor offsets = ctx->get_saved_variables()[0];
-    const auto input_size = ctx->saved_data["input_size"].toSymIntVector();
-    const auto k = ctx->saved_data["k"].toIntVector(), s = ctx->saved_data["s"].toIntVector(),
-               p = ctx->saved_data["p"].toIntVector(), d = ctx->saved_data["d"].toIntVector();
-    BackendGuard scope(static_cast<int>(ctx->saved_data["backend"].toInt()));
-    at::Tensor gi = call_in_backward(bwd, grads[0], offsets, input_size, k, s, p, d,
-                                     ctx->saved_data["channels_last"].toBool());
-    variable_list res(9);
-    res[0] = gi;
-    return res;
+    if (!needs[0] || !grads[0].defined()) return {at::Tensor()};
+    BackendGuard scope(static_cast<int>(st.backend));
+    return {call_in_backward(bwd, grads[0], offsets, st.input_size, st.k, st.s, st.p, st.d, st.channels_last)};
   }
 };
 
@@ -81,11 +68,18 @@ Outs max_pool2d_autograd(const at::Tensor& input, at::IntArrayRef k, at::IntArra
   if (!autograd_records(input))
     return call_below_autograd(public_op(), input, k, s, p, d, ceil_mode, channels_last, return_indices,
                                return_offsets);
+  refuse_unsupported("max_pool2d", input);
   // Backward needs the offsets, so they are made whenever autograd records, whatever
   // the caller asked: the choice stays out of Python, where torch.jit.trace would
   // freeze it into the graph (a model traced under no_grad could not then train).
-  auto r = MaxPool2d::apply(input, k, s, p, d, ceil_mode, channels_last, return_indices, /*return_offsets=*/true);
-  return {r[0], r[1], r[2]};
+  Outs res = call_below_autograd(public_op(), input, k, s, p, d, ceil_mode, channels_last, return_indices,
+                                 /*return_offsets=*/true);
+  auto node = OpNode<MaxPool2dGrad>::make(input);
+  node->state = {input.sym_sizes().vec(), k.vec(), s.vec(), p.vec(), d.vec(), channels_last,
+                 static_cast<int64_t>(current_backend())};
+  node->attach(std::get<0>(res));
+  node->save(std::get<2>(res), /*is_output=*/false);  // integer: no grad_fn of its own
+  return res;
 }
 
 }  // namespace

@@ -1,9 +1,9 @@
 // residual_add's public op: routing (csrc/dispatch.h) and autograd. Backward keeps
 // only the output: the ReLU mask is out > 0, and with alpha == 1 one gradient
 // tensor serves both addends.
-#include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "../autograd.h"
 #include "../dispatch.h"
 #include "../unboxed.h"
 
@@ -33,42 +33,47 @@ at::Tensor residual_add_backward(const at::Tensor& grad_out, const at::Tensor& o
   return r.pick(grad_out.device()).call(grad_out, out, scale);
 }
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
+// Backward reads alpha, and with the ReLU the output (saved).
+struct ResidualAddGrad {
+  static constexpr const char* name = "dtkernels_ResidualAddBackward";
+  struct State {
+    double alpha = 1.0;
+    bool relu = false;
+    int64_t backend = 0;
+    template <class F>
+    void fields(F&& f) {
+      f(alpha), f(relu), f(backend);
+    }
+  };
 
-struct ResidualAdd : torch::autograd::Function<ResidualAdd> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& fx, double alpha,
-                            bool relu) {
-    at::Tensor out = call_below_autograd(public_op(), x, fx, alpha, relu);
-    ctx->saved_data["alpha"] = alpha;
-    ctx->saved_data["relu"] = relu;
-    ctx->saved_data["backend"] = static_cast<int64_t>(current_backend());
-    if (relu) ctx->save_for_backward({out});
-    return out;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static ag::variable_list backward(const State& st, const ag::variable_list& grads, const at::Tensor& out,
+                                    const std::vector<bool>& needs) {
     static const auto bwd = op_handle<Bwd>("dtkernels::residual_add_backward");
     const at::Tensor& grad = grads[0];
-    const double alpha = ctx->saved_data["alpha"].toDouble();
-    const bool need_x = ctx->needs_input_grad(0), need_fx = ctx->needs_input_grad(1);
+    const bool need_x = needs[0], need_fx = needs[1];
     at::Tensor gx, gfx;
-    if (!ctx->saved_data["relu"].toBool()) {
+    if (!grad.defined()) return {gx, gfx};
+    if (!st.relu) {
       if (need_x) gx = grad;
-      if (need_fx) gfx = alpha == 1.0 ? grad : grad * alpha;
-      return {gx, gfx, at::Tensor(), at::Tensor()};
+      if (need_fx) gfx = st.alpha == 1.0 ? grad : grad * st.alpha;
+      return {gx, gfx};
     }
-    const at::Tensor out = ctx->get_saved_variables()[0];
-    BackendGuard scope(static_cast<int>(ctx->saved_data["backend"].toInt()));
-    if (need_x || (need_fx && alpha == 1.0)) gx = call_in_backward(bwd, grad, out, 1.0);
-    if (need_fx) gfx = alpha == 1.0 ? gx : call_in_backward(bwd, grad, out, alpha);
-    return {need_x ? gx : at::Tensor(), gfx, at::Tensor(), at::Tensor()};
+    BackendGuard scope(static_cast<int>(st.backend));
+    if (need_x || (need_fx && st.alpha == 1.0)) gx = call_in_backward(bwd, grad, out, 1.0);
+    if (need_fx) gfx = st.alpha == 1.0 ? gx : call_in_backward(bwd, grad, out, st.alpha);
+    return {need_x ? gx : at::Tensor(), gfx};
   }
 };
 
 at::Tensor residual_add_autograd(const at::Tensor& x, const at::Tensor& fx, double alpha, bool relu) {
   if (!autograd_records(x, fx)) return call_below_autograd(public_op(), x, fx, alpha, relu);
-  return ResidualAdd::apply(x, fx, alpha, relu);
+  refuse_unsupported("residual_add", x, fx);
+  at::Tensor out = call_below_autograd(public_op(), x, fx, alpha, relu);
+  auto node = OpNode<ResidualAddGrad>::make(x, fx);
+  node->state = {alpha, relu, static_cast<int64_t>(current_backend())};
+  node->attach(out);
+  if (relu) node->save(out, /*is_output=*/true);  // the ReLU mask is out > 0
+  return out;
 }
 
 // Under torch.autocast: x and fx of different float dtypes meet in the wider one.

@@ -51,8 +51,8 @@ def unboxed_ok(a: Tensor, b: Tensor | None = None) -> bool:
 
 def transform_active() -> bool:
     """Whether a torch.func transform (grad, vjp, jvp, vmap, jacrev, ...) or a
-    forward-mode AD level is active. The ops' autograd is a C++ Function, which
-    supports neither, so the public functions then run their ATen decomposition:
+    forward-mode AD level is active. The ops' C++ autograd supports neither
+    (csrc/autograd.h), so the public functions then run their ATen decomposition:
     eager PyTorch's own results, with every transform (and no speed-up)."""
     return not _is_compiling() and (_peek_interpreter_stack() is not None or _forward_ad._current_level >= 0)
 
