@@ -164,3 +164,22 @@ def test_compiled_autograd():
     for n in ("MaxPool2dBackward", "ResidualAddBackward", "ConcatSkipBackward"):
         assert any("dtkernels_" + n in c for c in codes), n
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing(reentrant):
+    """torch.utils.checkpoint: the non-reentrant kind recomputes through the saved
+    tensors' hooks, the reentrant kind reruns the forward in backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, s = rand(2, 3, 8, 8, requires_grad=True), rand(2, 2, 8, 8, requires_grad=True)
+
+    def ours(a, b):
+        return dtk.concat_skip(dtk.max_pool2d(dtk.residual_add(a, a.flip(-1)), 2), b, upsample="nearest")
+
+    def eager(a, b):
+        return torch.cat([F.interpolate(F.max_pool2d(torch.relu(a + a.flip(-1)), 2), scale_factor=2), b], 1)
+
+    want = torch.autograd.grad(eager(x, s).square().sum(), (x, s))
+    checkpoint(ours, x, s, use_reentrant=reentrant).square().sum().backward()
+    assert torch.equal(x.grad, want[0]) and torch.equal(s.grad, want[1])
