@@ -1,5 +1,7 @@
 """Builds dtkernels._C: the C++ CPU kernels always, the CUDA kernels when torch has
-CUDA and nvcc is found (or FORCE_CUDA=1). TORCH_CUDA_ARCH_LIST picks the GPU archs.
+CUDA and nvcc is found (or FORCE_CUDA=1; DTKERNELS_NO_CUDA=1: never). TORCH_CUDA_ARCH_LIST
+picks the GPU archs; unset, the visible GPUs' (cpp_extension), or with none visible the
+archs torch itself was built for.
 
 Build against the torch you will run with:  pip install --no-build-isolation .
 (an isolated build would download a separate torch, a CUDA build of several GB).
@@ -33,6 +35,23 @@ def want_cuda():
     if force and torch.version.cuda is None:
         sys.exit("dtkernels: FORCE_CUDA=1 needs a CUDA build of torch; this one is " + torch.__version__)
     return force or (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None)
+
+
+def default_cuda_arch_list():
+    """TORCH_CUDA_ARCH_LIST for a CUDA build on a machine with no GPU to look at (a
+    Docker or CI build), where cpp_extension would fail with an IndexError: the archs
+    torch itself was built for (e.g. "7.5;8.0;8.6;9.0;10.0;12.0+PTX"), PTX for the newest."""
+    import re
+
+    archs = []
+    for flag in torch._C._cuda_getArchFlags().split():  # "sm_75 sm_80 ... sm_120", compile-time facts
+        m = re.fullmatch(r"sm_(\d+)", flag)
+        if m:
+            archs.append(f"{int(m.group(1)) // 10}.{int(m.group(1)) % 10}")
+    if not archs:
+        sys.exit("dtkernels: no GPU is visible to choose the CUDA archs for; set TORCH_CUDA_ARCH_LIST "
+                 "(e.g. 9.0 for H100) or DTKERNELS_NO_CUDA=1 for the CPU kernels alone")
+    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
 
 
 def cuda_arch_flags():
@@ -69,10 +88,15 @@ def project_version():
 
 VERSION = project_version()
 WITH_CUDA = want_cuda()
+if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+    os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list()
+    print(f"dtkernels: no GPU visible; building for torch's archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
 write_build_config(WITH_CUDA)
 
 sources = ["csrc/dtkernels.cpp"] + rel("csrc/ops/*.cpp") + rel("csrc/cpu/*.cpp")
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-Wno-c++20-extensions"]
+# No -std: BuildExtension adds torch's own standard (C++17 up to torch 2.11, C++20 from
+# 2.12; 2.14's headers need C++20, so forcing C++17 broke installs on newer torch).
+cxx_flags = ["-O3", "-fopenmp", "-Wno-c++20-extensions"]
 macros = []
 Extension = cpp_extension.CppExtension
 extra = {"cxx": cxx_flags}
@@ -80,7 +104,7 @@ if WITH_CUDA:
     sources += rel("csrc/cuda/*.cu")
     Extension = cpp_extension.CUDAExtension
     macros.append(("DTK_WITH_CUDA", "1"))
-    extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-diag-suppress", "3306"]
+    extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-diag-suppress", "3306"]
 
 setup(
     ext_modules=[

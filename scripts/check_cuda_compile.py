@@ -32,6 +32,15 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def cxx_standard() -> str:
+    """The standard torch's BuildExtension gives the real build (setup.py passes none):
+    C++17 up to torch 2.11, C++20 from 2.12."""
+    import torch
+
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return "c++20" if (major, minor) >= (2, 12) else "c++17"
+
+
 def compile_flags(arch: str, shim_dir: str) -> list[str]:
     import torch
     from torch.utils import cpp_extension
@@ -39,12 +48,12 @@ def compile_flags(arch: str, shim_dir: str) -> list[str]:
     inc = [f"-I{p}" for p in cpp_extension.include_paths()]
     abi = int(torch.compiled_with_cxx11_abi())
     return [
-        "-std=c++17", f"-arch={arch}", "-O2", "--expt-relaxed-constexpr",
+        f"-std={cxx_standard()}", f"-arch={arch}", "-O2", "--expt-relaxed-constexpr",
         # Same macros setup.py gives the real build (torch.utils.cpp_extension adds them there).
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
         "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
         "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-        # torch 2.13's headers use a C++20 bit-field initialiser; harmless under C++17.
+        # a C++20 bit-field initialiser in torch's headers: harmless under C++17 (torch 2.11).
         "-diag-suppress", "3306", "-Xcompiler", "-Wno-c++20-extensions", "-Xcompiler", "-fPIC", f"-I{ROOT / 'csrc'}", f"-I{sysconfig.get_paths()['include']}",
         *inc, f"-I{shim_dir}",
     ]

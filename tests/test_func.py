@@ -124,8 +124,12 @@ def test_compile_with_transforms():
     want = grad(lambda a: F.max_pool2d(torch.relu(a + a.flip(-1)), 3, 2, 1).square().sum())(x)
     torch._dynamo.reset()
     assert torch.equal(grad(torch.compile(f))(x), want)  # dynamo runs this one eagerly (torch's rule)
-    with pytest.raises(Exception, match="does not support torch.func transforms"):
-        torch.compile(grad(f))(x)  # dynamo inlines grad; the op's C++ autograd refuses (README)
+    # torch 2.13's dynamo inlines grad and the op's C++ autograd refuses, clearly
+    # (README); torch 2.14's traces the public functions' decompositions instead
+    try:
+        assert torch.equal(torch.compile(grad(f))(x), want)
+    except Exception as e:  # noqa: BLE001 - which torch refuses is torch's choice
+        assert "does not support torch.func transforms" in str(e), e
     graphs = []
 
     def backend(gm, inputs):
