@@ -8,14 +8,20 @@
 // torch.func transforms are refused (the Python functions decompose instead), saved
 // tensors go through SavedVariable (version checks, saved-tensor hooks, "backward
 // through the graph a second time"), and compiled autograd sees each backward as
-// one traceable call (apply_with_saved).
+// one traceable call (apply_with_saved; torch 2.7 and later, whose functional
+// compiled-autograd API it uses: on older torch compiled autograd refuses the nodes).
 #pragma once
 
 #include <ATen/FuncTorchTLS.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/version.h>
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 7)
+#define DTK_COMPILED_AUTOGRAD 1
 #include <torch/csrc/dynamo/compiled_autograd.h>
+#endif
 
 #include <mutex>
 #include <string>
@@ -109,6 +115,7 @@ struct OpNode final : ag::Node {
     return Op::backward(state, grads, unpack_saved(), needs);
   }
 
+#ifdef DTK_COMPILED_AUTOGRAD
   // Compiled autograd: the cache key holds the state, and the backward enters the
   // compiled graph as one call of `functional` on the state packed as IValues.
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
@@ -143,6 +150,7 @@ struct OpNode final : ag::Node {
     state.fields([&](auto& x) { swap.after(x); });
     return res;
   }
+#endif
 
  private:
   at::Tensor unpack_saved() const {
@@ -151,6 +159,7 @@ struct OpNode final : ag::Node {
     return saved.unpack(const_cast<OpNode*>(this)->getptr());
   }
 
+#ifdef DTK_COMPILED_AUTOGRAD
   static ag::variable_list functional(const ag::variable_list& grads, const std::vector<c10::IValue>& args) {
     torch::dynamo::autograd::PackedArgs packed(args);
     const auto t = packed.unpack<std::optional<at::Tensor>>().value_or(at::Tensor());
@@ -158,6 +167,7 @@ struct OpNode final : ag::Node {
     s.fields([&](auto& x) { x = packed.template unpack<std::decay_t<decltype(x)>>(); });
     return Op::backward(s, grads, t, packed.unpack<std::vector<bool>>());
   }
+#endif
 };
 
 }  // namespace dtkernels
