@@ -853,6 +853,8 @@ def test_errors_are_atens(args, check_path):
     the fake kernel (what torch.compile reports) and the native kernel."""
     x = rand(2, 3, 12, 12)
     want = _error(lambda: F.max_pool2d(x, *args))
+    if want == (RuntimeError, "integer out of range"):  # torch 2.11's words for 2.13's below
+        want = (RuntimeError, "value cannot be converted to type int without overflow")
     assert _error(lambda: dtk.max_pool2d(x, *args)) == want
     from torch._subclasses.fake_tensor import FakeTensorMode
 
