@@ -71,8 +71,8 @@ template <class Op>
 struct OpNode final : ag::Node {
   using State = typename Op::State;
   State state;
-  ag::SavedVariable saved;
-  bool has_saved = false, saved_is_output = false;
+  ag::SavedVariable saved;  // default-constructed: unpacks to an undefined tensor
+  bool saved_is_output = false;
 
   // A node whose next edges are those of `inputs` (the tensors it differentiates).
   template <typename... Ts>
@@ -97,7 +97,6 @@ struct OpNode final : ag::Node {
   // Saves t for backward; is_output: t is an output whose grad_fn is this node.
   void save(const at::Tensor& t, bool is_output) {
     saved = ag::SavedVariable(t, is_output);
-    has_saved = true;
     saved_is_output = is_output;
   }
 
@@ -110,9 +109,7 @@ struct OpNode final : ag::Node {
 
   ag::variable_list apply(ag::variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    std::vector<bool> needs(num_outputs());
-    for (size_t i = 0; i < needs.size(); ++i) needs[i] = task_should_compute_output(i);
-    return Op::backward(state, grads, unpack_saved(), needs);
+    return Op::backward(state, grads, unpack_saved(), needs_input_grad());
   }
 
 #ifdef DTK_COMPILED_AUTOGRAD
@@ -133,9 +130,7 @@ struct OpNode final : ag::Node {
     const at::Tensor t = unpack_saved();
     packed.pack(t.defined() ? std::optional<at::Tensor>(t) : std::nullopt);
     state.fields([&](auto& x) { packed.pack(x); });
-    std::vector<bool> needs(num_outputs());
-    for (size_t i = 0; i < needs.size(); ++i) needs[i] = task_should_compute_output(i);
-    packed.pack(needs);
+    packed.pack(needs_input_grad());
     const auto args = std::move(packed).vec();
     std::vector<at::TypePtr> schema;
     schema.reserve(args.size());
@@ -153,8 +148,14 @@ struct OpNode final : ag::Node {
 #endif
 
  private:
+  // Which of the op's inputs this backward must differentiate.
+  std::vector<bool> needs_input_grad() const {
+    std::vector<bool> needs(num_outputs());
+    for (size_t i = 0; i < needs.size(); ++i) needs[i] = task_should_compute_output(i);
+    return needs;
+  }
+
   at::Tensor unpack_saved() const {
-    if (!has_saved) return at::Tensor();
     if (!saved_is_output) return saved.unpack();
     return saved.unpack(const_cast<OpNode*>(this)->getptr());
   }

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import dtkernels as dtk
-from dtkernels.testing import rand
+from dtkernels.testing import OpLog, rand
 
 
 def _ops():
@@ -48,16 +48,28 @@ def test_node_names_edges_and_gradients(which):
         assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+# Backward kernel calls when only input i needs a gradient (None: both), per op:
+# residual_add (alpha 0.5) runs its backward once per addend; concat_skip's skip
+# gradient is a view, so only x's upsample adjoint is a kernel.
+_BACKWARD_CALLS = {"residual_add": {0: 1, 1: 1, None: 2}, "max_pool2d": {0: 1, None: 1},
+                   "concat_skip": {0: 1, 1: 0, None: 1}}
+
+
 @pytest.mark.parametrize("which", range(len(OPS)), ids=IDS)
 def test_only_inputs_that_need_grad_get_one(which):
+    """Edges only to inputs that require grad, and backward computes no gradient
+    nobody needs (the node's needs-input-grad flags)."""
     name, ours, _, shapes = OPS[which]
-    for i in range(len(shapes)):
-        xs = [rand(*s, requires_grad=(j == i)) for j, s in enumerate(shapes)]
+    for i in [*range(len(shapes)), None]:
+        xs = [rand(*s, requires_grad=(i is None or j == i)) for j, s in enumerate(shapes)]
         out = ours(*xs)
-        assert out.grad_fn.next_functions[i][0] is not None
-        assert all(f is None for j, (f, _) in enumerate(out.grad_fn.next_functions) if j != i)
-        out.sum().backward()
-        assert xs[i].grad is not None and all(x.grad is None for j, x in enumerate(xs) if j != i)
+        for j, (f, _) in enumerate(out.grad_fn.next_functions):
+            assert (f is not None) == xs[j].requires_grad
+        with OpLog() as log:
+            out.sum().backward()
+        kernels = [c[0] for c in log.calls if c[0] == f"dtkernels.{name}_backward.default"]
+        assert len(kernels) == _BACKWARD_CALLS[name][i], (i, log.calls)
+        assert all((x.grad is not None) == x.requires_grad for x in xs)
 
 
 @pytest.mark.parametrize("name", ["residual_add", "max_pool2d"])
