@@ -34,9 +34,18 @@ $PY -m dtkernels info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
 
 xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n ${XDIST:-12}"
 # Correctness runs need no autotuning (DTK_TRITON_AUTOTUNE=0); the bench step tunes.
-want tests && step tests ${TESTS_TIMEOUT:-240} "$OUT/tests.log" env DTK_GPU_ONLY=1 DTK_TRITON_AUTOTUNE=0 \
-  $PY -m pytest tests -q -m "cuda or triton" $xdist -p no:cacheprovider --durations=10 ${PYTEST_ARGS:-}
+# A per-test timeout, so that one hang cannot eat the step; the failures go into the summary.
+ptimeout=""; $PY -c "import pytest_timeout" 2>/dev/null && ptimeout="--timeout ${TEST_TIMEOUT:-90}"
+if want tests; then
+  step tests ${TESTS_TIMEOUT:-240} "$OUT/tests.log" env DTK_GPU_ONLY=1 DTK_TRITON_AUTOTUNE=0 \
+    $PY -m pytest tests -q -rfE -m "cuda or triton" $xdist $ptimeout -p no:cacheprovider --durations=10 ${PYTEST_ARGS:-}
+  grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | head -40 | sed 's/^/  - /' >> "$summary"
+fi
 
+# Every case (results are written after each one, so a timeout keeps what was measured).
+# The open targets first (max_pool2d, concat_skip), so that a timeout cuts the rest.
+want bench && step bench ${BENCH_TIMEOUT:-200} "$OUT/bench.log" $PY benchmarks/demo.py --device cuda --rounds ${BENCH_ROUNDS:-10} \
+  --first max_pool2d,concat_skip --json "$OUT/gpu_bench.json" --md "$OUT/gpu_bench.md"
 if ! want sanitizer; then :
 elif command -v compute-sanitizer >/dev/null; then
   # The tests marked `sanitize`: small, odd and misaligned shapes through every kernel.
@@ -46,10 +55,6 @@ else
   echo "- sanitizer: compute-sanitizer not found" >> "$summary"
 fi
 
-# Every case (results are written after each one, so a timeout keeps what was measured).
-# The open targets first (max_pool2d, concat_skip), so that a timeout cuts the rest.
-want bench && step bench ${BENCH_TIMEOUT:-200} "$OUT/bench.log" $PY benchmarks/demo.py --device cuda --rounds ${BENCH_ROUNDS:-10} \
-  --first max_pool2d,concat_skip --json "$OUT/gpu_bench.json" --md "$OUT/gpu_bench.md"
 # Wall vs host vs kernel time per call, to tell host-bound calls from slow kernels.
 want profile && step profile ${PROFILE_TIMEOUT:-120} "$OUT/profile.log" $PY benchmarks/gpu_profile.py --md "$OUT/profile.md" \
   && rm -f "$OUT/profile.log"
