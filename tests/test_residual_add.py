@@ -107,17 +107,23 @@ def test_alpha_overflow_is_atens_error(backend):
     for dtype, alpha, shape in ((torch.float16, 1e5, (2, 3)), (torch.bfloat16, -1e39, (2, 3)),
                                 (torch.float32, 1e39, (2, 3)), (torch.float32, 1e39, (0, 3))):  # empty too
         x = rand(*shape, dtype=dtype, device=device)
-        if device == "cpu" or dtype == torch.float32:
+        if device.type == "cpu" or dtype == torch.float32:
             with pytest.raises(RuntimeError) as want:
                 torch.add(x, x, alpha=alpha)
             with pytest.raises(RuntimeError, match=str(want.value).splitlines()[0]):
                 dtk.residual_add(x, x, alpha=alpha)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode():  # the fake kernel (what torch.compile traces) raises it too
-        fake = torch.empty(2, 3, dtype=torch.float16, device=device)
+    # The fake kernel (what torch.compile traces) raises it too, by the device's rule:
+    # 1e5 overflows float16 on the CPU; CUDA takes alpha as float, which 1e39 overflows.
+    fake_dtype, fake_alpha = (torch.float16, 1e5) if device.type == "cpu" else (torch.float32, 1e39)
+    with FakeTensorMode():
+        fake = torch.empty(2, 3, dtype=fake_dtype, device=device)
         with pytest.raises(RuntimeError, match="without overflow"):
-            torch.ops.dtkernels.residual_add(fake, fake, 1e5, True)
+            torch.ops.dtkernels.residual_add(fake, fake, fake_alpha, True)
+        if device.type != "cpu":  # and a 16-bit CUDA tensor takes 1e5, as ATen does
+            half = torch.empty(2, 3, dtype=torch.float16, device=device)
+            torch.ops.dtkernels.residual_add(half, half, 1e5, True)
     x = rand(2, 3, device=device)
     assert torch.equal(dtk.residual_add(x, x, alpha=float("inf")), torch.relu(torch.add(x, x, alpha=float("inf"))))
     assert dtk.residual_add(x, x, alpha=float("nan")).isnan().all()
