@@ -18,12 +18,11 @@ import dtkernels as dtk
 from dtkernels import reference as ref
 from dtkernels.testing import saved_tensor_bytes
 
-from common import Case, IMPLS, cuda_next, run_pytest_benchmark
+from common import Case, IMPLS, run_pytest_benchmark
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
 X, SKIP = (16, 64, 64, 64), (16, 64, 128, 128)  # the issue's U-Net level
-CUDA_NEXT = {"DTK_CUDA_CONCAT": "next"}  # the opt-in CUDA kernels
 
 
 def _numel(shape):
@@ -81,11 +80,9 @@ def _concat_skip_cases():
                     main = dtype == torch.float32 and mode == "nearest" and fmt is NCHW
                     moved = _bytes(dtype, bwd)
                     run = _fwd_bwd if bwd else _fwd
-                    # the opt-in CUDA kernels: float32 forwards and the main fwd+bwd (the GPU check's time is short)
-                    nxt = cuda_next(CUDA_NEXT, run(_dtk, mode)) if dtype == torch.float32 and (main or not bwd) else {}
                     out.append(Case("concat_skip", f"{'fwd+bwd' if bwd else 'fwd'} {mode}", label + tag, dtype,
                                     _inputs(dtype, fmt, bwd, moved=moved), baseline=run(ref.concat_skip, mode),
-                                    candidate=run(_dtk, mode), extras={"clone": lambda i: i["yard"].clone(), **nxt},
+                                    candidate=run(_dtk, mode), extras={"clone": lambda i: i["yard"].clone()},
                                     bytes=moved, target=(1.25 if bwd else 1.3) if main else None,
                                     note="GPU target: >= 0.85 of the clone's bandwidth (H100)", devices=devices))
     # DeepLabV3+'s decoder: the ASPP output (stride 16) upsampled bilinearly by 4 and

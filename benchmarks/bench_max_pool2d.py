@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import dtkernels as dtk
 
-from common import Case, IMPLS, cuda_next, run_pytest_benchmark
+from common import Case, IMPLS, run_pytest_benchmark
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
@@ -45,10 +45,6 @@ def _fwd_bwd(f, pool, indices=False):
         return torch.autograd.grad(out, i["x"], i["g"])
     return run
 
-
-# The opt-in CUDA kernels: NCHW forward "vec" (and channels_last 32-bit splits), NCHW
-# backward "rows".
-CUDA_NEXT = {"DTK_CUDA_MAXPOOL_FWD": "vec", "DTK_CUDA_MAXPOOL_BWD": "rows"}
 
 
 def _nbytes(shape, dtype, pool):
@@ -88,9 +84,8 @@ def _cases():
     for name, grad, target in [("k3s2p1-fwd", False, None), ("k3s2p1-fwd+bwd", True, 2.0)]:
         run = _fwd_bwd if grad else _fwd
         nb = _nbytes(stem, f16, K3)
-        extras = cuda_next(CUDA_NEXT, run(dtk.max_pool2d, K3))
-        if not grad:  # the forward's yardstick: a clone of as many bytes
-            extras["clone"] = lambda i: i["c"].clone()
+        # the forward's yardstick: a clone of as many bytes
+        extras = {} if grad else {"clone": lambda i: i["c"].clone()}
         out.append(Case("max_pool2d", name, "32x64x112x112", f16,
                         _inputs(stem, f16, NCHW, K3, grad=grad, copy_bytes=0 if grad else nb),
                         baseline=run(F.max_pool2d, K3), candidate=run(dtk.max_pool2d, K3), extras=extras,
@@ -101,8 +96,7 @@ def _cases():
         out.append(Case("max_pool2d", "k2s2-fwd", "64x128x128x128" + ("-cl" if fmt is CL else ""), f16,
                         _inputs(large, f16, fmt, K2, copy_bytes=nb),
                         baseline=_fwd(F.max_pool2d, K2), candidate=_fwd(dtk.max_pool2d, K2),
-                        extras={"clone": lambda i: i["c"].clone(),
-                                **cuda_next(CUDA_NEXT, _fwd(dtk.max_pool2d, K2))},
+                        extras={"clone": lambda i: i["c"].clone()},
                         bytes=nb, devices=("cuda",),
                         note="target: >= 0.85 of the copy bandwidth (clone of the same bytes)"))
     # A ResNet-sized map whose rows (28 outputs) are not a multiple of the vector length

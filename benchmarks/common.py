@@ -9,12 +9,10 @@ machine's copy bandwidth in the same run. Timings are interleaved rounds, median
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
-from unittest import mock
 
 import torch
 
@@ -69,21 +67,10 @@ def _under(backend: str, fn):
     return run
 
 
-def cuda_next(env: dict[str, str], fn) -> dict[str, Callable[[Inputs], Any]]:
-    """An extra "dtk-cuda-next": `fn` on the CUDA kernels with the opt-in ones that
-    `env` switches on, timed beside the default ones until a GPU run has shown which
-    to keep (nothing where the CUDA kernels are not built)."""
-    if "cuda" not in dtk.available_backends():
-        return {}
-
-    def run(inputs):
-        with mock.patch.dict(os.environ, env), dtk.use_backend("cuda"):
-            return fn(inputs)
-    return {"dtk-cuda-next": run}
-
-
-def gpu_backends() -> list[str]:
-    return [b for b in ("triton", "cuda") if b in dtk.available_backends()]
+def gpu_backends(only: str = "") -> list[str]:
+    """The GPU backends built here, or those of them named in `only` (comma-separated)."""
+    names = [b for b in ("triton", "cuda") if b in dtk.available_backends()]
+    return [b for b in names if b in only.split(",")] if only else names
 
 
 def sync(device: torch.device) -> None:

@@ -49,35 +49,13 @@ def _figures_md(figures: dict[str, dict]) -> str:
     return "".join(f"- {g}: " + ", ".join(f"{k} {v}" for k, v in f.items()) + "\n" for g, f in figures.items())
 
 
-def _next_md(rows: list[dict]) -> str:
-    """Where a case times the opt-in CUDA kernels (dtk-cuda-next) beside the default
-    ones: the default's time over next's (> 1: next is faster), to decide which to keep."""
-    by_case: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        by_case.setdefault((r["op"], r["case"], r["shape"], r["dtype"]), {})[r["impl"]] = r
-    lines = []
-    for (op, case, shape, dtype), impls in by_case.items():
-        if "dtk-cuda" in impls and "dtk-cuda-next" in impls:
-            a, b = impls["dtk-cuda"], impls["dtk-cuda-next"]
-            bw = f", of clone BW {a['frac_of_clone_bw']} -> {b['frac_of_clone_bw']}" if b.get("frac_of_clone_bw") else ""
-            lines.append(f"| {op} {case} {shape} {dtype} | {a['median_ms']:.3f} | {b['median_ms']:.3f} | "
-                         f"{a['median_ms'] / b['median_ms']:.2f} | x torch {a['speedup_vs_torch']} -> "
-                         f"{b['speedup_vs_torch']}{bw} |")
-    if not lines:
-        return ""
-    return ("\n## Opt-in CUDA kernels (dtk-cuda-next) against the default ones\n\n"
-            "| case | dtk-cuda ms | dtk-cuda-next ms | default / next | |\n|---|---|---|---|---|\n"
-            + "\n".join(lines) + "\n")
-
-
 def write(args, info: dict, device: torch.device, rows: list[dict], figures: dict) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "rows": rows, "figures": figures}, indent=1))
     if args.md:
         head = "\n".join(f"- {k}: {v}" for k, v in info.items())
         more = f"\n{_figures_md(figures)}" if figures else ""
-        Path(args.md).write_text(f"# dtkernels benchmark ({device.type})\n\n{head}\n\n{markdown(rows)}\n{more}"
-                                 + _next_md(rows))
+        Path(args.md).write_text(f"# dtkernels benchmark ({device.type})\n\n{head}\n\n{markdown(rows)}\n{more}")
 
 
 def main(argv=None) -> int:
@@ -88,11 +66,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="only the cases with a target (and GPU-only ones)")
     ap.add_argument("--first", default="", help="comma-separated op names to run before the others (a time "
                     "limit then cuts the least wanted)")
+    ap.add_argument("--backends", default="", help="comma-separated GPU backends to time (default: all built)")
     ap.add_argument("--json")
     ap.add_argument("--md")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    backends = ["cpu"] if device.type == "cpu" else gpu_backends()
+    backends = ["cpu"] if device.type == "cpu" else gpu_backends(args.backends)
     cases = [c for c in load_cases() if device.type in c.devices]
     if args.ops:
         cases = [c for c in cases if c.op in args.ops.split(",")]

@@ -103,14 +103,11 @@ struct Concat {
   FastDivmod ds;  // nearest's source index h / s, per element
   bool align;     // bilinear's align_corners
   ConcatOffsets at;  // where up(x) and skip start in the output's channels
-  // MODE: the upsample (0 none, 1 nearest, 2 bilinear), plus 3 for the opt-in
-  // kernels (DTK_CUDA_CONCAT=next) until a GPU run has measured them: the upsampled
-  // part a pack at a time (one load for a nearest NCHW pack at s = 2, row pointers
-  // and per-pack vertical weights for bilinear, four pack loads for a bilinear
-  // channels_last pack); same arithmetic, so the same bits. Separate instances, so
-  // the default kernels' registers stay as they were.
-  static constexpr int M = MODE % 3;
-  static constexpr bool next = MODE >= 3;
+  // MODE: the upsample (0 none, 1 nearest, 2 bilinear). The upsampled part is made a
+  // pack at a time where it can be: one load for a nearest NCHW pack at s = 2, row
+  // pointers and per-pack vertical weights for bilinear, four pack loads for a
+  // bilinear channels_last pack; up()'s arithmetic, so the same bits.
+  static constexpr int M = MODE;
 
   C10_HOST_DEVICE C10_ALWAYS_INLINE T up(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
     using A = at::opmath_type<T>;
@@ -171,7 +168,7 @@ struct Concat {
     const bool in_x = c >= x0 && c < x0 + cx;
     const bool all_x = CL ? c >= x0 && c + V <= x0 + cx : in_x;
     const bool all_skip = CL ? c >= s0 && c + V <= s0 + cs : !in_x;
-    if (next && in_x) {
+    if (in_x) {
       if constexpr (!CL && M == 1 && V % 2 == 0) {
         if (s == 2 && x.s3 == 1) {  // w is a multiple of V: source columns w/2 .. w/2 + V/2 - 1
           Pack<T, V / 2> half;
@@ -223,9 +220,8 @@ struct Adjoint {
   int s;
   at::opmath_type<T> scale_h, scale_w;  // as Concat's
   bool align;
-  // MODE as Concat's; next: a nearest NCHW pack at s = 2 from row packs
-  static constexpr int M = MODE % 3;
-  static constexpr bool next = MODE >= 3;
+  // MODE as Concat's; a nearest NCHW pack at s = 2 sums row packs
+  static constexpr int M = MODE;
 
   // Whether output index o (in range or not) reads input index i through its first
   // / second source index, and the two weights.
@@ -275,7 +271,7 @@ struct Adjoint {
   C10_HOST_DEVICE C10_ALWAYS_INLINE Pack<T, V> pack(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
     Pack<T, V> p;
     if constexpr (!CL && M == 1) {
-      if (next && s == 2 && g.s3 == 1) {
+      if (s == 2 && g.s3 == 1) {
         // V columns w.. of x's gradient: two gradient rows, 2V columns each (two packs
         // a row); per element the order of value(): row by row, from +0.
         A acc[V];
@@ -330,9 +326,9 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void concat_pack_item(T* out, const Walk& o, c
 
 // Calls run(V, CL, f, walk) (V and CL std::integral_constants) for functor
 // Op<T, MODE>{args...} over `out`: V = 16 bytes of T when rows are whole packs (the
-// output is always 16-byte aligned), else 1; MODE the upsample, plus 3 with `next`.
+// output is always 16-byte aligned), else 1; MODE the upsample.
 template <template <typename, int> class Op, typename T, typename Run, typename... Args>
-void for_concat_packs(const at::Tensor& out, Upsample mode, bool next, Run run, Args... args) {
+void for_concat_packs(const at::Tensor& out, Upsample mode, Run run, Args... args) {
   const bool cl = out.is_contiguous(at::MemoryFormat::ChannelsLast) && !out.is_contiguous();
   auto go = [&](auto v, auto m) {
     constexpr int V = decltype(v)::value, M = decltype(m)::value;
@@ -344,10 +340,8 @@ void for_concat_packs(const at::Tensor& out, Upsample mode, bool next, Run run, 
   auto with_mode = [&](auto v) {
     switch (mode) {
       case Upsample::None: return go(v, std::integral_constant<int, 0>{});
-      case Upsample::Nearest:
-        return next ? go(v, std::integral_constant<int, 4>{}) : go(v, std::integral_constant<int, 1>{});
-      default:
-        return next ? go(v, std::integral_constant<int, 5>{}) : go(v, std::integral_constant<int, 2>{});
+      case Upsample::Nearest: return go(v, std::integral_constant<int, 1>{});
+      default: return go(v, std::integral_constant<int, 2>{});
     }
   };
   constexpr int kPack = 16 / sizeof(T);
@@ -356,13 +350,12 @@ void for_concat_packs(const at::Tensor& out, Upsample mode, bool next, Run run, 
 }
 
 namespace cpu {
-// The CUDA kernels (concat_pack_item over every pack) run on the host; `next` as
-// DTK_CUDA_CONCAT=next.
+// The CUDA kernels (concat_pack_item over every pack) run on the host.
 at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
-                                    std::optional<c10::string_view> upsample, int64_t scale_factor, bool next,
+                                    std::optional<c10::string_view> upsample, int64_t scale_factor,
                                     bool align_corners, bool skip_first);
 at::Tensor emulate_cuda_concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::string_view> upsample,
-                                             int64_t scale_factor, bool next, bool align_corners);
+                                             int64_t scale_factor, bool align_corners);
 }  // namespace cpu
 
 }  // namespace dtkernels

@@ -157,20 +157,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       }, "Test aid: FastDivmod's quotients (the CUDA kernels' index divisions) for int64 numerators below 2^31.");
   namespace py = pybind11;
   m.def("_emulate_cuda_concat_skip", &dtkernels::cpu::emulate_cuda_concat_skip,
-        "Test aid: the CUDA concat_skip forward's per-thread code (next: DTK_CUDA_CONCAT=next), run on the host.",
-        py::arg("x"), py::arg("skip"), py::arg("upsample"), py::arg("scale_factor"), py::arg("next"),
+        "Test aid: the CUDA concat_skip forward's per-thread code, run on the host.",
+        py::arg("x"), py::arg("skip"), py::arg("upsample"), py::arg("scale_factor"),
         py::arg("align_corners") = false, py::arg("skip_first") = false);
   m.def("_emulate_cuda_concat_skip_backward", &dtkernels::cpu::emulate_cuda_concat_skip_backward,
-        "Test aid: the CUDA concat_skip backward's per-thread code (next: DTK_CUDA_CONCAT=next), run on the host.",
-        py::arg("grad_up"), py::arg("upsample"), py::arg("scale_factor"), py::arg("next"),
+        "Test aid: the CUDA concat_skip backward's per-thread code, run on the host.",
+        py::arg("grad_up"), py::arg("upsample"), py::arg("scale_factor"),
         py::arg("align_corners") = false);
   m.def("_emulate_cuda_max_pool2d", &dtkernels::cpu::emulate_cuda_max_pool2d,
-        "Test aid: the default CUDA max_pool2d forward's per-thread code (fast_split: the item split "
-        "DTK_CUDA_MAXPOOL_FWD=vec sets), run on the host.");
+        "Test aid: the CUDA max_pool2d forward's per-thread code but the NCHW vec kernel's (fast_split: "
+        "channels_last's 32-bit item split, taken below 2^31 items), run on the host.");
   m.def("_emulate_cuda_max_pool2d_backward", &dtkernels::cpu::emulate_cuda_max_pool2d_backward,
-        "Test aid: the default CUDA max_pool2d backward's per-thread code, run on the host.");
+        "Test aid: the CUDA max_pool2d backward's per-thread code for channels_last (and NCHW beyond 2^31 "
+        "items), run on the host.");
   m.def("_emulate_cuda_max_pool2d_backward_rows", &dtkernels::cpu::emulate_cuda_backward_rows,
-        "Test aid: the opt-in CUDA NCHW max_pool2d backward's (DTK_CUDA_MAXPOOL_BWD=rows) per-thread code, "
+        "Test aid: the CUDA NCHW max_pool2d backward's per-thread code (16 bytes of a row per thread), "
         "run on the host.");
   m.def("_set_cpu_f16c", [](bool on) {
         dtkernels::cpu::f16c_flag().store(on && dtkernels::cpu::cpu_has_f16c());

@@ -9,9 +9,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+# DTK_NO_CLONES=1: the CPU kernels for one ISA level only, for a quicker build, the
+# slowest step on the lent machine (159 s with clones; its last file to finish,
+# csrc/cpu/max_pool2d.cpp, compiles in 32 s instead of 53 s on a 2-core machine).
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1 \
+  DTK_NO_CLONES=${DTK_NO_CLONES:-1}
 PY=${PYTHON:-python3}
 STEPS=" ${STEPS:-build tests sanitizer bench profile} "  # a rerun can pick steps, e.g. STEPS="build bench"
+# A rerun can also narrow them: TEST_PATHS (tests and sanitizer), BENCH_ARGS (e.g.
+# "--ops max_pool2d --backends cuda"), PROFILE_ARGS (e.g. "--filter max_pool2d").
+TEST_PATHS=${TEST_PATHS:-tests}
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 summary="$OUT/summary.md"
 echo "# dtkernels GPU check $(date -u +%FT%TZ), commit ${DTK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" > "$summary"
@@ -38,25 +45,25 @@ xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n ${XDIST:-12}"
 ptimeout=""; $PY -c "import pytest_timeout" 2>/dev/null && ptimeout="--timeout ${TEST_TIMEOUT:-90}"
 if want tests; then
   step tests ${TESTS_TIMEOUT:-240} "$OUT/tests.log" env DTK_GPU_ONLY=1 DTK_TRITON_AUTOTUNE=0 \
-    $PY -m pytest tests -q -rfE -m "cuda or triton" $xdist $ptimeout -p no:cacheprovider --durations=10 ${PYTEST_ARGS:-}
+    $PY -m pytest $TEST_PATHS -q -rfE -m "cuda or triton" $xdist $ptimeout -p no:cacheprovider --durations=10 ${PYTEST_ARGS:-}
   grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | head -40 | sed 's/^/  - /' >> "$summary"
 fi
 
 # Every case (results are written after each one, so a timeout keeps what was measured).
 # The open targets first (max_pool2d, concat_skip), so that a timeout cuts the rest.
 want bench && step bench ${BENCH_TIMEOUT:-200} "$OUT/bench.log" $PY benchmarks/demo.py --device cuda --rounds ${BENCH_ROUNDS:-10} \
-  --first max_pool2d,concat_skip --json "$OUT/gpu_bench.json" --md "$OUT/gpu_bench.md"
+  --first max_pool2d,concat_skip --json "$OUT/gpu_bench.json" --md "$OUT/gpu_bench.md" ${BENCH_ARGS:-}
 if ! want sanitizer; then :
 elif command -v compute-sanitizer >/dev/null; then
   # The tests marked `sanitize`: small, odd and misaligned shapes through every kernel.
   step sanitizer ${SANITIZER_TIMEOUT:-150} "$OUT/sanitizer.log" env DTK_GPU_ONLY=1 DTK_TRITON_AUTOTUNE=0 compute-sanitizer --tool memcheck \
-    --error-exitcode 3 $PY -m pytest tests -q -m "sanitize and (cuda or triton)" -p no:cacheprovider
+    --error-exitcode 3 $PY -m pytest $TEST_PATHS -q -m "sanitize and (cuda or triton)" -p no:cacheprovider
 else
   echo "- sanitizer: compute-sanitizer not found" >> "$summary"
 fi
 
 # Wall vs host vs kernel time per call, to tell host-bound calls from slow kernels.
-want profile && step profile ${PROFILE_TIMEOUT:-120} "$OUT/profile.log" $PY benchmarks/gpu_profile.py --md "$OUT/profile.md" \
+want profile && step profile ${PROFILE_TIMEOUT:-120} "$OUT/profile.log" $PY benchmarks/gpu_profile.py --md "$OUT/profile.md" ${PROFILE_ARGS:-} \
   && rm -f "$OUT/profile.log"
 cat "$summary"
 exit $rc_all

@@ -328,7 +328,7 @@ def _same_bits(a, b):
 def _misaligned(x):
     """x's values in a tensor of x's layout whose data starts one element past an
     allocation's start: the CUDA kernels' 16-byte packs must not be taken there."""
-    buf = torch.empty(x.numel() + 1, dtype=x.dtype)[1:]
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:]
     y = buf.as_strided(x.shape, x.stride())
     y.copy_(x)
     return y
@@ -352,7 +352,8 @@ def test_cuda_default_kernels_code_on_the_host(dtype, memory_format):
     on the host over every thread item, gives the CPU kernel's values, int64 indices,
     offsets and gradients bit for bit: random geometry with NaN, -inf and ties, windows
     with no tap in the input, int16 and int32 offsets, channels_last with and without
-    16-byte packs, misaligned data, and the 32-bit item split of DTK_CUDA_MAXPOOL_FWD=vec."""
+    16-byte packs, misaligned data, and the 32-bit item split channels_last takes below
+    2^31 thread items."""
     cl = memory_format is CL
     cases = _aten_cases(60, seed=11) + _CUDA_DEFAULT_EXTRA
     for n, (shape, k, s, p, d, cm) in enumerate(cases):
@@ -489,91 +490,93 @@ def _run_and_kernels(fn, *args):
     return out, " ".join(e.key for e in prof.key_averages())
 
 
-def _switch_matches_default(monkeypatch, env, kernel, fn, args_list, check_kernels=True):
-    """An opt-in CUDA kernel (env = "NAME=value") gives the default kernel's bits on
-    every call in args_list; the first call checks that the switch really launches it."""
-    name, value = env.split("=")
+def _matches_cpu(fn, args_list, kernel=""):
+    """fn on CUDA gives the CPU kernel's bits and strides on every call in args_list
+    (the CUDA kernels compare and sum in the CPU kernel's order); on the first call,
+    when `kernel` is named, that kernel is the one that ran."""
     for n, args in enumerate(args_list):
-        monkeypatch.delenv(name, raising=False)
-        if n == 0 and check_kernels:
-            want, ran = _run_and_kernels(fn, *args)
-            assert kernel not in ran, ran
-            monkeypatch.setenv(name, value)
+        if n == 0 and kernel:
             got, ran = _run_and_kernels(fn, *args)
             assert kernel in ran, ran
         else:
-            want = fn(*args)
-            monkeypatch.setenv(name, value)
             got = fn(*args)
-        want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
-        assert all(_same_bits(a, b) for a, b in zip(got, want)), f"call {n}: {[getattr(a, 'shape', a) for a in args]}"
+        want = fn(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        where = f"call {n}: {[getattr(a, 'shape', a) for a in args]}"
+        for a, b in zip(got, want):
+            assert _same_bits(a.cpu(), b) and a.stride() == b.stride(), where
 
 
-def _backward_args(dtype, cases):
+def _backward_args(dtype, cases, channels_last=False):
     out = []
+    fmt = CL if channels_last else None
     for n, (shape, k, s, p, d, cm) in enumerate(cases):
         k, s, p, d = mp.normalize_args(k, s, p, d)
-        x = _data(shape, dtype, "cuda", seed=n)
-        _, _, off = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, False, True)
+        x = _data(shape, dtype, "cuda", fmt, seed=n)
+        _, _, off = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, channels_last, False, True)
         g = rand(*off.shape, dtype=dtype, device="cuda", generator=torch.Generator().manual_seed(n))
-        out.append((g, off, list(shape), k, s, p, d, False))
+        out.append((g.contiguous(memory_format=fmt) if fmt else g, off, list(shape), k, s, p, d, channels_last))
     return out
 
 
-def _forward_args(dtype, cases, channels_last=False):
+def _forward_args(dtype, cases, channels_last=False, misaligned=False):
     out = []
     for n, (shape, k, s, p, d, cm) in enumerate(cases):
         k, s, p, d = mp.normalize_args(k, s, p, d)
         x = _data(shape, dtype, "cuda", CL if channels_last else None, seed=n)
-        out.append((x, k, s, p, d, cm, channels_last, True, True))
+        out.append((_misaligned(x) if misaligned else x, k, s, p, d, cm, channels_last, True, True))
     return out
 
 
 @pytest.mark.cuda
 @_NEEDS_CUDA_KERNELS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
-def test_cuda_rows_backward_matches_the_default(monkeypatch, dtype):
-    """DTK_CUDA_MAXPOOL_BWD=rows (the opt-in NCHW backward) gives the default CUDA
-    kernel's bits: the same sums in the same order."""
+def test_cuda_backward_matches_the_cpu(dtype):
+    """The CUDA backward (NCHW: 16 bytes of a row per thread; channels_last: an element
+    or pack of channels per thread) gives the CPU kernel's bits: the same sums in the
+    same order."""
     cases = _aten_cases(40, seed=3) + [((2, 3, 57, 61), 3, 2, 1, 1, False)]
-    _switch_matches_default(monkeypatch, "DTK_CUDA_MAXPOOL_BWD=rows", "backward_rows_kernel",
-                            torch.ops.dtkernels._max_pool2d_backward, _backward_args(dtype, cases))
+    _matches_cpu(torch.ops.dtkernels._max_pool2d_backward, _backward_args(dtype, cases), "backward_rows_kernel")
+    cl = [((2, 16, 14, 28), 3, 2, 1, 1, False)] + _aten_cases(20, seed=4)
+    _matches_cpu(torch.ops.dtkernels._max_pool2d_backward, _backward_args(dtype, cl, channels_last=True),
+                 "max_pool2d_backward_kernel")
 
 
 @pytest.mark.cuda
 @_NEEDS_CUDA_KERNELS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
-def test_cuda_vec_forward_matches_the_default(monkeypatch, dtype):
-    """DTK_CUDA_MAXPOOL_FWD=vec (the opt-in NCHW forward, and 32-bit item splits for
-    channels_last) gives the default CUDA kernels' values, indices and offsets bit
-    for bit: on the geometries the NCHW kernel has, and on any for channels_last."""
-    cases = [((2, 3, 14, 112), 3, 2, 1, 1, False)] + _vec_forward_cases(40, seed=5) + _VEC_EXTRA
-    _switch_matches_default(monkeypatch, "DTK_CUDA_MAXPOOL_FWD=vec", "max_pool2d_vec_kernel",
-                            torch.ops.dtkernels._max_pool2d, _forward_args(dtype, cases))
+def test_cuda_forward_matches_the_cpu(dtype):
+    """The CUDA forward gives the CPU kernel's values, indices and offsets bit for bit:
+    the vec kernel on the NCHW geometries it has (16-byte aligned input), the rows
+    kernel on the others and on misaligned input, channels_last with its 32-bit item
+    splits."""
+    vec = [((2, 3, 14, 112), 3, 2, 1, 1, False)] + _vec_forward_cases(40, seed=5) + _VEC_EXTRA
+    _matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(dtype, vec), "max_pool2d_vec_kernel")
+    _matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(dtype, vec[:12], misaligned=True),
+                 "max_pool2d_rows_kernel")
+    _matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(dtype, _aten_cases(30, seed=7)))
     cl = [((2, 16, 14, 28), 3, 2, 1, 1, False), ((2, 8, 9, 10), 2, 2, 0, 1, True)] + _aten_cases(30, seed=6)
-    _switch_matches_default(monkeypatch, "DTK_CUDA_MAXPOOL_FWD=vec", "", torch.ops.dtkernels._max_pool2d,
-                            _forward_args(dtype, cl, channels_last=True), check_kernels=False)
+    _matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(dtype, cl, channels_last=True), "max_pool2d_kernel")
 
 
 @pytest.mark.cuda
 @pytest.mark.sanitize
 @_NEEDS_CUDA_KERNELS
-def test_cuda_opt_in_kernels_memcheck(monkeypatch):
-    """A few shapes for compute-sanitizer through both opt-in kernels: 16-byte stores
+def test_cuda_kernels_memcheck():
+    """A few shapes for compute-sanitizer through every NCHW kernel: 16-byte stores
     (W = 64), rows that end mid-pack (W = 61, 5), int16 offsets, partial last groups,
-    windows that reach past both ends of a row."""
-    # no profiler here: CUPTI and compute-sanitizer do not mix; the tests above check the switches
+    windows that reach past both ends of a row, misaligned input; and channels_last
+    packs of 8 and of 1."""
+    # no profiler here: CUPTI and compute-sanitizer do not mix; the tests above check the kernels
     cases = [((2, 3, 16, 64), 3, 2, 1, 1, False), ((1, 2, 9, 61), 3, 2, 1, 1, True), ((2, 3, 7, 5), 2, 1, 0, 2, False),
              ((1, 2, 20, 23), 12, 3, 5, 1, True)]
-    _switch_matches_default(monkeypatch, "DTK_CUDA_MAXPOOL_BWD=rows", "", torch.ops.dtkernels._max_pool2d_backward,
-                            _backward_args(torch.float16, cases), check_kernels=False)
+    _matches_cpu(torch.ops.dtkernels._max_pool2d_backward, _backward_args(torch.float16, cases))
     cases = [((2, 3, 16, 64), 3, 2, 1, 1, False), ((1, 2, 9, 24), 3, 2, 0, 1, True), ((1, 2, 7, 8), 3, 1, 1, 1, False),
              ((1, 3, 6, 40), 2, 2, 0, 1, True)]
-    _switch_matches_default(monkeypatch, "DTK_CUDA_MAXPOOL_FWD=vec", "", torch.ops.dtkernels._max_pool2d,
-                            _forward_args(torch.float16, cases), check_kernels=False)
+    _matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(torch.float16, cases))
+    _matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(torch.float16, cases, misaligned=True))
     cases = [((2, 16, 7, 9), 3, 2, 1, 1, False), ((1, 3, 5, 6), 2, 2, 0, 1, True)]  # packs of 8, and of 1
-    _switch_matches_default(monkeypatch, "DTK_CUDA_MAXPOOL_FWD=vec", "", torch.ops.dtkernels._max_pool2d,
-                            _forward_args(torch.float16, cases, channels_last=True), check_kernels=False)
+    _matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(torch.float16, cases, channels_last=True))
 
 
 def test_backward_keeps_only_small_offsets():

@@ -802,7 +802,7 @@ auto every_pack(at::Tensor& out) {
 }  // namespace
 
 at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
-                                    std::optional<c10::string_view> upsample, int64_t scale_factor, bool next,
+                                    std::optional<c10::string_view> upsample, int64_t scale_factor,
                                     bool align_corners, bool skip_first) {
   const Upsample mode = parse_upsample(upsample, "concat_skip");
   check_align_corners(mode, align_corners, "concat_skip");
@@ -813,7 +813,7 @@ at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "emulate_cuda_concat_skip", [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;
-    for_concat_packs<Concat, T>(out, mode, next, every_pack<T>(out), strided4<T>(x), strided4<T>(skip), x.size(1),
+    for_concat_packs<Concat, T>(out, mode, every_pack<T>(out), strided4<T>(x), strided4<T>(skip), x.size(1),
                                 x.size(2), x.size(3), s, linear_scale<A>(x.size(2), out.size(2), s, align_corners),
                                 linear_scale<A>(x.size(3), out.size(3), s, align_corners),
                                 FastDivmod(static_cast<uint32_t>(s)), align_corners,
@@ -823,7 +823,7 @@ at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
 }
 
 at::Tensor emulate_cuda_concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::string_view> upsample,
-                                             int64_t scale_factor, bool next, bool align_corners) {
+                                             int64_t scale_factor, bool align_corners) {
   const Upsample mode = parse_upsample(upsample, "concat_skip_backward");
   check_align_corners(mode, align_corners, "concat_skip_backward");
   at::Tensor gx = new_upsample_grad(grad_up, mode, scale_factor, "concat_skip_backward");
@@ -833,7 +833,7 @@ at::Tensor emulate_cuda_concat_skip_backward(const at::Tensor& grad_up, std::opt
                                   [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;
-    for_concat_packs<Adjoint, T>(gx, mode, next, every_pack<T>(gx), strided4<T>(grad_up), grad_up.size(2),
+    for_concat_packs<Adjoint, T>(gx, mode, every_pack<T>(gx), strided4<T>(grad_up), grad_up.size(2),
                                  grad_up.size(3), s, linear_scale<A>(gx.size(2), grad_up.size(2), s, align_corners),
                                  linear_scale<A>(gx.size(3), grad_up.size(3), s, align_corners), align_corners);
   });

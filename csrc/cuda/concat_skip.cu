@@ -14,8 +14,6 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
 #include <type_traits>
 
 #include "../concat_skip.h"
@@ -36,21 +34,15 @@ __global__ void pack_kernel(T* __restrict__ out, Walk o, F f) {
     concat_pack_item<T, V, CL>(out, o, f, q);
 }
 
-bool next_requested() {
-  const char* v = std::getenv("DTK_CUDA_CONCAT");
-  return v != nullptr && std::string(v) == "next";
-}
-
-// Launches pack_kernel over `out` with functor Op<T, MODE>{args...}: 4 blocks of 256
-// threads per SM, or with `next` the opt-in functors and as many blocks as fit
-// (resident_grid).
+// Launches pack_kernel over `out` with functor Op<T, MODE>{args...}, as many blocks
+// as fit at once (resident_grid: up to 8 of 256 threads per SM).
 template <template <typename, int> class Op, typename T, typename... Args>
-void launch(at::Tensor& out, Upsample mode, bool next, Args... args) {
+void launch(at::Tensor& out, Upsample mode, Args... args) {
   auto stream = c10::cuda::getCurrentCUDAStream();
-  for_concat_packs<Op, T>(out, mode, next, [&](auto v, auto cl, const auto& f, const Walk& o) {
+  for_concat_packs<Op, T>(out, mode, [&](auto v, auto cl, const auto& f, const Walk& o) {
     const auto kernel = pack_kernel<T, decltype(v)::value, decltype(cl)::value, std::decay_t<decltype(f)>>;
     const int64_t packs = o.rows * o.per_row;
-    const unsigned grid = next ? resident_grid(kernel, packs, kThreads) : grid_for(packs, kThreads);
+    const unsigned grid = resident_grid(kernel, packs, kThreads);
     kernel<<<grid, kThreads, 0, stream>>>(out.mutable_data_ptr<T>(), o, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }, args...);
@@ -67,12 +59,9 @@ at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, std::optiona
   TORCH_CHECK(out.size(2) < (int64_t(1) << 31) && out.size(3) < (int64_t(1) << 31),
               "concat_skip: H and W must each be below 2^31 on CUDA, got ", out.sizes());
   const int s = mode == Upsample::None ? 1 : static_cast<int>(scale_factor);
-  // next: also as many blocks as fit (up to 8 of 256 threads per SM, twice the bytes
-  // in flight of the default 4)
-  const bool next = next_requested();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "concat_skip_cuda", [&] {
     using A = acc_t<scalar_t>;
-    launch<Concat, scalar_t>(out, mode, next, strided4<scalar_t>(x), strided4<scalar_t>(skip), x.size(1),
+    launch<Concat, scalar_t>(out, mode, strided4<scalar_t>(x), strided4<scalar_t>(skip), x.size(1),
                              x.size(2), x.size(3), s, linear_scale<A>(x.size(2), out.size(2), s, align_corners),
                              linear_scale<A>(x.size(3), out.size(3), s, align_corners),
                              FastDivmod(static_cast<uint32_t>(s)), align_corners,
@@ -89,10 +78,9 @@ at::Tensor concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::st
   at::Tensor gx = new_upsample_grad(grad_up, mode, scale_factor, "concat_skip_backward");
   if (gx.numel() == 0) return gx;
   const int s = mode == Upsample::None ? 1 : static_cast<int>(scale_factor);
-  const bool next = next_requested();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_up.scalar_type(), "concat_skip_backward_cuda", [&] {
     using A = acc_t<scalar_t>;
-    launch<Adjoint, scalar_t>(gx, mode, next, strided4<scalar_t>(grad_up), grad_up.size(2), grad_up.size(3),
+    launch<Adjoint, scalar_t>(gx, mode, strided4<scalar_t>(grad_up), grad_up.size(2), grad_up.size(3),
                               s, linear_scale<A>(gx.size(2), grad_up.size(2), s, align_corners),
                               linear_scale<A>(gx.size(3), grad_up.size(3), s, align_corners), align_corners);
   });

@@ -1,24 +1,24 @@
 // max_pool2d on CUDA, NCHW and NHWC (channels_last), on the current stream.
 //
-// Forward: four outputs of a row per thread (NCHW), or one output pixel and a pack of
-// channels (NHWC, 16-byte loads when C allows). Taps are scanned row-major with ATen's rule
-// (a value replaces the running max when greater or NaN), from -inf at the window's
-// first tap past the padding. Writes the values, and when asked the window offsets
-// (the tap i*kw + j, for backward) and ATen's int64 indices.
-// Backward is a gather: one thread per input element (or pack of channels) visits the
-// few windows that can hold it in ascending (oh, ow) order and adds the gradient of
-// those whose offset names it. Deterministic, no atomics, every element written once.
-// Variants opt-in until a GPU run has measured them: DTK_CUDA_MAXPOOL_FWD=vec, an
-// NCHW forward from 16-byte loads for common column shapes and, for channels_last,
-// item splits in 32-bit multiply-shifts; DTK_CUDA_MAXPOOL_BWD=rows, an NCHW backward
-// that gathers 16 bytes of a row per thread.
+// Forward, NCHW: V outputs of a row per thread from 16-byte loads where the column
+// geometry is one of the common ones compiled in (max_pool2d_vec_kernel), else four
+// outputs of a row per thread (max_pool2d_rows_kernel). NHWC (channels_last): one output
+// pixel and a pack of channels (16-byte loads when C allows). Taps are scanned
+// row-major with ATen's rule (a value replaces the running max when greater or NaN),
+// from -inf at the window's first tap past the padding. Writes the values, and when
+// asked the window offsets (the tap i*kw + j, for backward) and ATen's int64 indices.
+// Backward is a gather: each thread gathers 16 bytes of an input row (NCHW) or one
+// element or pack of channels (NHWC), visiting the few windows that can hold it in
+// ascending (oh, ow) order and adding the gradient of those whose offset names it.
+// Deterministic, no atomics, every element written once.
+// H100, fp16 32x64x112x112 k3s2p1 (benchmarks/results/h100-20261127.md): the vec
+// forward ran in 31 us against 73 us for the rows kernel, and the row-gather backward
+// in 58 us against 483 us for the element-per-thread one it replaced.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <limits>
-#include <string>
 #include <type_traits>
 
 #include "../max_pool2d.h"
@@ -29,11 +29,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::string(v) == value;
-}
 
 // int32 geometry for the device (sizes are checked to fit).
 using Geo = PoolDims;
@@ -63,10 +58,9 @@ __global__ void max_pool2d_rows_kernel(const T* __restrict__ x, T* __restrict__ 
     pool_forward_rows<T, O, V>(q, x, out, idx, off, g);
 }
 
-// NCHW "vec" (opt-in: DTK_CUDA_MAXPOOL_FWD=vec, until an H100 run has measured it
-// against the kernel above): V outputs of a row per thread from 16-byte loads, the
-// column geometry a template, the item split in 32-bit multiply-shifts. The
-// per-thread code is pool_forward_vec (csrc/max_pool2d.h), which the CPU tests run.
+// NCHW "vec": V outputs of a row per thread from 16-byte loads, the column geometry a
+// template, the item split in 32-bit multiply-shifts. The per-thread code is
+// pool_forward_vec (csrc/max_pool2d.h), which the CPU tests run.
 template <typename T, int K, int S, int PAD>
 __global__ void __launch_bounds__(kThreads)
     max_pool2d_vec_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __restrict__ idx,
@@ -76,11 +70,12 @@ __global__ void __launch_bounds__(kThreads)
     pool_forward_vec<T, K, S, PAD>(q, x, out, idx, off, g, groups, ho, packed);
 }
 
-// Launches the vec forward when asked for and it has this geometry; false otherwise.
+// Launches the vec forward when the input is 16-byte aligned and the kernel has this
+// geometry; false otherwise (the rows kernel then runs).
 template <typename T>
 bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& g, int64_t planes,
                         cudaStream_t stream) {
-  if (!env_is("DTK_CUDA_MAXPOOL_FWD", "vec") || !aligned_to(x, 16)) return false;
+  if (!aligned_to(x, 16)) return false;
   return with_pool_vec_geometry<T>(g, [&](auto k, auto s, auto p) {
     constexpr int K = decltype(k)::value, S = decltype(s)::value, PAD = decltype(p)::value;
     constexpr int V = PoolVec<T, K, S, PAD>::V;
@@ -103,11 +98,11 @@ __global__ void max_pool2d_backward_kernel(const T* __restrict__ go, const O* __
     pool_backward_item<T, O, N, NHWC>(q, go, off, gi, g);
 }
 
-// Backward, NCHW, "rows" (opt-in: DTK_CUDA_MAXPOOL_BWD=rows, until an H100 run has
-// measured it against the kernel above): one thread per 16 bytes of an input row, V
-// columns, gathered by pool_backward_columns (csrc/max_pool2d.h, which the CPU tests
-// also run). The item splits are 32-bit multiply-shifts, not the 64-bit divisions
-// per element that the kernel above pays; each window is read once per V columns.
+// Backward, NCHW, "rows": one thread per 16 bytes of an input row, V columns, gathered
+// by pool_backward_columns (csrc/max_pool2d.h, which the CPU tests also run). The item
+// splits are 32-bit multiply-shifts, not the 64-bit divisions per element that the
+// kernel above pays (it serves channels_last, and NCHW beyond 2^31 thread items);
+// each window is read once per V columns.
 // K > 0: a common square window compiled in (with_pool_square_geometry), so its
 // divisions by the stride are by constants.
 template <typename T, typename O, int V, int K, int S, int PAD>
@@ -159,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
       if (channels_last) {
         with_pool_layout<T>(true, g.C, res.out.numel(), xp, op, [&](auto n_, auto nhwc_, int64_t n) {
           constexpr int N = decltype(n_)::value;
-          const PoolFastSplit fs = pool_fast_split<N>(g, n, env_is("DTK_CUDA_MAXPOOL_FWD", "vec"));
+          const PoolFastSplit fs = pool_fast_split<N>(g, n, true);
           max_pool2d_kernel<T, O, N, decltype(nhwc_)::value>
               <<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n, fs);
         });
@@ -192,7 +187,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
       const O* op = static_cast<const O*>(b.offsets.const_data_ptr());
       constexpr int V = 16 / sizeof(T);
       const int64_t rows = b.grad_input.numel() / g.W, groups = (g.W + V - 1) / V;
-      if (!channels_last && env_is("DTK_CUDA_MAXPOOL_BWD", "rows") && rows * groups < (int64_t(1) << 31)) {
+      if (!channels_last && rows * groups < (int64_t(1) << 31)) {
         const int64_t n = rows * groups;
         const bool vec = (g.W * sizeof(T)) % 16 == 0 && aligned_to(ip, 16);
         const auto go = [&](auto k, auto s, auto p) {
