@@ -41,7 +41,7 @@ def _dev_time(evt) -> float:
 
 def _short(kernel: str) -> str:
     """A kernel's name without return type, namespaces and template arguments
-    (dtkernels' opt-in and default kernels differ only past the namespaces)."""
+    (dtkernels' kernels of one op differ only past the namespaces)."""
     name = kernel.removeprefix("void ").split("<")[0].split("(anonymous namespace)::")[-1]
     return name.split("::")[-1][:60]
 

@@ -144,7 +144,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return names;
       });
   m.def("_emulate_cuda_max_pool2d_forward_vec", &dtkernels::cpu::emulate_cuda_forward_vec,
-        "Test aid: the opt-in CUDA NCHW max_pool2d forward's per-thread code, run on the host.");
+        "Test aid: the CUDA NCHW max_pool2d vec forward's per-thread code, run on the host.");
   m.def("_fast_divmod", [](const at::Tensor& n, int64_t d) {
         TORCH_CHECK(d >= 1 && d < (int64_t(1) << 31), "_fast_divmod: divisor out of range");
         const dtkernels::FastDivmod f(static_cast<uint32_t>(d));

@@ -265,13 +265,14 @@ struct PoolItem {
 };
 
 // pool_split's divisors as 32-bit multiply-shifts, for launches of fewer than 2^31
-// items; `on` only with the opt-in vec forward until a GPU run has measured it.
+// items (larger ones divide in 64 bits).
 struct PoolFastSplit {
   bool on = false;
   FastDivmod packs, ws, hs;  // C / N, Ws, Hs
 };
 
-// The fast split for n items of N elements, when asked for and n fits.
+// The fast split for n items of N elements, when asked for (the CUDA launcher always
+// asks; the host emulation tests both) and n fits.
 template <int N>
 PoolFastSplit pool_fast_split(const PoolDims& g, int64_t n, bool want) {
   if (!want || n >= (int64_t(1) << 31)) return PoolFastSplit{};
@@ -438,7 +439,7 @@ void with_offset_type(int64_t elem_size, F f) {
   else f(int8_t{});
 }
 
-// ---- The CUDA NCHW backward "rows" (opt-in), per thread ---------------------------------------
+// ---- The CUDA NCHW backward "rows", per thread ------------------------------------------------
 //
 // NCHW backward of V consecutive input columns iw0.. of input row ih of a plane:
 // acc[v] = the sum of grad_out over the windows whose maximum is column iw0 + v, in
@@ -482,7 +483,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_backward_columns(const T* go, const 
   }
 }
 
-// ---- The CUDA NCHW forward "vec" (opt-in), per thread -----------------------------------------
+// ---- The CUDA NCHW forward "vec", per thread --------------------------------------------------
 //
 // A thread computes V consecutive outputs of one output row from 16-byte loads: per
 // window row, the 32 input bytes at columns [ow0*S, ow0*S + V*S) plus one 16-byte
@@ -632,14 +633,16 @@ namespace cpu {
 // Test aid: whether the CPU kernels take small NCHW planes whole (the default) or by
 // rows, as larger planes go; returns the setting.
 bool set_whole_planes(bool on);
-// The CUDA default forward (pool_forward_item / pool_forward_rows per thread item, in
-// the pack with_pool_layout picks; fast_split as DTK_CUDA_MAXPOOL_FWD=vec sets for
-// channels_last) run on the host: (out, indices, offsets) as _max_pool2d gives them.
+// The CUDA forward but the vec kernel (pool_forward_item / pool_forward_rows per thread
+// item, in the pack with_pool_layout picks; fast_split: channels_last's 32-bit split,
+// which the launcher takes below 2^31 items) run on the host: (out, indices, offsets)
+// as _max_pool2d gives them.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_max_pool2d(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool channels_last,
     bool return_indices, bool return_offsets, bool fast_split);
-// The CUDA default backward (pool_backward_item per thread item) run on the host.
+// The CUDA channels_last backward (pool_backward_item per thread item; NCHW too beyond
+// 2^31 items) run on the host.
 at::Tensor emulate_cuda_max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& offsets,
                                             std::vector<int64_t> input_size, std::vector<int64_t> kernel_size,
                                             std::vector<int64_t> stride, std::vector<int64_t> padding,
