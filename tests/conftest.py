@@ -97,3 +97,47 @@ def _poison_outputs():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def same_bits(a, b):
+    """Equal values, NaN payloads included, whatever the layouts."""
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def same_bits_but_nan_payload(a, b):
+    """NaN where the other has NaN, every other element bit for bit (-0.0 included)."""
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and same_bits(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
+
+
+def ran_kernels(fn, *args):
+    """fn(*args) and the names of the CUDA kernels it launched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = fn(*args)
+        torch.cuda.synchronize()
+    return out, " ".join(e.key for e in prof.key_averages())
+
+
+def assert_cuda_matches_cpu(fn, args_list, kernel=""):
+    """fn on CUDA gives the CPU kernel's bits and strides on every call in args_list
+    (the CUDA kernels compute in the CPU kernels' order), NaN payloads aside: a 16-bit
+    NaN that passes through float comes back as the canonical NaN on the device (as
+    from ATen's CUDA kernels) but keeps its payload on the host (H100 run at cca07de).
+    On the first call, when `kernel` is named, that kernel is the one that ran."""
+    for n, args in enumerate(args_list):
+        if n == 0 and kernel:
+            got, ran = ran_kernels(fn, *args)
+            assert kernel in ran, ran
+        else:
+            got = fn(*args)
+        want = fn(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        where = f"call {n}: {[getattr(a, 'shape', a) for a in args]}"
+        for a, b in zip(got, want):
+            assert same_bits_but_nan_payload(a.cpu(), b) and a.stride() == b.stride(), where

@@ -12,7 +12,7 @@ import dtkernels as dtk
 from dtkernels import reference as ref
 from dtkernels.testing import assert_close, rand
 
-from conftest import HAS_GPU, INTERPRET, device_for, skip_unless_runs
+from conftest import HAS_GPU, INTERPRET, assert_cuda_matches_cpu, device_for, same_bits, skip_unless_runs
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
@@ -228,7 +228,7 @@ def test_cuda_forward_code_on_the_host(dtype):
             want = torch.ops.dtkernels._concat_skip(x, skip, up, s, ac, first)
             got = dtk._C._emulate_cuda_concat_skip(x, skip, up, s, ac, first)
             assert got.stride() == want.stride()
-            assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), \
+            assert same_bits(got, want), \
                 f"input {k}: x {tuple(x.shape)} {x.stride()}, skip {tuple(skip.shape)} {skip.stride()}, {mode} x{s}" \
                 f"{', skip first' if first else ''}"
 
@@ -260,7 +260,7 @@ def test_cuda_backward_code_on_the_host(dtype):
         want = torch.ops.dtkernels._concat_skip_backward(g, up, s, ac)
         got = dtk._C._emulate_cuda_concat_skip_backward(g, up, s, ac)
         assert got.stride() == want.stride()
-        assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), \
+        assert same_bits(got, want), \
             f"input {k}: {tuple(g.shape)} {g.stride()}, {mode} x{s}"
 
 
@@ -274,7 +274,8 @@ _NEEDS_CUDA_KERNELS = pytest.mark.skipif(not HAS_GPU or "cuda" not in dtk.availa
 def test_cuda_matches_the_cpu(dtype):
     """The CUDA kernels give the CPU kernels' bits and strides, forward and backward,
     on every input above: packs of every kind, strided and misaligned views."""
-    _matches_cpu(_cuda_calls(dtype))
+    for op, args in _cuda_calls(dtype):
+        assert_cuda_matches_cpu(op, [args])
 
 
 @pytest.mark.cuda
@@ -282,15 +283,8 @@ def test_cuda_matches_the_cpu(dtype):
 @_NEEDS_CUDA_KERNELS
 def test_cuda_memcheck():
     """Every seventh call above, for compute-sanitizer."""
-    _matches_cpu(_cuda_calls(torch.float16)[::7])
-
-
-def _matches_cpu(calls):
-    for k, (op, args) in enumerate(calls):
-        got = op(*args)
-        want = op(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
-        assert got.stride() == want.stride(), f"call {k}"
-        assert torch.equal(got.cpu().contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), f"call {k}"
+    for op, args in _cuda_calls(torch.float16)[::7]:
+        assert_cuda_matches_cpu(op, [args])
 
 
 def _cuda_calls(dtype):

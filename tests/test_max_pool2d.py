@@ -13,7 +13,7 @@ import dtkernels as dtk
 from dtkernels import reference as ref
 from dtkernels.testing import OpLog, assert_close, rand
 
-from conftest import INTERPRET, device_for, skip_unless_runs
+from conftest import INTERPRET, assert_cuda_matches_cpu, device_for, same_bits, skip_unless_runs
 
 mp = importlib.import_module("dtkernels.ops.max_pool2d")  # the module (dtk.ops.max_pool2d is the function)
 CL = torch.channels_last
@@ -318,13 +318,6 @@ def test_deterministic_backward(backend):
     assert torch.equal(a, b)
 
 
-def _same_bits(a, b):
-    """Equal values, NaN payloads included, whatever the layouts."""
-    if not a.is_floating_point():
-        return torch.equal(a, b)
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-
-
 def _misaligned(x):
     """x's values in a tensor of x's layout whose data starts one element past an
     allocation's start: the CUDA kernels' 16-byte packs must not be taken there."""
@@ -365,16 +358,16 @@ def test_cuda_default_kernels_code_on_the_host(dtype, memory_format):
             for fast in [False, True] if cl else [False]:
                 got = dtk._C._emulate_cuda_max_pool2d(xs, k, s, p, d, cm, cl, True, True, fast)
                 for a, b in zip(got, want):
-                    assert _same_bits(a, b) and a.stride() == b.stride(), where
+                    assert same_bits(a, b) and a.stride() == b.stride(), where
         alone = dtk._C._emulate_cuda_max_pool2d(x, k, s, p, d, cm, cl, False, False, False)
-        assert _same_bits(alone[0], want[0]) and alone[1].numel() == alone[2].numel() == 0, where
+        assert same_bits(alone[0], want[0]) and alone[1].numel() == alone[2].numel() == 0, where
         off = want[2]
         g = rand(*off.shape, dtype=dtype, generator=torch.Generator().manual_seed(n))
         g = g.contiguous(memory_format=memory_format) if cl else g
         want_g = torch.ops.dtkernels._max_pool2d_backward(g, off, list(shape), k, s, p, d, cl)
         for gs in [g, _misaligned(g)] if cl else [g]:
             got_g = dtk._C._emulate_cuda_max_pool2d_backward(gs, off, list(shape), k, s, p, d, cl)
-            assert _same_bits(got_g, want_g) and got_g.stride() == want_g.stride(), where
+            assert same_bits(got_g, want_g) and got_g.stride() == want_g.stride(), where
 
 
 @pytest.mark.skipif(INTERPRET, reason="host code; the Triton run needs not repeat it")
@@ -480,44 +473,6 @@ _NEEDS_CUDA_KERNELS = pytest.mark.skipif(not torch.cuda.is_available() or "cuda"
                                          reason="needs a CUDA GPU and the CUDA kernels")
 
 
-def _run_and_kernels(fn, *args):
-    """fn(*args) and the names of the CUDA kernels it launched."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        out = fn(*args)
-        torch.cuda.synchronize()
-    return out, " ".join(e.key for e in prof.key_averages())
-
-
-def _same_bits_but_nan_payload(a, b):
-    """NaN where the other has NaN, every other element bit for bit (-0.0 included)."""
-    if not a.is_floating_point():
-        return torch.equal(a, b)
-    nan = a.isnan()
-    return torch.equal(nan, b.isnan()) and _same_bits(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
-
-
-def _matches_cpu(fn, args_list, kernel=""):
-    """fn on CUDA gives the CPU kernel's bits and strides on every call in args_list
-    (the CUDA kernels compare and sum in the CPU kernel's order), NaN payloads aside:
-    a 16-bit NaN that passes through float comes back as the canonical NaN on the
-    device (as from ATen's CUDA kernels) but keeps its payload on the host (H100 run
-    at cca07de). On the first call, when `kernel` is named, that kernel is the one
-    that ran."""
-    for n, args in enumerate(args_list):
-        if n == 0 and kernel:
-            got, ran = _run_and_kernels(fn, *args)
-            assert kernel in ran, ran
-        else:
-            got = fn(*args)
-        want = fn(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
-        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
-        where = f"call {n}: {[getattr(a, 'shape', a) for a in args]}"
-        for a, b in zip(got, want):
-            assert _same_bits_but_nan_payload(a.cpu(), b) and a.stride() == b.stride(), where
-
-
 def _backward_args(dtype, cases, channels_last=False):
     out = []
     fmt = CL if channels_last else None
@@ -547,9 +502,9 @@ def test_cuda_backward_matches_the_cpu(dtype):
     or pack of channels per thread) gives the CPU kernel's bits: the same sums in the
     same order."""
     cases = _aten_cases(40, seed=3) + [((2, 3, 57, 61), 3, 2, 1, 1, False)]
-    _matches_cpu(torch.ops.dtkernels._max_pool2d_backward, _backward_args(dtype, cases), "backward_rows_kernel")
+    assert_cuda_matches_cpu(torch.ops.dtkernels._max_pool2d_backward, _backward_args(dtype, cases), "backward_rows_kernel")
     cl = [((2, 16, 14, 28), 3, 2, 1, 1, False)] + _aten_cases(20, seed=4)
-    _matches_cpu(torch.ops.dtkernels._max_pool2d_backward, _backward_args(dtype, cl, channels_last=True),
+    assert_cuda_matches_cpu(torch.ops.dtkernels._max_pool2d_backward, _backward_args(dtype, cl, channels_last=True),
                  "max_pool2d_backward_kernel")
 
 
@@ -562,12 +517,12 @@ def test_cuda_forward_matches_the_cpu(dtype):
     kernel on the others and on misaligned input, channels_last with its 32-bit item
     splits."""
     vec = [((2, 3, 14, 112), 3, 2, 1, 1, False)] + _vec_forward_cases(40, seed=5) + _VEC_EXTRA
-    _matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(dtype, vec), "max_pool2d_vec_kernel")
-    _matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(dtype, vec[:12], misaligned=True),
+    assert_cuda_matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(dtype, vec), "max_pool2d_vec_kernel")
+    assert_cuda_matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(dtype, vec[:12], misaligned=True),
                  "max_pool2d_rows_kernel")
-    _matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(dtype, _aten_cases(30, seed=7)))
+    assert_cuda_matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(dtype, _aten_cases(30, seed=7)))
     cl = [((2, 16, 14, 28), 3, 2, 1, 1, False), ((2, 8, 9, 10), 2, 2, 0, 1, True)] + _aten_cases(30, seed=6)
-    _matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(dtype, cl, channels_last=True), "max_pool2d_kernel")
+    assert_cuda_matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(dtype, cl, channels_last=True), "max_pool2d_kernel")
 
 
 @pytest.mark.cuda
@@ -581,13 +536,13 @@ def test_cuda_kernels_memcheck():
     # no profiler here: CUPTI and compute-sanitizer do not mix; the tests above check the kernels
     cases = [((2, 3, 16, 64), 3, 2, 1, 1, False), ((1, 2, 9, 61), 3, 2, 1, 1, True), ((2, 3, 7, 5), 2, 1, 0, 2, False),
              ((1, 2, 20, 23), 12, 3, 5, 1, True)]
-    _matches_cpu(torch.ops.dtkernels._max_pool2d_backward, _backward_args(torch.float16, cases))
+    assert_cuda_matches_cpu(torch.ops.dtkernels._max_pool2d_backward, _backward_args(torch.float16, cases))
     cases = [((2, 3, 16, 64), 3, 2, 1, 1, False), ((1, 2, 9, 24), 3, 2, 0, 1, True), ((1, 2, 7, 8), 3, 1, 1, 1, False),
              ((1, 3, 6, 40), 2, 2, 0, 1, True)]
-    _matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(torch.float16, cases))
-    _matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(torch.float16, cases, misaligned=True))
+    assert_cuda_matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(torch.float16, cases))
+    assert_cuda_matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(torch.float16, cases, misaligned=True))
     cases = [((2, 16, 7, 9), 3, 2, 1, 1, False), ((1, 3, 5, 6), 2, 2, 0, 1, True)]  # packs of 8, and of 1
-    _matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(torch.float16, cases, channels_last=True))
+    assert_cuda_matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(torch.float16, cases, channels_last=True))
 
 
 def test_backward_keeps_only_small_offsets():
