@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# GPU check for an NVIDIA machine (made for one H100; ~6 minutes):
+# GPU check for an NVIDIA machine (made for one H100; ~8 minutes: build ~100 s, tests
+# ~95 s, benchmarks up to 200 s, sanitizer ~25 s, profile ~60 s on 2026-11-27):
 #   build for this GPU's arch only, run the Triton and CUDA tests against the
-#   reference, compute-sanitizer memcheck on a small subset, then quick benchmarks.
-# Results land in $OUT (default ./out): summary.md, info.txt, build.log, tests.log,
-# sanitizer.log, bench.log, gpu_bench.md, gpu_bench.json, profile.md (at most 8 come back
-# from the lent machine: pick STEPS). Commit gpu_bench.md to benchmarks/results/.
+#   reference, quick benchmarks, compute-sanitizer memcheck on a small subset, and a
+#   profile of kernel times.
+# Results land in $OUT (default ./out): summary.md (with info), tests.log, bench.log,
+# gpu_bench.md, gpu_bench.json, sanitizer.log, profile.md, and build.log when the build
+# fails (at most 8 files come back from the lent machine). Commit gpu_bench.md and the
+# profile to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -37,7 +40,8 @@ step() {  # step NAME TIMEOUT_S LOG CMD...
 }
 
 step build 240 "$OUT/build.log" $PY setup.py -q build_ext --inplace || { cat "$summary"; exit 1; }
-$PY -m dtkernels info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
+rm -f "$OUT/build.log"  # its tail is in the output above
+{ echo '```'; $PY -m dtkernels info 2>&1; echo '```'; } | tee -a "$summary"
 
 xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n ${XDIST:-12}"
 # Correctness runs need no autotuning (DTK_TRITON_AUTOTUNE=0); the bench step tunes.
