@@ -56,6 +56,21 @@ def _nbytes(shape, dtype, pool):
 K2, K3 = (2,), (3, 2, 1)  # k2s2, and k3s2p1 (the ResNet stem)
 
 
+def _stem_candidates():
+    """The CUDA stem forward's candidate kernels, timed beside the op (CUDA builds only):
+    the vec kernel with 0 (the default), 1 or 2 output rows per thread item, rows
+    compiled in for 1 and 2 (csrc/max_pool2d.h: with_pool_vec_kernel), launched with as
+    many blocks as fit at once (the default) or with a block per 256 items ("-full")."""
+    variant = getattr(dtk._C, "_cuda_max_pool2d_vec_variant", None)
+    if variant is None:
+        return {}
+
+    def call(rows, full):
+        return lambda i: variant(i["x"], [3, 3], [2, 2], [1, 1], [1, 1], False, rows, full, False, False)
+    return {f"cuda-vec-r{rows}" + ("-full" if full else ""): call(rows, full)
+            for rows in (0, 1, 2) for full in (False, True)}
+
+
 def _cases():
     out = []
     big, f32 = (16, 64, 128, 128), torch.float32
@@ -85,7 +100,7 @@ def _cases():
         run = _fwd_bwd if grad else _fwd
         nb = _nbytes(stem, f16, K3)
         # the forward's yardstick: a clone of as many bytes
-        extras = {} if grad else {"clone": lambda i: i["c"].clone()}
+        extras = {} if grad else {"clone": lambda i: i["c"].clone(), **_stem_candidates()}
         out.append(Case("max_pool2d", name, "32x64x112x112", f16,
                         _inputs(stem, f16, NCHW, K3, grad=grad, copy_bytes=0 if grad else nb),
                         baseline=run(F.max_pool2d, K3), candidate=run(dtk.max_pool2d, K3), extras=extras,

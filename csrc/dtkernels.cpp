@@ -145,6 +145,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       });
   m.def("_emulate_cuda_max_pool2d_forward_vec", &dtkernels::cpu::emulate_cuda_forward_vec,
         "Test aid: the CUDA NCHW max_pool2d vec forward's per-thread code, run on the host.");
+#ifdef DTK_WITH_CUDA
+  m.def("_cuda_max_pool2d_vec_variant", &dtkernels::cuda::max_pool2d_vec_variant,
+        "Benchmark and test aid: the CUDA NCHW max_pool2d vec forward with a given number of output rows "
+        "per thread item and grid.");
+#endif
   m.def("_fast_divmod", [](const at::Tensor& n, int64_t d) {
         TORCH_CHECK(d >= 1 && d < (int64_t(1) << 31), "_fast_divmod: divisor out of range");
         const dtkernels::FastDivmod f(static_cast<uint32_t>(d));

@@ -537,81 +537,159 @@ auto with_pool_square_geometry(const PoolDims& g, F f) {
   return f(zero{}, zero{}, zero{});
 }
 
-// Thread item q of the vec forward: q = (plane * Ho + oh) * groups + ow0 / V. Writes
-// out, and when given the int8 offsets and ATen's int64 indices. `packed`: Wo % V == 0
-// and the outputs aligned, so every group is whole and stores as one pack.
-template <typename T, int K, int S, int PAD>
+// Calls f(K, S, PAD, RH) (std::integral_constants; f says whether it ran) for the vec
+// forward of this geometry with RH output rows per thread item: RH = 0 is the default
+// kernel (any row geometry, one output row); RH = 1 or 2 (`rows`) compiles the rows in
+// too, for the ResNet stem's square k3s2p1 window only. false when there is no such
+// kernel. The RH > 0 kernels are candidates for the stem forward, not yet measured on
+// a GPU: nothing but benchmarks/ and the tests asks for them.
+template <typename T, typename F>
+bool with_pool_vec_kernel(const PoolDims& g, int rows, F f) {
+  return with_pool_vec_geometry<T>(g, [&](auto k, auto s, auto p) {
+    using zero = std::integral_constant<int, 0>;
+    constexpr int K = decltype(k)::value, S = decltype(s)::value, PAD = decltype(p)::value;
+    if (rows == 0) return f(k, s, p, zero{});
+    if constexpr (K == 3 && S == 2 && PAD == 1) {
+      if (g.kh != K || g.sh != S || g.ph != PAD || g.dh != 1) return false;
+      if (rows == 1) return f(k, s, p, std::integral_constant<int, 1>{});
+      if (rows == 2) return f(k, s, p, std::integral_constant<int, 2>{});
+    }
+    return false;
+  });
+}
+
+// The vec forward's thread items: q = (plane * blocks + block) * groups + ow0 / V, a
+// block being one output row (RH = 0, 1) or RH of them.
+struct PoolVecItems {
+  int64_t groups, blocks, n;
+};
+
+template <typename T, int K, int S, int PAD, int RH>
+PoolVecItems pool_vec_items(const PoolDims& g, int64_t planes) {
+  constexpr int V = PoolVec<T, K, S, PAD>::V, R = RH > 0 ? RH : 1;
+  const int64_t groups = (g.Wo + V - 1) / V, blocks = (g.Ho + R - 1) / R;
+  return PoolVecItems{groups, blocks, planes * blocks * groups};
+}
+
+// One window row i (input row loaded in buf) folded into V outputs' running maxima.
+template <typename T, int K, int S, int PAD, typename A, typename Shape = PoolVec<T, K, S, PAD>>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_vec_fold_row(const Pack<T, Shape::P> (&buf)[Shape::NV], int i,
+                                                         A (&m)[Shape::V], int (&tap)[Shape::V]) {
+  constexpr int P = Shape::P, V = Shape::V;
+  DTK_UNROLL
+  for (int j = 0; j < K; ++j) {
+    DTK_UNROLL
+    for (int v = 0; v < V; ++v) {
+      constexpr int base = Shape::L * P - PAD;
+      const int e = base + v * S + j;  // constant once unrolled
+      pool_fold(static_cast<A>(buf[e / P].v[e % P]), i * K + j, m[v], tap[v]);
+    }
+  }
+}
+
+// Thread item q of the vec forward (see pool_vec_items). Writes out, and when given
+// the int8 offsets and ATen's int64 indices. `packed`: Wo % V == 0 and the outputs
+// aligned, so every group is whole and stores as one pack. `blocks` divides by the
+// items' blocks of output rows. RH = 0: rows are any geometry, scanned in a loop.
+// RH > 0: the caller checked that the rows are the columns' (K, S, PAD, dilation 1),
+// so the (RH - 1) * S + K input rows of RH output rows unroll (their loads can issue
+// together), and output rows that share an input row load it once.
+template <typename T, int K, int S, int PAD, int RH = 0>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, T* out, int64_t* idx, int8_t* off,
                                                         const PoolDims& g, const FastDivmod& groups,
-                                                        const FastDivmod& ho, bool packed) {
+                                                        const FastDivmod& blocks, bool packed) {
   using A = at::opmath_type<T>;
   using Shape = PoolVec<T, K, S, PAD>;
-  constexpr int P = Shape::P, V = Shape::V, L = Shape::L, NV = Shape::NV;
+  constexpr int P = Shape::P, V = Shape::V, L = Shape::L, NV = Shape::NV, R = RH > 0 ? RH : 1;
   const uint32_t r = groups.div(q);
   const int ow0 = static_cast<int>(q - r * groups.d) * V;
-  const uint32_t plane = ho.div(r);
-  const int oh = static_cast<int>(r - plane * ho.d);
+  const uint32_t plane = blocks.div(r);
+  const int oh0 = static_cast<int>(r - plane * blocks.d) * R;
   const T* xp = x + static_cast<int64_t>(plane) * g.H * g.W;
   const int b = ow0 * S;  // a multiple of P
-  const int h0 = oh * g.sh - g.ph;
-  const int i0 = pool_first_tap(oh, g.sh, g.ph, g.dh);
   const T ninf = static_cast<T>(-std::numeric_limits<A>::infinity());
-  A m[V];
-  int tap[V];
-  DTK_UNROLL
-  for (int v = 0; v < V; ++v) {
-    const int j0 = PAD - (ow0 + v) * S;  // taps in the left padding
-    m[v] = -std::numeric_limits<A>::infinity();
-    tap[v] = i0 * K + (j0 > 0 ? j0 : 0);
-  }
-  for (int i = i0, ih = h0 + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh) {
-    const T* row = xp + static_cast<int64_t>(ih) * g.W;
-    Pack<T, P> buf[NV];
+  // Loads input row ih's vectors; those outside the row read as -inf. RH > 0: rows
+  // outside the input read as -inf too, and every load is of a clamped, in-bounds
+  // address, unconditional, so that the loads of all rows can issue before any fold.
+  const auto load = [&](int ih, Pack<T, P>(&buf)[NV]) {
+    const bool row_in = ih >= 0 && ih < g.H;
+    const T* row = xp + static_cast<int64_t>(RH > 0 ? (ih < 0 ? 0 : row_in ? ih : g.H - 1) : ih) * g.W;
     DTK_UNROLL
     for (int u = 0; u < NV; ++u) {
       const int c = b + (u - L) * P;
-      if (c >= 0 && c < g.W) {
+      const bool in = c >= 0 && c < g.W;
+      if constexpr (RH > 0) {
+        const Pack<T, P> v = *reinterpret_cast<const Pack<T, P>*>(row + (c < 0 ? 0 : in ? c : g.W - P));
+        DTK_UNROLL
+        for (int e = 0; e < P; ++e) buf[u].v[e] = in && row_in ? v.v[e] : ninf;
+      } else if (in) {
         buf[u] = *reinterpret_cast<const Pack<T, P>*>(row + c);
       } else {
         DTK_UNROLL
         for (int e = 0; e < P; ++e) buf[u].v[e] = ninf;
       }
     }
+  };
+  const int i0 = pool_first_tap(oh0, g.sh, g.ph, g.dh);
+  A m[R][V];
+  int tap[R][V];
+  DTK_UNROLL
+  for (int t = 0; t < R; ++t) {
+    const int i0t = t == 0 ? i0 : pool_first_tap(oh0 + t, g.sh, g.ph, g.dh);
     DTK_UNROLL
-    for (int j = 0; j < K; ++j) {
-      DTK_UNROLL
-      for (int v = 0; v < V; ++v) {
-        constexpr int base = L * P - PAD;
-        const int e = base + v * S + j;  // constant once unrolled
-        pool_fold(static_cast<A>(buf[e / P].v[e % P]), i * K + j, m[v], tap[v]);
-      }
+    for (int v = 0; v < V; ++v) {
+      const int j0 = PAD - (ow0 + v) * S;  // taps in the left padding
+      m[t][v] = -std::numeric_limits<A>::infinity();
+      tap[t][v] = i0t * K + (j0 > 0 ? j0 : 0);
     }
   }
-  const int64_t o = static_cast<int64_t>(r) * g.Wo + ow0;
-  if (packed) {
-    Pack<T, V> pv;
-    DTK_UNROLL
-    for (int v = 0; v < V; ++v) pv.v[v] = static_cast<T>(m[v]);
-    *reinterpret_cast<Pack<T, V>*>(out + o) = pv;
-    if (off) {
-      Pack<int8_t, V> po;
-      DTK_UNROLL
-      for (int v = 0; v < V; ++v) po.v[v] = static_cast<int8_t>(tap[v]);
-      *reinterpret_cast<Pack<int8_t, V>*>(off + o) = po;
+  if constexpr (RH == 0) {
+    for (int i = i0, ih = oh0 * g.sh - g.ph + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh) {
+      Pack<T, P> buf[NV];
+      load(ih, buf);
+      pool_vec_fold_row<T, K, S, PAD>(buf, i, m[0], tap[0]);
     }
   } else {
     DTK_UNROLL
-    for (int v = 0; v < V; ++v)
-      if (ow0 + v < g.Wo) {
-        out[o + v] = static_cast<T>(m[v]);
-        if (off) off[o + v] = static_cast<int8_t>(tap[v]);
-      }
+    for (int u = 0; u < (R - 1) * S + K; ++u) {  // input rows in ascending order: each window's taps in scan order
+      Pack<T, P> buf[NV];
+      load(oh0 * S - PAD + u, buf);  // -inf outside the input: skipped taps
+      DTK_UNROLL
+      for (int t = 0; t < R; ++t)
+        if (u - t * S >= 0 && u - t * S < K) pool_vec_fold_row<T, K, S, PAD>(buf, u - t * S, m[t], tap[t]);
+    }
   }
-  if (idx) {
-    DTK_UNROLL
-    for (int v = 0; v < V; ++v)
-      if (ow0 + v < g.Wo)
-        idx[o + v] = static_cast<int64_t>(h0 + (tap[v] / K) * g.dh) * g.W + (ow0 + v) * S - PAD + tap[v] % K;
+  DTK_UNROLL
+  for (int t = 0; t < R; ++t) {
+    const int oh = oh0 + t;
+    if (RH > 1 && oh >= g.Ho) break;
+    const int64_t o = (R == 1 ? static_cast<int64_t>(r) : static_cast<int64_t>(plane) * g.Ho + oh) * g.Wo + ow0;
+    if (packed) {
+      Pack<T, V> pv;
+      DTK_UNROLL
+      for (int v = 0; v < V; ++v) pv.v[v] = static_cast<T>(m[t][v]);
+      *reinterpret_cast<Pack<T, V>*>(out + o) = pv;
+      if (off) {
+        Pack<int8_t, V> po;
+        DTK_UNROLL
+        for (int v = 0; v < V; ++v) po.v[v] = static_cast<int8_t>(tap[t][v]);
+        *reinterpret_cast<Pack<int8_t, V>*>(off + o) = po;
+      }
+    } else {
+      DTK_UNROLL
+      for (int v = 0; v < V; ++v)
+        if (ow0 + v < g.Wo) {
+          out[o + v] = static_cast<T>(m[t][v]);
+          if (off) off[o + v] = static_cast<int8_t>(tap[t][v]);
+        }
+    }
+    if (idx) {
+      const int h0 = oh * g.sh - g.ph;
+      DTK_UNROLL
+      for (int v = 0; v < V; ++v)
+        if (ow0 + v < g.Wo)
+          idx[o + v] = static_cast<int64_t>(h0 + (tap[t][v] / K) * g.dh) * g.W + (ow0 + v) * S - PAD + tap[t][v] % K;
+    }
   }
 }
 
@@ -647,17 +725,28 @@ at::Tensor emulate_cuda_max_pool2d_backward(const at::Tensor& grad_out, const at
                                             std::vector<int64_t> input_size, std::vector<int64_t> kernel_size,
                                             std::vector<int64_t> stride, std::vector<int64_t> padding,
                                             std::vector<int64_t> dilation, bool channels_last);
-// The CUDA NCHW "vec" forward (pool_forward_vec per thread item) run on the host:
-// (out, indices, offsets) as _max_pool2d gives them; an error for a geometry it lacks.
+// The CUDA NCHW "vec" forward with `rows` output rows per thread item
+// (pool_forward_vec per item; see with_pool_vec_kernel) run on the host: (out, indices,
+// offsets) as _max_pool2d gives them; an error for a geometry it lacks.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool return_indices,
-    bool return_offsets);
+    bool return_offsets, int64_t rows);
 // The CUDA NCHW "rows" backward (pool_backward_columns per thread item) run on the host.
 at::Tensor emulate_cuda_backward_rows(const at::Tensor& grad_out, const at::Tensor& offsets,
                                       std::vector<int64_t> input_size, std::vector<int64_t> kernel_size,
                                       std::vector<int64_t> stride, std::vector<int64_t> padding,
                                       std::vector<int64_t> dilation);
 }  // namespace cpu
+
+namespace cuda {
+// Benchmark and test aid (CUDA builds): the NCHW vec forward with `rows` output rows
+// per thread item and, with full_grid, a block per 256 items; an error where that
+// kernel does not run (the op would take another).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
+    const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+    std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, int64_t rows, bool full_grid,
+    bool return_indices, bool return_offsets);
+}  // namespace cuda
 
 }  // namespace dtkernels

@@ -425,16 +425,41 @@ _VEC_EXTRA = [((2, 3, 14, 112), 3, 2, 1, 1, False),  # the ResNet stem's rows
               ((1, 2, 7, 8), 3, 1, 1, 1, False), ((1, 1, 5, 16), (3, 3), (2, 2), (1, 1), (2, 1), True)]
 
 
+def _stem_cases(n, seed):
+    """The ResNet stem's square k3s2p1 window, which the vec forward's candidates with
+    rows compiled in take, on random shapes: odd and even output heights (a last item
+    of one output row), one-row inputs, with and without ceil_mode."""
+    def draw(rng):
+        shape = (rng.randint(1, 2), rng.choice([1, 3]), rng.randint(1, 15), 8 * rng.randint(1, 9))
+        return shape, 3, 2, 1, 1
+    return _valid_cases(n, seed, draw)
+
+
+_STEM_EXTRA = [((2, 3, 14, 112), 3, 2, 1, 1, False), ((1, 2, 15, 16), 3, 2, 1, 1, True),
+               ((1, 1, 1, 8), 3, 2, 1, 1, False), ((1, 2, 2, 24), 3, 2, 1, 1, True)]
+
+
+def _vec_cases(rows):
+    """Cases for the vec forward with `rows` output rows per thread item; the last
+    len(extra) come twice, the second time with -inf edges."""
+    if rows == 0:
+        return _vec_forward_cases(60, seed=4) + _VEC_EXTRA, _VEC_EXTRA
+    return _stem_cases(40, seed=10 + rows) + _STEM_EXTRA, _STEM_EXTRA
+
+
 @pytest.mark.skipif(INTERPRET, reason="host code; the Triton run needs not repeat it")
+@pytest.mark.parametrize("rows", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
                          ids=["f32", "f16", "bf16", "f64"])
-def test_cuda_vec_forward_code_on_the_host(dtype):
+def test_cuda_vec_forward_code_on_the_host(dtype, rows):
     """The CUDA NCHW "vec" forward's per-thread code (pool_forward_vec in
     csrc/max_pool2d.h: item split, 16-byte loads, -inf outside the row, packed and
     partial stores), run on the host over every thread item, gives the CPU kernel's
-    values, int64 indices and offsets bit for bit, NaN, -inf and ties included."""
-    cases = _vec_forward_cases(60, seed=4) + _VEC_EXTRA
-    for n, (shape, k, s, p, d, cm) in enumerate(cases + _VEC_EXTRA):
+    values, int64 indices and offsets bit for bit, NaN, -inf and ties included: the
+    default kernel (rows=0), and the stem's candidates with one or two output rows per
+    item, rows compiled in (rows=1, 2)."""
+    cases, extra = _vec_cases(rows)
+    for n, (shape, k, s, p, d, cm) in enumerate(cases + extra):
         k, s, p, d = mp.normalize_args(k, s, p, d)
         x = _data(shape, dtype, "cpu", seed=n)
         if n >= len(cases):  # all -inf windows at the edges report their first tap inside the input
@@ -442,13 +467,11 @@ def test_cuda_vec_forward_code_on_the_host(dtype):
             x[..., :, :5] = -INF
             x[..., -2:] = -INF
         want = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, True, True)
-        got = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, True, True)
+        got = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, True, True, rows)
         for a, b in zip(got, want):
-            assert torch.equal(a.view(torch.uint8) if a.is_floating_point() else a,
-                               b.view(torch.uint8) if b.is_floating_point() else b), \
-                f"case {shape} k={k} s={s} p={p} d={d} ceil={cm}"
-        alone = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, False, False)[0]
-        assert torch.equal(alone.view(torch.uint8), want[0].view(torch.uint8))
+            assert same_bits(a, b), f"case {shape} k={k} s={s} p={p} d={d} ceil={cm}"
+        alone = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, False, False, rows)
+        assert same_bits(alone[0], want[0]) and alone[1].numel() == alone[2].numel() == 0
 
 
 @pytest.mark.skipif(INTERPRET, reason="host code")
@@ -458,15 +481,25 @@ def test_cuda_vec_forward_keeps_to_its_geometries():
     x = _data((1, 2, 9, 16), torch.float16, "cpu")
     for k, s, p, d in [((3, 3), (2, 2), (1, 1), (1, 2)), ((2, 4), (2, 4), (0, 0), (1, 1))]:
         with pytest.raises(RuntimeError, match="no kernel for this geometry"):
-            dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, False, False, False)
+            dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, False, False, False, 0)
     with pytest.raises(RuntimeError, match="no kernel for this geometry"):
-        dtk._C._emulate_cuda_max_pool2d_forward_vec(x[..., :12], [2, 2], [2, 2], [0, 0], [1, 1], False, False, False)
+        dtk._C._emulate_cuda_max_pool2d_forward_vec(x[..., :12], [2, 2], [2, 2], [0, 0], [1, 1], False, False, False, 0)
+    # the candidates with rows compiled in: the stem's square k3s2p1 window only
+    for k, s, p, d in [((2, 2), (2, 2), (0, 0), (1, 1)), ((2, 3), (2, 2), (1, 1), (1, 1)),
+                       ((3, 3), (1, 2), (1, 1), (1, 1)), ((3, 3), (2, 2), (0, 1), (1, 1)),
+                       ((3, 3), (2, 2), (1, 1), (2, 1))]:
+        for rows in (1, 2):
+            with pytest.raises(RuntimeError, match="no kernel for this geometry"):
+                dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, False, False, False, rows)
+    with pytest.raises(RuntimeError, match="no kernel for this geometry"):
+        dtk._C._emulate_cuda_max_pool2d_forward_vec(x, [3, 3], [2, 2], [1, 1], [1, 1], False, False, False, 3)
     # float32 rows need only a multiple of 4
-    dtk._C._emulate_cuda_max_pool2d_forward_vec(x[..., :12].float(), [2, 2], [2, 2], [0, 0], [1, 1], False, False, False)
+    x12 = x[..., :12].float()
+    dtk._C._emulate_cuda_max_pool2d_forward_vec(x12, [2, 2], [2, 2], [0, 0], [1, 1], False, False, False, 0)
     # a misaligned input, which the CUDA launcher leaves to the generic kernel
     odd = torch.randn(65).half()[1:].view(1, 2, 4, 8)
     with pytest.raises(RuntimeError, match="16-byte aligned"):
-        dtk._C._emulate_cuda_max_pool2d_forward_vec(odd, [2, 2], [2, 2], [0, 0], [1, 1], False, False, False)
+        dtk._C._emulate_cuda_max_pool2d_forward_vec(odd, [2, 2], [2, 2], [0, 0], [1, 1], False, False, False, 0)
 
 
 _NEEDS_CUDA_KERNELS = pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in dtk.available_backends(),
@@ -525,6 +558,32 @@ def test_cuda_forward_matches_the_cpu(dtype):
     assert_cuda_matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(dtype, cl, channels_last=True), "max_pool2d_kernel")
 
 
+def _vec_variant(x, k, s, p, d, cm, rows, full_grid):
+    """The CUDA vec forward with `rows` output rows per thread item (the stem's
+    candidates; _C._cuda_max_pool2d_vec_variant), or on the CPU the CPU kernel."""
+    if x.is_cuda:
+        return dtk._C._cuda_max_pool2d_vec_variant(x, k, s, p, d, cm, rows, full_grid, True, True)
+    return torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, True, True)
+
+
+@pytest.mark.cuda
+@_NEEDS_CUDA_KERNELS
+@pytest.mark.parametrize("rows", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+def test_cuda_vec_variants_match_the_cpu(dtype, rows):
+    """The vec forward's candidates for the stem (one or two output rows per thread
+    item, rows compiled in; a block per 256 items) and the default kernel through the
+    same entry give the CPU kernel's values, indices and offsets bit for bit."""
+    cases, extra = _vec_cases(rows)
+    for full_grid in (False, True):
+        args = [(x, k, s, p, d, cm, rows, full_grid)
+                for x, k, s, p, d, cm, *_ in _forward_args(dtype, cases[:30] + extra)]
+        assert_cuda_matches_cpu(_vec_variant, args, "max_pool2d_vec_kernel")
+    x = _data((1, 2, 9, 16), dtype, "cuda")
+    with pytest.raises(RuntimeError, match="no vec kernel with 1 output rows"):
+        dtk._C._cuda_max_pool2d_vec_variant(x, [2, 2], [2, 2], [0, 0], [1, 1], False, 1, False, False, False)
+
+
 @pytest.mark.cuda
 @pytest.mark.sanitize
 @_NEEDS_CUDA_KERNELS
@@ -543,6 +602,11 @@ def test_cuda_kernels_memcheck():
     assert_cuda_matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(torch.float16, cases, misaligned=True))
     cases = [((2, 16, 7, 9), 3, 2, 1, 1, False), ((1, 3, 5, 6), 2, 2, 0, 1, True)]  # packs of 8, and of 1
     assert_cuda_matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(torch.float16, cases, channels_last=True))
+    # the stem's candidates: clamped loads at every edge, odd output heights
+    cases = [((1, 2, 1, 8), 3, 2, 1, 1, False), ((2, 3, 15, 24), 3, 2, 1, 1, True), ((1, 2, 6, 40), 3, 2, 1, 1, False)]
+    for rows in (1, 2):
+        args = [(x, k, s, p, d, cm, rows, False) for x, k, s, p, d, cm, *_ in _forward_args(torch.float16, cases)]
+        assert_cuda_matches_cpu(_vec_variant, args)
 
 
 def test_backward_keeps_only_small_offsets():

@@ -959,7 +959,7 @@ at::Tensor emulate_cuda_max_pool2d_backward(const at::Tensor& grad_out, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool return_indices,
-    bool return_offsets) {
+    bool return_offsets, int64_t rows) {
   PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, false, return_indices,
                                   return_offsets);
   PoolOutputs& res = f.res;
@@ -969,23 +969,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
   const PoolDims g = pool_dims(f.g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "emulate_cuda_forward_vec", [&] {
     using T = scalar_t;
-    const bool ok = with_pool_vec_geometry<T>(g, [&](auto k, auto s, auto p) {
+    const bool ok = with_pool_vec_kernel<T>(g, static_cast<int>(rows), [&](auto k, auto s, auto p, auto rh) {
       constexpr int K = decltype(k)::value, S = decltype(s)::value, PAD = decltype(p)::value;
-      constexpr int V = PoolVec<T, K, S, PAD>::V;
-      const uint32_t groups = static_cast<uint32_t>((g.Wo + V - 1) / V);
-      const int64_t n = res.out.numel() / g.Wo * groups;
-      TORCH_CHECK(n < (int64_t(1) << 31), "emulate_cuda_forward_vec: too many thread items");
-      const FastDivmod d_groups(groups), d_ho(static_cast<uint32_t>(g.Ho));
+      constexpr int RH = decltype(rh)::value;
+      const PoolVecItems it = pool_vec_items<T, K, S, PAD, RH>(g, res.out.numel() / (g.Ho * g.Wo));
+      TORCH_CHECK(it.n < (int64_t(1) << 31), "emulate_cuda_forward_vec: too many thread items");
+      const FastDivmod d_groups(static_cast<uint32_t>(it.groups)), d_blocks(static_cast<uint32_t>(it.blocks));
       T* out = res.out.mutable_data_ptr<T>();
       int8_t* off = return_offsets ? res.offsets.mutable_data_ptr<int8_t>() : nullptr;
-      const bool packed = g.Wo % V == 0;  // CPU outputs are 64-byte aligned
-      for (uint32_t q = 0; q < static_cast<uint32_t>(n); ++q)  // one CUDA thread item each
-        pool_forward_vec<T, K, S, PAD>(q, f.x.const_data_ptr<T>(), out,
-                                       return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr, off, g,
-                                       d_groups, d_ho, packed);
+      const bool packed = g.Wo % PoolVec<T, K, S, PAD>::V == 0;  // CPU outputs are 64-byte aligned
+      for (uint32_t q = 0; q < static_cast<uint32_t>(it.n); ++q)  // one CUDA thread item each
+        pool_forward_vec<T, K, S, PAD, RH>(q, f.x.const_data_ptr<T>(), out,
+                                           return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr, off,
+                                           g, d_groups, d_blocks, packed);
       return true;
     });
-    TORCH_CHECK(ok, "emulate_cuda_forward_vec: the vec forward has no kernel for this geometry");
+    TORCH_CHECK(ok, "emulate_cuda_forward_vec: the vec forward has no kernel for this geometry with ", rows,
+                " output rows per thread item");
   });
   return {res.out, res.indices, res.offsets};
 }
