@@ -543,6 +543,10 @@ auto with_pool_square_geometry(const PoolDims& g, F f) {
 // too, for the ResNet stem's square k3s2p1 window only. false when there is no such
 // kernel. The RH > 0 kernels are candidates for the stem forward, not yet measured on
 // a GPU: nothing but benchmarks/ and the tests asks for them.
+inline bool pool_is_stem(const PoolDims& g) {  // 3x3, stride 2, padding 1, dilation 1, both dimensions
+  return g.kh == 3 && g.kw == 3 && g.sh == 2 && g.sw == 2 && g.ph == 1 && g.pw == 1 && g.dh == 1 && g.dw == 1;
+}
+
 template <typename T, typename F>
 bool with_pool_vec_kernel(const PoolDims& g, int rows, F f) {
   return with_pool_vec_geometry<T>(g, [&](auto k, auto s, auto p) {
@@ -550,7 +554,7 @@ bool with_pool_vec_kernel(const PoolDims& g, int rows, F f) {
     constexpr int K = decltype(k)::value, S = decltype(s)::value, PAD = decltype(p)::value;
     if (rows == 0) return f(k, s, p, zero{});
     if constexpr (K == 3 && S == 2 && PAD == 1) {
-      if (g.kh != K || g.sh != S || g.ph != PAD || g.dh != 1) return false;
+      if (!pool_is_stem(g)) return false;
       if (rows == 1) return f(k, s, p, std::integral_constant<int, 1>{});
       if (rows == 2) return f(k, s, p, std::integral_constant<int, 2>{});
     }

@@ -96,6 +96,12 @@ bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& 
   });
 }
 
+// What the op launches for the ResNet stem's window (pool_is_stem): output rows per
+// thread item and grid, as launch_vec_forward takes them. The default kernel's until
+// an H100 has measured the candidates (the bench's stem forward, impls cuda-vec-*).
+constexpr int kStemRows = 0;
+constexpr bool kStemFullGrid = false;
+
 template <typename T, typename O, int N, bool NHWC>
 __global__ void max_pool2d_backward_kernel(const T* __restrict__ go, const O* __restrict__ off,
                                            T* __restrict__ gi, Geo g, int64_t n) {
@@ -164,7 +170,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
           max_pool2d_kernel<T, O, N, decltype(nhwc_)::value>
               <<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n, fs);
         });
-      } else if (!launch_vec_forward<T>(xp, op, idx, off, g, res.out.numel() / (g.Ho * g.Wo), stream)) {
+      } else if (!launch_vec_forward<T>(xp, op, idx, off, g, res.out.numel() / (g.Ho * g.Wo), stream,
+                                        pool_is_stem(g) ? kStemRows : 0, pool_is_stem(g) && kStemFullGrid)) {
         const int64_t n = pool_rows_items(res.out.numel(), g.Wo);
         max_pool2d_rows_kernel<T, O, kPoolRowsV>
             <<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n);
