@@ -69,6 +69,20 @@ def _bytes(dtype, bwd):
     return fwd + ((_numel(X) * 4 + _numel(X)) * e if bwd else 0)  # read up(x)'s gradient, write x's
 
 
+def _adjoint_candidates(s=2):
+    """The CUDA bilinear adjoint alone, on the x part of the incoming gradient (as
+    backward gets it), with the default packs and with the candidate bilinear_pack
+    (csrc/concat_skip.h), for a kernel-to-kernel comparison (CUDA builds only; not the
+    op's forward+backward, so their "x torch" means nothing)."""
+    variant = getattr(dtk._C, "_cuda_concat_skip_backward_variant", None)
+    if variant is None:
+        return {}
+
+    def call(shared):
+        return lambda i: variant(i["g"][:, :i["x"].shape[1]], "bilinear", s, False, shared)
+    return {"cuda-adjoint-default": call(False), "cuda-adjoint-shared": call(True)}
+
+
 def _concat_skip_cases():
     """float32 on the CPU (the issue's targets) and the GPU; bfloat16 on the GPU."""
     out = []
@@ -82,7 +96,9 @@ def _concat_skip_cases():
                     run = _fwd_bwd if bwd else _fwd
                     out.append(Case("concat_skip", f"{'fwd+bwd' if bwd else 'fwd'} {mode}", label + tag, dtype,
                                     _inputs(dtype, fmt, bwd, moved=moved), baseline=run(ref.concat_skip, mode),
-                                    candidate=run(_dtk, mode), extras={"clone": lambda i: i["yard"].clone()},
+                                    candidate=run(_dtk, mode),
+                                    extras={"clone": lambda i: i["yard"].clone(),
+                                            **(_adjoint_candidates() if bwd and mode == "bilinear" else {})},
                                     bytes=moved, target=(1.25 if bwd else 1.3) if main else None,
                                     note="GPU target: >= 0.85 of the clone's bandwidth (H100)", devices=devices))
     # DeepLabV3+'s decoder: the ASPP output (stride 16) upsampled bilinearly by 4 and
@@ -94,7 +110,8 @@ def _concat_skip_cases():
             out.append(Case("concat_skip", f"{'fwd+bwd' if bwd else 'fwd'} bilinear x4",
                             "x4x256x32x32+skip4x48x128x128" + tag, torch.float32,
                             _inputs(torch.float32, fmt, bwd, shapes=deeplab), baseline=run(ref.concat_skip, "bilinear", 4),
-                            candidate=run(_dtk, "bilinear", 4), note="DeepLabV3+ decoder"))
+                            candidate=run(_dtk, "bilinear", 4), extras=_adjoint_candidates(4) if bwd else {},
+                            note="DeepLabV3+ decoder"))
     # Tiny tensors: what one call costs besides its kernels (dispatch, autograd).
     tiny = ((2, 16, 8, 8), (2, 16, 16, 16))
     out.append(Case("concat_skip", "fwd+bwd nearest", "x2x16x8x8+skip2x16x16x16", torch.float32,

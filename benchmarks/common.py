@@ -32,7 +32,7 @@ class Case:
     make: Callable[[torch.device], Inputs]
     baseline: Callable[[Inputs], Any]
     candidate: Callable[[Inputs], Any]
-    extras: dict[str, Callable[[Inputs], Any]] = field(default_factory=dict)
+    extras: dict[str, Callable[[Inputs], Any]] = field(default_factory=dict)  # "cuda-*": CUDA devices only
     bytes: int | None = None      # fewest bytes the op must move (reads + writes)
     clone_bytes: int | None = None  # bytes the "clone" extra moves, when not `bytes`
     target: float | None = None   # the issue's speed-up target over the baseline (reported, never asserted)
@@ -52,11 +52,12 @@ class Case:
 
 
 def impls_for(case: Case, device: torch.device, backends: list[str]) -> dict[str, Callable[[Inputs], Any]]:
-    """Name -> callable: "torch", "dtk-<backend>" for each backend, then extras."""
+    """Name -> callable: "torch", "dtk-<backend>" for each backend, then extras (those
+    named "cuda-*" on CUDA devices only)."""
     out = {"torch": case.baseline}
     for b in backends:
         out[f"dtk-{b}"] = _under(b, case.candidate)
-    out.update(case.extras)
+    out.update({k: f for k, f in case.extras.items() if device.type == "cuda" or not k.startswith("cuda-")})
     return out
 
 

@@ -220,7 +220,9 @@ struct Adjoint {
   int s;
   at::opmath_type<T> scale_h, scale_w;  // as Concat's
   bool align;
-  // MODE as Concat's; a nearest NCHW pack at s = 2 sums row packs
+  // MODE as Concat's; a nearest NCHW pack at s = 2 sums row packs. MODE 3: bilinear
+  // too, packs by bilinear_pack (a candidate, not yet measured on a GPU: only the
+  // tests and benchmarks/ ask for it).
   static constexpr int M = MODE;
 
   // Whether output index o (in range or not) reads input index i through its first
@@ -267,8 +269,71 @@ struct Adjoint {
     }
   }
 
+  // V bilinear elements, value()'s sums in value()'s order (per element: output row,
+  // column, corners), with what they share done once: the rows' weights, and for
+  // channels_last (V channels of one pixel) the columns' too and one pack load per
+  // gradient pixel; for NCHW (V columns) each gradient element is read once and
+  // added to the columns its two sources name.
+  template <int V, bool CL>
+  C10_HOST_DEVICE C10_ALWAYS_INLINE Pack<T, V> bilinear_pack(int64_t n, int64_t c, int64_t h, int64_t w,
+                                                             const Walk& o) const {
+    A acc[V];
+    DTK_UNROLL
+    for (int j = 0; j < V; ++j) acc[j] = A(0);
+    const int64_t end = (align ? 3 : 2) * s;  // value()'s window: [i*s - s, i*s + end)
+    for (int64_t oh = h * s - s; oh < h * s + end; ++oh) {
+      bool a0, a1;
+      A hl0 = A(0), hl1 = A(0);
+      reads(oh, h, o.h, ho, scale_h, align, a0, a1, hl0, hl1);
+      if (!a0 && !a1) continue;
+      if constexpr (CL) {
+        for (int64_t ow = w * s - s; ow < w * s + end; ++ow) {
+          bool b0, b1;
+          A wl0 = A(0), wl1 = A(0);
+          reads(ow, w, o.w, wo, scale_w, align, b0, b1, wl0, wl1);
+          if (!b0 && !b1) continue;
+          Pack<T, V> gp;
+          load_pack<T, V>(g.at(n, c, oh, ow), g.s1, gp);
+          DTK_UNROLL
+          for (int j = 0; j < V; ++j) {
+            const A gv = static_cast<A>(gp.v[j]);
+            if (a0 && b0) acc[j] = fma_op(hl0 * wl0, gv, acc[j]);
+            if (a0 && b1) acc[j] = fma_op(hl0 * wl1, gv, acc[j]);
+            if (a1 && b0) acc[j] = fma_op(hl1 * wl0, gv, acc[j]);
+            if (a1 && b1) acc[j] = fma_op(hl1 * wl1, gv, acc[j]);
+          }
+        }
+      } else {
+        const int64_t lo = w * s - s > 0 ? w * s - s : 0;
+        const int64_t hi = (w + V - 1) * s + end < wo ? (w + V - 1) * s + end : wo;
+        const T* row = g.at(n, c, oh, 0);
+        for (int64_t ow = lo; ow < hi; ++ow) {  // every column any of the V reads from
+          int64_t i0, i1;
+          A wl0, wl1;
+          linear_source<A>(ow, scale_w, o.w, wo, i0, i1, wl0, wl1, align);
+          const A gv = static_cast<A>(row[ow * g.s3]);
+          DTK_UNROLL
+          for (int j = 0; j < V; ++j) {
+            const bool b0 = i0 == w + j, b1 = i1 == w + j;
+            if (a0 && b0) acc[j] = fma_op(hl0 * wl0, gv, acc[j]);
+            if (a0 && b1) acc[j] = fma_op(hl0 * wl1, gv, acc[j]);
+            if (a1 && b0) acc[j] = fma_op(hl1 * wl0, gv, acc[j]);
+            if (a1 && b1) acc[j] = fma_op(hl1 * wl1, gv, acc[j]);
+          }
+        }
+      }
+    }
+    Pack<T, V> p;
+    DTK_UNROLL
+    for (int j = 0; j < V; ++j) p.v[j] = static_cast<T>(acc[j]);
+    return p;
+  }
+
   template <int V, bool CL>
   C10_HOST_DEVICE C10_ALWAYS_INLINE Pack<T, V> pack(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
+    // 16-bit NCHW packs (8 columns) stay per element: bilinear_pack's V compares per
+    // gradient column cost more than they save there (host emulation, 0.6-0.8x).
+    if constexpr (M == 3 && (CL || V <= 4)) return bilinear_pack<V, CL>(n, c, h, w, o);
     Pack<T, V> p;
     if constexpr (!CL && M == 1) {
       if (s == 2 && g.s3 == 1) {
@@ -327,7 +392,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void concat_pack_item(T* out, const Walk& o, c
 // Calls run(V, CL, f, walk) (V and CL std::integral_constants) for functor
 // Op<T, MODE>{args...} over `out`: V = 16 bytes of T when rows are whole packs (the
 // output is always 16-byte aligned), else 1; MODE the upsample.
-template <template <typename, int> class Op, typename T, typename Run, typename... Args>
+// BILINEAR: the MODE bilinear takes (Adjoint's candidate: 3).
+template <template <typename, int> class Op, typename T, int BILINEAR = 2, typename Run, typename... Args>
 void for_concat_packs(const at::Tensor& out, Upsample mode, Run run, Args... args) {
   const bool cl = out.is_contiguous(at::MemoryFormat::ChannelsLast) && !out.is_contiguous();
   auto go = [&](auto v, auto m) {
@@ -341,7 +407,7 @@ void for_concat_packs(const at::Tensor& out, Upsample mode, Run run, Args... arg
     switch (mode) {
       case Upsample::None: return go(v, std::integral_constant<int, 0>{});
       case Upsample::Nearest: return go(v, std::integral_constant<int, 1>{});
-      default: return go(v, std::integral_constant<int, 2>{});
+      default: return go(v, std::integral_constant<int, BILINEAR>{});
     }
   };
   constexpr int kPack = 16 / sizeof(T);
@@ -354,8 +420,16 @@ namespace cpu {
 at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
                                     std::optional<c10::string_view> upsample, int64_t scale_factor,
                                     bool align_corners, bool skip_first);
+// shared_packs: bilinear packs by Adjoint's candidate bilinear_pack (MODE 3).
 at::Tensor emulate_cuda_concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::string_view> upsample,
-                                             int64_t scale_factor, bool align_corners);
+                                             int64_t scale_factor, bool align_corners, bool shared_packs);
 }  // namespace cpu
+
+namespace cuda {
+// Benchmark and test aid (CUDA builds): the CUDA backward, bilinear packs by
+// bilinear_pack when shared_packs.
+at::Tensor concat_skip_backward_variant(const at::Tensor& grad_up, std::optional<c10::string_view> upsample,
+                                        int64_t scale_factor, bool align_corners, bool shared_packs);
+}  // namespace cuda
 
 }  // namespace dtkernels

@@ -149,6 +149,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_cuda_max_pool2d_vec_variant", &dtkernels::cuda::max_pool2d_vec_variant,
         "Benchmark and test aid: the CUDA NCHW max_pool2d vec forward with a given number of output rows "
         "per thread item and grid.");
+  m.def("_cuda_concat_skip_backward_variant", &dtkernels::cuda::concat_skip_backward_variant,
+        "Benchmark and test aid: the CUDA concat_skip backward, bilinear packs by the candidate bilinear_pack "
+        "when shared_packs.",
+        py::arg("grad_up"), py::arg("upsample"), py::arg("scale_factor"), py::arg("align_corners") = false,
+        py::arg("shared_packs") = false);
 #endif
   m.def("_fast_divmod", [](const at::Tensor& n, int64_t d) {
         TORCH_CHECK(d >= 1 && d < (int64_t(1) << 31), "_fast_divmod: divisor out of range");
@@ -168,7 +173,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_emulate_cuda_concat_skip_backward", &dtkernels::cpu::emulate_cuda_concat_skip_backward,
         "Test aid: the CUDA concat_skip backward's per-thread code, run on the host.",
         py::arg("grad_up"), py::arg("upsample"), py::arg("scale_factor"),
-        py::arg("align_corners") = false);
+        py::arg("align_corners") = false, py::arg("shared_packs") = false);
   m.def("_emulate_cuda_max_pool2d", &dtkernels::cpu::emulate_cuda_max_pool2d,
         "Test aid: the CUDA max_pool2d forward's per-thread code but the NCHW vec kernel's (fast_split: "
         "channels_last's 32-bit item split, taken below 2^31 items), run on the host.");

@@ -249,16 +249,31 @@ def _emulation_grads(dtype, device="cpu"):
         yield r(2 * 3 * 3 * s * 8 * s + 1)[1:].view(2, 3, 3 * s, 8 * s), mode, s
 
 
+def _bilinear_grads(dtype, device="cpu"):
+    """More bilinear gradients for the adjoint's candidate packs: rows of several
+    whole packs of every dtype (both edges' clamped sources in one row), both
+    formats, align_corners or not, s = 2, 3, 4."""
+    g = torch.Generator().manual_seed(9)
+    for n, c, h, w in [(1, 3, 3, 24), (2, 16, 5, 16), (1, 8, 1, 32)]:
+        for fmt in (NCHW, CL):
+            for mode, s in [("bilinear", 2), ("bilinear-ac", 2), ("bilinear", 3), ("bilinear-ac", 4)]:
+                t = torch.randn(n, c, h * s, w * s, generator=g).to(dtype=dtype, device=device)
+                yield t.contiguous(memory_format=fmt), mode, s
+
+
 @pytest.mark.skipif(INTERPRET, reason="host code; the Triton run needs not repeat it")
+@pytest.mark.parametrize("shared", [False, True], ids=["default", "shared-packs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
                          ids=["f32", "f16", "bf16", "f64"])
-def test_cuda_backward_code_on_the_host(dtype):
+def test_cuda_backward_code_on_the_host(dtype, shared):
     """The CUDA adjoint's per-thread code, run on the host over every pack, gives the
-    CPU kernel's bits (nearest NCHW packs at s = 2 from row packs included)."""
-    for k, (g, mode, s) in enumerate(_emulation_grads(dtype)):
+    CPU kernel's bits (nearest NCHW packs at s = 2 from row packs included); also with
+    bilinear packs by the candidate bilinear_pack (shared_packs), which shares the
+    pack's weights and gradient loads."""
+    for k, (g, mode, s) in enumerate([*_emulation_grads(dtype), *_bilinear_grads(dtype)]):
         up, ac = _up(mode)
         want = torch.ops.dtkernels._concat_skip_backward(g, up, s, ac)
-        got = dtk._C._emulate_cuda_concat_skip_backward(g, up, s, ac)
+        got = dtk._C._emulate_cuda_concat_skip_backward(g, up, s, ac, shared)
         assert got.stride() == want.stride()
         assert same_bits(got, want), \
             f"input {k}: {tuple(g.shape)} {g.stride()}, {mode} x{s}"
@@ -282,9 +297,32 @@ def test_cuda_matches_the_cpu(dtype):
 @pytest.mark.sanitize
 @_NEEDS_CUDA_KERNELS
 def test_cuda_memcheck():
-    """Every seventh call above, for compute-sanitizer."""
+    """Every seventh call above, and of the adjoint's candidate bilinear packs, for
+    compute-sanitizer."""
     for op, args in _cuda_calls(torch.float16)[::7]:
         assert_cuda_matches_cpu(op, [args])
+    assert_cuda_matches_cpu(_bilinear_candidate, _bilinear_candidate_calls(torch.float16)[::7])
+
+
+@pytest.mark.cuda
+@_NEEDS_CUDA_KERNELS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+def test_cuda_bilinear_candidate_matches_the_cpu(dtype):
+    """The adjoint's candidate bilinear packs (_C._cuda_concat_skip_backward_variant
+    with shared_packs) give the CPU kernel's bits on the device."""
+    assert_cuda_matches_cpu(_bilinear_candidate, _bilinear_candidate_calls(dtype), "pack_kernel")
+
+
+def _bilinear_candidate(g, up, s, ac):
+    """The CUDA adjoint with the candidate bilinear packs, or on the CPU the CPU kernel."""
+    if g.is_cuda:
+        return dtk._C._cuda_concat_skip_backward_variant(g, up, s, ac, True)
+    return torch.ops.dtkernels._concat_skip_backward(g, up, s, ac)
+
+
+def _bilinear_candidate_calls(dtype):
+    grads = [*_emulation_grads(dtype, "cuda"), *_bilinear_grads(dtype, "cuda")]
+    return [(g, "bilinear", s, m == "bilinear-ac") for g, m, s in grads if m in ("bilinear", "bilinear-ac")]
 
 
 def _cuda_calls(dtype):

@@ -823,7 +823,7 @@ at::Tensor emulate_cuda_concat_skip(const at::Tensor& x, const at::Tensor& skip,
 }
 
 at::Tensor emulate_cuda_concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::string_view> upsample,
-                                             int64_t scale_factor, bool align_corners) {
+                                             int64_t scale_factor, bool align_corners, bool shared_packs) {
   const Upsample mode = parse_upsample(upsample, "concat_skip_backward");
   check_align_corners(mode, align_corners, "concat_skip_backward");
   at::Tensor gx = new_upsample_grad(grad_up, mode, scale_factor, "concat_skip_backward");
@@ -833,9 +833,14 @@ at::Tensor emulate_cuda_concat_skip_backward(const at::Tensor& grad_up, std::opt
                                   [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;
-    for_concat_packs<Adjoint, T>(gx, mode, every_pack<T>(gx), strided4<T>(grad_up), grad_up.size(2),
-                                 grad_up.size(3), s, linear_scale<A>(gx.size(2), grad_up.size(2), s, align_corners),
-                                 linear_scale<A>(gx.size(3), grad_up.size(3), s, align_corners), align_corners);
+    const auto run = [&](auto bilinear) {
+      for_concat_packs<Adjoint, T, decltype(bilinear)::value>(
+          gx, mode, every_pack<T>(gx), strided4<T>(grad_up), grad_up.size(2), grad_up.size(3), s,
+          linear_scale<A>(gx.size(2), grad_up.size(2), s, align_corners),
+          linear_scale<A>(gx.size(3), grad_up.size(3), s, align_corners), align_corners);
+    };
+    if (shared_packs) run(std::integral_constant<int, 3>{});
+    else run(std::integral_constant<int, 2>{});
   });
   return gx;
 }

@@ -39,10 +39,10 @@ __global__ void pack_kernel(T* __restrict__ out, Walk o, F f) {
 
 // Launches pack_kernel over `out` with functor Op<T, MODE>{args...}, as many blocks
 // as fit at once (resident_grid: up to 8 of 256 threads per SM).
-template <template <typename, int> class Op, typename T, typename... Args>
+template <template <typename, int> class Op, typename T, int BILINEAR = 2, typename... Args>
 void launch(at::Tensor& out, Upsample mode, Args... args) {
   auto stream = c10::cuda::getCurrentCUDAStream();
-  for_concat_packs<Op, T>(out, mode, [&](auto v, auto cl, const auto& f, const Walk& o) {
+  for_concat_packs<Op, T, BILINEAR>(out, mode, [&](auto v, auto cl, const auto& f, const Walk& o) {
     const auto kernel = pack_kernel<T, decltype(v)::value, decltype(cl)::value, std::decay_t<decltype(f)>>;
     const int64_t packs = o.rows * o.per_row;
     const unsigned grid = resident_grid(kernel, packs, kThreads);
@@ -73,8 +73,9 @@ at::Tensor concat_skip(const at::Tensor& x, const at::Tensor& skip, std::optiona
   return out;
 }
 
-at::Tensor concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::string_view> upsample,
-                                int64_t scale_factor, bool align_corners) {
+// shared_packs: bilinear packs by Adjoint's candidate bilinear_pack (concat_skip_backward_variant).
+at::Tensor backward(const at::Tensor& grad_up, std::optional<c10::string_view> upsample, int64_t scale_factor,
+                    bool align_corners, bool shared_packs) {
   const Upsample mode = parse_upsample(upsample, "concat_skip_backward");
   check_align_corners(mode, align_corners, "concat_skip_backward");
   c10::cuda::CUDAGuard guard(grad_up.device());
@@ -83,14 +84,31 @@ at::Tensor concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::st
   const int s = mode == Upsample::None ? 1 : static_cast<int>(scale_factor);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_up.scalar_type(), "concat_skip_backward_cuda", [&] {
     using A = acc_t<scalar_t>;
-    launch<Adjoint, scalar_t>(gx, mode, strided4<scalar_t>(grad_up), grad_up.size(2), grad_up.size(3),
-                              s, linear_scale<A>(gx.size(2), grad_up.size(2), s, align_corners),
-                              linear_scale<A>(gx.size(3), grad_up.size(3), s, align_corners), align_corners);
+    const auto run = [&](auto bilinear) {
+      launch<Adjoint, scalar_t, decltype(bilinear)::value>(
+          gx, mode, strided4<scalar_t>(grad_up), grad_up.size(2), grad_up.size(3), s,
+          linear_scale<A>(gx.size(2), grad_up.size(2), s, align_corners),
+          linear_scale<A>(gx.size(3), grad_up.size(3), s, align_corners), align_corners);
+    };
+    if (shared_packs) run(std::integral_constant<int, 3>{});
+    else run(std::integral_constant<int, 2>{});
   });
   return gx;
 }
 
+at::Tensor concat_skip_backward(const at::Tensor& grad_up, std::optional<c10::string_view> upsample,
+                                int64_t scale_factor, bool align_corners) {
+  return backward(grad_up, upsample, scale_factor, align_corners, false);
+}
+
 }  // namespace
+
+at::Tensor concat_skip_backward_variant(const at::Tensor& grad_up, std::optional<c10::string_view> upsample,
+                                        int64_t scale_factor, bool align_corners, bool shared_packs) {
+  TORCH_CHECK(grad_up.is_cuda(), "_cuda_concat_skip_backward_variant: expected a CUDA tensor, got one on ",
+              grad_up.device());
+  return backward(grad_up, upsample, scale_factor, align_corners, shared_packs);
+}
 }  // namespace cuda
 }  // namespace dtkernels
 
