@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for an NVIDIA machine (made for one H100; ~8 minutes: build ~100 s, tests
-# ~95 s, benchmarks up to 200 s, sanitizer ~25 s, profile ~60 s on 2026-11-27):
+# ~95 s, benchmarks up to 200 s, sanitizer ~25 s, profile ~60 s on 2026-11-27; the
+# candidate kernels added after, cuda-* impls in the bench and profile, add perhaps a minute):
 #   build for this GPU's arch only, run the Triton and CUDA tests against the
 #   reference, quick benchmarks, compute-sanitizer memcheck on a small subset, and a
 #   profile of kernel times.
@@ -67,7 +68,7 @@ else
 fi
 
 # Wall vs host vs kernel time per call, to tell host-bound calls from slow kernels.
-want profile && step profile ${PROFILE_TIMEOUT:-120} "$OUT/profile.log" $PY benchmarks/gpu_profile.py --md "$OUT/profile.md" ${PROFILE_ARGS:-} \
+want profile && step profile ${PROFILE_TIMEOUT:-180} "$OUT/profile.log" $PY benchmarks/gpu_profile.py --md "$OUT/profile.md" ${PROFILE_ARGS:-} \
   && rm -f "$OUT/profile.log"
 cat "$summary"
 exit $rc_all
