@@ -537,16 +537,18 @@ auto with_pool_square_geometry(const PoolDims& g, F f) {
   return f(zero{}, zero{}, zero{});
 }
 
+// The ResNet stem's window: 3x3, stride 2, padding 1, dilation 1, in both dimensions.
+inline bool pool_is_stem(const PoolDims& g) {
+  return g.kh == 3 && g.kw == 3 && g.sh == 2 && g.sw == 2 && g.ph == 1 && g.pw == 1 && g.dh == 1 && g.dw == 1;
+}
+
 // Calls f(K, S, PAD, RH) (std::integral_constants; f says whether it ran) for the vec
 // forward of this geometry with RH output rows per thread item: RH = 0 is the default
 // kernel (any row geometry, one output row); RH = 1 or 2 (`rows`) compiles the rows in
 // too, for the ResNet stem's square k3s2p1 window only. false when there is no such
 // kernel. The RH > 0 kernels are candidates for the stem forward, not yet measured on
-// a GPU: nothing but benchmarks/ and the tests asks for them.
-inline bool pool_is_stem(const PoolDims& g) {  // 3x3, stride 2, padding 1, dilation 1, both dimensions
-  return g.kh == 3 && g.kw == 3 && g.sh == 2 && g.sw == 2 && g.ph == 1 && g.pw == 1 && g.dh == 1 && g.dw == 1;
-}
-
+// a GPU: only benchmarks/ and the tests ask for them (the op would, through kStemRows
+// in csrc/cuda/max_pool2d.cu).
 template <typename T, typename F>
 bool with_pool_vec_kernel(const PoolDims& g, int rows, F f) {
   return with_pool_vec_geometry<T>(g, [&](auto k, auto s, auto p) {

@@ -97,8 +97,9 @@ bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& 
 }
 
 // What the op launches for the ResNet stem's window (pool_is_stem): output rows per
-// thread item and grid, as launch_vec_forward takes them. The default kernel's until
-// an H100 has measured the candidates (the bench's stem forward, impls cuda-vec-*).
+// thread item and grid, as launch_vec_forward takes them. 0 and false (the default
+// kernel) until an H100 has measured the candidates (the bench's stem forward, impls
+// cuda-vec-*).
 constexpr int kStemRows = 0;
 constexpr bool kStemFullGrid = false;
 
