@@ -70,5 +70,12 @@ fi
 # Wall vs host vs kernel time per call, to tell host-bound calls from slow kernels.
 want profile && step profile ${PROFILE_TIMEOUT:-180} "$OUT/profile.log" $PY benchmarks/gpu_profile.py --md "$OUT/profile.md" ${PROFILE_ARGS:-} \
   && rm -f "$OUT/profile.log"
+# The candidate kernels against the defaults (benchmarks/results/cuda-candidates-20261127.md),
+# kernel times first, so that the summary alone can decide.
+for f in "$OUT/profile.md" "$OUT/gpu_bench.md"; do
+  [ -f "$f" ] || continue
+  echo "- candidates in $(basename "$f"):" >> "$summary"
+  grep -E "\| (cuda-vec-|cuda-adjoint-|dtk-cuda|clone)" "$f" | grep -E "k3s2p1-fwd[ -]|bilinear" | sed 's/^/  /' >> "$summary"
+done
 cat "$summary"
 exit $rc_all
