@@ -236,6 +236,16 @@ struct Adjoint {
     hit1 = i1 == i;
   }
 
+  // Gradient gv's terms for the corners that read the element (a: its row, b: its
+  // column is the first / second source), in ATen's order 00, 01, 10, 11.
+  C10_HOST_DEVICE C10_ALWAYS_INLINE static void add_corners(A& acc, A gv, bool a0, bool a1, bool b0, bool b1, A hl0,
+                                                            A hl1, A wl0, A wl1) {
+    if (a0 && b0) acc = fma_op(hl0 * wl0, gv, acc);
+    if (a0 && b1) acc = fma_op(hl0 * wl1, gv, acc);
+    if (a1 && b0) acc = fma_op(hl1 * wl0, gv, acc);
+    if (a1 && b1) acc = fma_op(hl1 * wl1, gv, acc);
+  }
+
   C10_HOST_DEVICE C10_ALWAYS_INLINE T value(int64_t n, int64_t c, int64_t h, int64_t w, const Walk& o) const {
     if constexpr (M == 0) {
       return *g.at(n, c, h, w);
@@ -258,11 +268,7 @@ struct Adjoint {
         for (int64_t ow = w * s - s; ow < w * s + end; ++ow) {
           reads(ow, w, o.w, wo, scale_w, align, b0, b1, wl0, wl1);
           if (!b0 && !b1) continue;
-          const A gv = static_cast<A>(*g.at(n, c, oh, ow));
-          if (a0 && b0) acc = fma_op(hl0 * wl0, gv, acc);
-          if (a0 && b1) acc = fma_op(hl0 * wl1, gv, acc);
-          if (a1 && b0) acc = fma_op(hl1 * wl0, gv, acc);
-          if (a1 && b1) acc = fma_op(hl1 * wl1, gv, acc);
+          add_corners(acc, static_cast<A>(*g.at(n, c, oh, ow)), a0, a1, b0, b1, hl0, hl1, wl0, wl1);
         }
       }
       return static_cast<T>(acc);
@@ -295,13 +301,8 @@ struct Adjoint {
           Pack<T, V> gp;
           load_pack<T, V>(g.at(n, c, oh, ow), g.s1, gp);
           DTK_UNROLL
-          for (int j = 0; j < V; ++j) {
-            const A gv = static_cast<A>(gp.v[j]);
-            if (a0 && b0) acc[j] = fma_op(hl0 * wl0, gv, acc[j]);
-            if (a0 && b1) acc[j] = fma_op(hl0 * wl1, gv, acc[j]);
-            if (a1 && b0) acc[j] = fma_op(hl1 * wl0, gv, acc[j]);
-            if (a1 && b1) acc[j] = fma_op(hl1 * wl1, gv, acc[j]);
-          }
+          for (int j = 0; j < V; ++j)
+            add_corners(acc[j], static_cast<A>(gp.v[j]), a0, a1, b0, b1, hl0, hl1, wl0, wl1);
         }
       } else {
         const int64_t lo = w * s - s > 0 ? w * s - s : 0;
@@ -313,13 +314,7 @@ struct Adjoint {
           linear_source<A>(ow, scale_w, o.w, wo, i0, i1, wl0, wl1, align);
           const A gv = static_cast<A>(row[ow * g.s3]);
           DTK_UNROLL
-          for (int j = 0; j < V; ++j) {
-            const bool b0 = i0 == w + j, b1 = i1 == w + j;
-            if (a0 && b0) acc[j] = fma_op(hl0 * wl0, gv, acc[j]);
-            if (a0 && b1) acc[j] = fma_op(hl0 * wl1, gv, acc[j]);
-            if (a1 && b0) acc[j] = fma_op(hl1 * wl0, gv, acc[j]);
-            if (a1 && b1) acc[j] = fma_op(hl1 * wl1, gv, acc[j]);
-          }
+          for (int j = 0; j < V; ++j) add_corners(acc[j], gv, a0, a1, i0 == w + j, i1 == w + j, hl0, hl1, wl0, wl1);
         }
       }
     }
