@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import align_corners_scale, column_tiles, configs, is_fp64, linear_source, new_empty
+from ._utils import align_corners_scale, block_columns, cdiv, column_tiles, configs, is_fp64, linear_source, new_empty
 
 _MODES = {None: 0, "nearest": 1, "bilinear": 2}
 
@@ -138,16 +138,12 @@ def _concat_skip_backward_kernel(g_ptr, gx_ptr, R, COLS, C, H, W, HO, WO, gs0, g
     tl.store(gx_ptr + offs, acc.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_c(cols: int) -> int:
-    return min(triton.next_power_of_2(max(cols, 1)), 256)
-
-
 def _launch(kernel, out: torch.Tensor, cl: bool, *args, **meta):
     n, c, h, w = out.shape
     rows, cols = (n * h * w, c) if cl else (n * c * h, w)
-    bc = _block_c(cols)
+    bc = block_columns(cols, 256)
     tiles = column_tiles(cols, bc, "concat_skip", "channels_last outputs with channels" if cl else "rows")
-    grid = lambda m: (triton.cdiv(rows, max(m["BLOCK"] // bc, 1)), tiles)  # noqa: E731
+    grid = lambda m: (cdiv(rows, max(m["BLOCK"] // bc, 1)), tiles)  # noqa: E731
     kernel[grid](*args[:-1], rows, cols, c, *args[-1], CL=cl, BLOCK_C=bc, **meta)
 
 

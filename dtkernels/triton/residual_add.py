@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import as_layout_of, configs, is_fp64, new_empty_like
+from ._utils import as_layout_of, cdiv, configs, is_fp64, new_empty_like
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 4), (4096, 8), (8192, 8))],
@@ -51,7 +51,7 @@ def _residual_add_backward_kernel(g_ptr, y_ptr, gin_ptr, n, scale: tl.float64,
 
 
 def _grid(n):
-    return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+    return lambda meta: (cdiv(n, meta["BLOCK"]),)
 
 
 def residual_add(x: torch.Tensor, fx: torch.Tensor, alpha: float, relu: bool) -> torch.Tensor:
