@@ -53,13 +53,14 @@ def poison_outputs(on: bool = True):
 
 
 def compile_triton(kernel, signature: dict, constexprs: dict, *, arch: int = 90, num_warps: int = 4,
-                   aligned: bool = True):
+                   aligned=True):
     """Compile a @triton.jit kernel (autotuned or not) to a cubin for sm_<arch>, with
     no GPU present. Catches type and lowering errors that the interpreter, which
     runs the kernel as NumPy, lets through. `signature` maps each runtime argument
-    to a Triton type ("*fp16", "i32", "fp32", ...). With `aligned`, pointers and
+    to a Triton type ("*fp16", "i32", "fp32", ...). With `aligned` True, pointers and
     integers are taken as multiples of 16, as real launches specialise them when
-    they are; compile once without it too to cover the unaligned specialisation."""
+    they are; compile once without it too to cover the unaligned specialisation.
+    `aligned` may also name the arguments that are (a launch's own specialisation)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -69,9 +70,37 @@ def compile_triton(kernel, signature: dict, constexprs: dict, *, arch: int = 90,
         fn = fn.fn  # Autotuner / Heuristics wrap the JITFunction
     sig = {name: ("constexpr" if name in constexprs else signature[name]) for name in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if aligned and (sig[name].startswith("*") or sig[name] in ("i32", "i64"))}
+             if (aligned is True or (aligned and name in aligned))
+             and (sig[name].startswith("*") or sig[name] in ("i32", "i64"))}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def cubin_facts(compiled) -> dict:
+    """What ptxas made of a compile_triton result, read with the cuobjdump that
+    Triton ships: registers and stack per thread, the SASS instruction count, and
+    the count of each opcode (e.g. "CALL": calls to software routines such as
+    64-bit integer division; "LDG": global loads)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+    from collections import Counter
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    # instruction lines: /*0040*/  [@P0] OPCODE.MODIFIERS operands ;
+    ops = [m.group(1).split(".")[0] for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass)]
+    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+            "instructions": len(ops), "opcodes": Counter(ops)}
 
 
 def saved_tensor_bytes(fn, exclude=()):

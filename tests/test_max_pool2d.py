@@ -909,6 +909,31 @@ def test_triton_channel_tiles_beyond_the_grid_are_a_clear_error():
         dtk.max_pool2d(x, 2)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("memory_format", [None, CL], ids=["nchw", "cl"])
+def test_triton_wide_offsets(memory_format, monkeypatch):
+    """Planes (images, for channels_last) of 2^31 elements or more take the kernels'
+    int64 offsets (WIDE): taken here on small inputs by lowering the threshold, forward
+    with indices and backward, against the reference."""
+    skip_unless_runs("triton")
+    from dtkernels.triton import max_pool2d as k
+
+    monkeypatch.setattr(k, "_WIDE_FROM", 0)
+    device = device_for("triton")
+    for n, (shape, args, cm) in enumerate([((2, 3, 9, 11), (3, 2, 1, 1), False),
+                                           ((1, 33, 7, 6), ((2, 3), (1, 2), (1, 0), (2, 1)), True)]):
+        x = _data(shape, torch.float32, device, memory_format, seed=n)
+        want, want_idx = ref.max_pool2d(x.cpu(), *args, ceil_mode=cm, return_indices=True)
+        xd = x.detach().requires_grad_()
+        with dtk.use_backend("triton"):
+            out, idx = dtk.max_pool2d(xd, *args, ceil_mode=cm, return_indices=True)
+            g = rand(*out.shape, generator=torch.Generator().manual_seed(n)).to(device)
+            (gi,) = torch.autograd.grad(out, xd, g)
+        _same(out.cpu(), want)
+        assert torch.equal(idx.cpu(), want_idx)
+        assert_close(gi.cpu(), _grad_ref(x.cpu(), g.cpu(), args, cm).float())
+
+
 def test_windows_beyond_int32_taps_are_a_clear_error():
     """Offsets inside a window are at most int32 (ATen would scan 2^32 taps per output)."""
     x = rand(1, 1, 3, 3)
@@ -972,27 +997,35 @@ def test_module():
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "fp64"])
 def test_triton_kernels_compile_for_sm90(dtype):
     """Every Triton kernel lowers to sm_90 code with no GPU here (the interpreter alone
-    would not catch type or lowering errors)."""
+    would not catch type or lowering errors), with int32 and WIDE (int64) row or
+    pixel indices. Below 2^31 rows or pixels the SASS calls no software routine (a
+    64-bit division compiles to one: the flat-index kernels before these made three
+    such calls per element; WIDE ones make one per row or pixel) and spills nothing."""
     pytest.importorskip("triton")
-    from dtkernels.testing import compile_triton
+    from dtkernels.testing import compile_triton, cubin_facts
     from dtkernels.triton import max_pool2d as k
 
     p, fp64 = f"*{dtype}", dtype == "fp64"
     geo = dict(KH=3, KW=3, SH=2, SW=2, PH=1, PW=1, DH=1, DW=1)
-    sizes = {"H": "i32", "W": "i32", "Ho": "i32", "Wo": "i32"}
+    sizes = {"H": "i32", "W": "i32", "Ho": "i32", "Wo": "i32", "rows": "i32", "npix": "i32", "C": "i32"}
     fwd = {"x_ptr": p, "out_ptr": p, "idx_ptr": "*i64", "off_ptr": "*i8", **sizes}
     bwd = {"g_ptr": p, "off_ptr": "*i8", "gi_ptr": p, **sizes}
-    for aligned, flags in [(True, dict(IDX=True, OFF=True)), (False, dict(IDX=False, OFF=False))]:
-        c = compile_triton(k._max_pool2d_nchw_kernel, {**fwd, "n": "i64"}, {**geo, **flags, "FP64": fp64, "BLOCK": 512},
-                           aligned=aligned)
-        assert "cubin" in c.asm
-        c = compile_triton(k._max_pool2d_nhwc_kernel, {**fwd, "npix": "i64", "C": "i32"},
-                           {**geo, **flags, "FP64": fp64, "BLOCK_P": 32, "BLOCK_C": 64}, aligned=aligned)
-        if aligned and not fp64:  # 16-byte channel loads
-            assert "ld.global.v4" in c.asm["ptx"] or "ld.global.v2" in c.asm["ptx"]
-        c = compile_triton(k._max_pool2d_backward_nchw_kernel, {**bwd, "n": "i64"}, {**geo, "FP64": fp64, "BLOCK": 512},
-                           aligned=aligned)
-        assert "cubin" in c.asm
-        c = compile_triton(k._max_pool2d_backward_nhwc_kernel, {**bwd, "npix": "i64", "C": "i32"},
-                           {**geo, "FP64": fp64, "BLOCK_P": 32, "BLOCK_C": 64}, aligned=aligned)
-        assert "cubin" in c.asm
+    nchw, nhwc = dict(BLOCK_H=8, BLOCK_W=64), dict(BLOCK_P=16, BLOCK_C=64)
+    for wide in (False, True):
+        for aligned, flags in [(True, dict(IDX=True, OFF=True)), (False, dict(IDX=False, OFF=False))]:
+            fw, bw = {**geo, **flags, "WIDE": wide}, {**geo, "FP64": fp64, "WIDE": wide}
+            compiled = {
+                "fwd nchw": compile_triton(k._max_pool2d_nchw_kernel, fwd, {**fw, **nchw}, aligned=aligned),
+                "fwd nhwc": compile_triton(k._max_pool2d_nhwc_kernel, fwd, {**fw, **nhwc}, aligned=aligned),
+                "bwd nchw": compile_triton(k._max_pool2d_backward_nchw_kernel, bwd, {**bw, **nchw}, aligned=aligned),
+                "bwd nhwc": compile_triton(k._max_pool2d_backward_nhwc_kernel, bwd, {**bw, **nhwc}, aligned=aligned),
+            }
+            if aligned and not fp64:  # 16-byte channel loads
+                ptx = compiled["fwd nhwc"].asm["ptx"]
+                assert "ld.global.v4" in ptx or "ld.global.v2" in ptx
+            for name, c in compiled.items():
+                f = cubin_facts(c)
+                what = f"{name} wide={wide} aligned={aligned}"
+                if not wide:
+                    assert f["opcodes"]["CALL"] == 0 and f["stack"] == 0, what
+                assert f["opcodes"]["LDG"] > 0 and f["opcodes"]["STG"] > 0, what

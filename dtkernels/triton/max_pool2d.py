@@ -7,6 +7,15 @@ Backward is a gather: one lane per input element visits the few windows that can
 hold it in ascending (oh, ow) order and adds the gradient of those whose offset
 names it. Deterministic, no atomics, every element written once.
 
+Index arithmetic: a flat element index per lane needs 64-bit divisions per element,
+each a call to a software routine on the GPU (the first version of these kernels
+made three per element and compiled for sm_90 to 115-192 registers,
+benchmarks/results/triton-sm90-20261127.md). So NCHW programs take a tile of rows
+(plane * height + row, which run on across planes, so small planes fill a tile) by
+columns, and divide once per row; NHWC programs divide once per pixel, for all its
+channels. Those divisions are int32 (int64, WIDE, only from 2^31 rows or pixels);
+memory offsets are int64, formed once per row or pixel.
+
 The window geometry is constexpr (one compile per pooling configuration), so the
 tap loops unroll and the divisions by the stride are by constants.
 """
@@ -17,16 +26,25 @@ import triton
 import triton.language as tl
 
 from ..ops.max_pool2d import offsets_dtype
-from ._utils import column_tiles, configs, is_fp64, new_empty
+from ..reference import pool_output_size
+from ._utils import block_columns, cdiv, column_tiles, configs, is_fp64, new_empty
 
 _CONFIGS = configs(
-    [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((256, 4), (512, 4), (1024, 4), (1024, 8))],
-    [triton.Config({"BLOCK": 256}, num_warps=4)],
+    [triton.Config({"BLOCK_H": h, "BLOCK_W": w}, num_warps=nw)
+     for h, w, nw in ((8, 64, 4), (4, 64, 4), (16, 32, 4), (16, 64, 8), (8, 128, 8), (32, 32, 8))],
+    # under the interpreter each program costs milliseconds: the tests' shapes (W up
+    # to 19) still span several tiles
+    [triton.Config({"BLOCK_H": 16, "BLOCK_W": 16}, num_warps=4)],
 )
+# 8 or 16 elements per thread (BLOCK_C 64): with 32 (BLOCK_P 64 on 4 warps, 128 on 8)
+# the sm_90 compile took 98-255 registers and twice the instructions per element.
 _CONFIGS_NHWC = configs(
-    [triton.Config({"BLOCK_P": b}, num_warps=w) for b, w in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8))],
+    [triton.Config({"BLOCK_P": b}, num_warps=w) for b, w in ((16, 4), (32, 4), (32, 8), (64, 8))],
     [triton.Config({"BLOCK_P": 16}, num_warps=4)],
 )
+# Row (NCHW) or pixel (NHWC) counts from which the kernels index them in int64. A
+# module variable so that the tests can take the wide path on small inputs.
+_WIDE_FROM = 2**31
 
 
 @triton.jit
@@ -36,21 +54,29 @@ def _first_tap(o, S: tl.constexpr, P: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _pool_window(x_ptr, base, h0, w0, H, W, pix, mask, tap,
-                 KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, FP64: tl.constexpr):
-    """Fold of one window per lane: (max, tap). x at base + (ih*W + iw)*pix."""
-    if FP64:
-        m = tl.full(tap.shape, float("-inf"), tl.float64)
-    else:
-        m = tl.full(tap.shape, float("-inf"), tl.float32)
+def _divmod(a, b):
+    q = a // b
+    return q, a - q * b
+
+
+@triton.jit
+def _pool_window(x_ptr, rows, h0, w0, H, W, pix, mask, tap,
+                 KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
+    """Fold of one window per lane: (max, tap), the window's top-left tap at input row
+    h0 (of plane or image `rows` / H, int64 `rows` = plane * H) and column w0; x at
+    ((rows + ih) * W + iw) * pix. The max is exact in x's own type, so values are
+    compared as loaded; taps outside the input (or the tile) read -inf, which never
+    replaces the running max."""
+    m = tl.full(tap.shape, float("-inf"), x_ptr.dtype.element_ty)
     for i in tl.static_range(KH):
         ih = h0 + i * DH
-        row_ok = mask & (ih >= 0) & (ih < H)
+        row_ok = (ih >= 0) & (ih < H)
+        row = x_ptr + (rows + ih) * W * pix
         for j in tl.static_range(KW):
             iw = w0 + j * DW
-            ok = row_ok & (iw >= 0) & (iw < W)
-            x = tl.load(x_ptr + base + (ih * W + iw) * pix, mask=ok, other=float("-inf")).to(m.dtype)
-            upd = ok & ((x > m) | (x != x))
+            ok = mask & row_ok & (iw >= 0) & (iw < W)
+            x = tl.load(row + iw * pix, mask=ok, other=float("-inf"))
+            upd = (x > m) | (x != x)
             m = tl.where(upd, x, m)
             tap = tl.where(upd, i * KW + j, tap)
     return m, tap
@@ -63,117 +89,139 @@ def _store_results(out_ptr, idx_ptr, off_ptr, o, mask, m, tap, h0, w0, W,
     if OFF:
         tl.store(off_ptr + o, tap.to(off_ptr.dtype.element_ty), mask=mask)
     if IDX:  # ATen's flat index ih * W + iw
-        tl.store(idx_ptr + o, (h0 + (tap // KW) * DH) * W + w0 + (tap % KW) * DW, mask=mask)
+        ih = h0 + (tap // KW) * DH
+        tl.store(idx_ptr + o, ih.to(tl.int64) * W + w0 + (tap % KW) * DW, mask=mask)
 
 
-@triton.autotune(configs=_CONFIGS, key=["n"])
+@triton.autotune(configs=_CONFIGS, key=["rows", "Wo", "KH", "KW", "SH", "SW"])
 @triton.jit
-def _max_pool2d_nchw_kernel(x_ptr, out_ptr, idx_ptr, off_ptr, n, H, W, Ho, Wo,
+def _max_pool2d_nchw_kernel(x_ptr, out_ptr, idx_ptr, off_ptr, rows, H, W, Ho, Wo,
                             KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                             PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                            IDX: tl.constexpr, OFF: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = o < n
-    t = o // Wo  # divisions one size at a time: Wo * Ho (int32) could wrap
-    ow = o - t * Wo
-    oh = t % Ho
-    plane = t // Ho
-    h0 = oh * SH - PH
-    w0 = ow * SW - PW
-    tap = (_first_tap(oh, SH, PH, DH) * KW + _first_tap(ow, SW, PW, DW)).to(tl.int32)
-    m, tap = _pool_window(x_ptr, plane * H * W, h0, w0, H, W, 1, mask, tap, KH, KW, DH, DW, FP64)
+                            IDX: tl.constexpr, OFF: tl.constexpr, WIDE: tl.constexpr,
+                            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    # program = (tile of output rows plane * Ho + oh, tile of columns)
+    tr, tw = _divmod(tl.program_id(0), tl.cdiv(Wo, BLOCK_W))
+    r = tr * BLOCK_H + tl.arange(0, BLOCK_H)
+    if WIDE:
+        r = r.to(tl.int64)
+    plane, oh = _divmod(r, Ho)
+    ow = tw * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask = (r < rows)[:, None] & (ow < Wo)[None, :]
+    h0 = (oh * SH - PH)[:, None]
+    w0 = (ow * SW - PW)[None, :]
+    tap = (_first_tap(oh, SH, PH, DH)[:, None] * KW + _first_tap(ow, SW, PW, DW)[None, :]).to(tl.int32)
+    m, tap = _pool_window(x_ptr, (plane.to(tl.int64) * H)[:, None], h0, w0, H, W, 1, mask, tap, KH, KW, DH, DW)
+    o = r.to(tl.int64)[:, None] * Wo + ow[None, :]
     _store_results(out_ptr, idx_ptr, off_ptr, o, mask, m, tap, h0, w0, W, KW, DH, DW, IDX, OFF)
 
 
-@triton.autotune(configs=_CONFIGS_NHWC, key=["npix", "C"])
+@triton.autotune(configs=_CONFIGS_NHWC, key=["npix", "C", "KH", "KW", "SH", "SW"])
 @triton.jit
 def _max_pool2d_nhwc_kernel(x_ptr, out_ptr, idx_ptr, off_ptr, npix, C, H, W, Ho, Wo,
                             KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                             PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                            IDX: tl.constexpr, OFF: tl.constexpr, FP64: tl.constexpr,
+                            IDX: tl.constexpr, OFF: tl.constexpr, WIDE: tl.constexpr,
                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # program = (tile of output pixels (img * Ho + oh) * Wo + ow; tile of channels)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    if WIDE:
+        p = p.to(tl.int64)
+    t, ow = _divmod(p, Wo)
+    img, oh = _divmod(t, Ho)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (p < npix)[:, None] & (c < C)[None, :]
-    t = p // Wo
-    ow = p - t * Wo
-    oh = t % Ho
-    img = t // Ho
     h0 = (oh * SH - PH)[:, None]
     w0 = (ow * SW - PW)[:, None]
     tap0 = (_first_tap(oh, SH, PH, DH) * KW + _first_tap(ow, SW, PW, DW)).to(tl.int32)
     tap = tl.broadcast_to(tap0[:, None], (BLOCK_P, BLOCK_C))
-    base = (img * H * W * C)[:, None] + c[None, :]
-    m, tap = _pool_window(x_ptr, base, h0, w0, H, W, C, mask, tap, KH, KW, DH, DW, FP64)
-    _store_results(out_ptr, idx_ptr, off_ptr, p[:, None] * C + c[None, :], mask, m, tap, h0, w0, W,
-                   KW, DH, DW, IDX, OFF)
+    m, tap = _pool_window(x_ptr + c[None, :], (img.to(tl.int64) * H)[:, None], h0, w0, H, W, C, mask, tap,
+                          KH, KW, DH, DW)
+    o = p.to(tl.int64)[:, None] * C + c[None, :]
+    _store_results(out_ptr, idx_ptr, off_ptr, o, mask, m, tap, h0, w0, W, KW, DH, DW, IDX, OFF)
 
 
 @triton.jit
-def _gather_window_grads(g_ptr, off_ptr, ih, iw, Ho, Wo, obase, pix, mask, acc,
+def _window_of(ih, Ho, S: tl.constexpr, P: tl.constexpr, D: tl.constexpr, i: tl.constexpr):
+    """The output row (or column) whose window has input row ih at tap row i, and
+    whether there is one."""
+    nh = ih + P - i * D
+    oh = nh // S
+    return oh, (nh >= 0) & (nh % S == 0) & (oh < Ho)
+
+
+@triton.jit
+def _gather_window_grads(g_ptr, off_ptr, orows, ih, iw, Ho, Wo, pix, mask, acc,
                          KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                          PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
     """acc += the gradient of every window whose maximum is this input element, in
-    ascending (oh, ow) order (descending taps): ATen's summation order."""
+    ascending (oh, ow) order (descending taps): ATen's summation order. Gradients
+    and offsets at ((orows + oh) * Wo + ow) * pix, int64 orows = plane * Ho. Rows and
+    columns are tested apart (ih and iw broadcast against each other in the tile)."""
     for ii in tl.static_range(KH):
         i = KH - 1 - ii
-        nh = ih + PH - i * DH
-        oh = nh // SH
-        row_ok = mask & (nh >= 0) & (nh % SH == 0) & (oh < Ho)
+        oh, row_ok = _window_of(ih, Ho, SH, PH, DH, i)
+        row = (orows + oh) * Wo * pix
+        off_row, g_row = off_ptr + row, g_ptr + row  # per row: the taps add int32 columns
         for jj in tl.static_range(KW):
             j = KW - 1 - jj
-            nw = iw + PW - j * DW
-            ow = nw // SW
-            ok = row_ok & (nw >= 0) & (nw % SW == 0) & (ow < Wo)
-            q = obase + (oh * Wo + ow) * pix
-            hit = ok & (tl.load(off_ptr + q, mask=ok, other=-1).to(tl.int32) == i * KW + j)
-            g = tl.load(g_ptr + q, mask=hit, other=0.0).to(acc.dtype)
+            ow, col_ok = _window_of(iw, Wo, SW, PW, DW, j)
+            ok = mask & row_ok & col_ok
+            q = ow * pix
+            hit = ok & (tl.load(off_row + q, mask=ok, other=-1).to(tl.int32) == i * KW + j)
+            g = tl.load(g_row + q, mask=hit, other=0.0).to(acc.dtype)
             acc += tl.where(hit, g, 0.0)
     return acc
 
 
-@triton.autotune(configs=_CONFIGS, key=["n"])
+@triton.autotune(configs=_CONFIGS, key=["rows", "W", "KH", "KW", "SH", "SW"])
 @triton.jit
-def _max_pool2d_backward_nchw_kernel(g_ptr, off_ptr, gi_ptr, n, H, W, Ho, Wo,
+def _max_pool2d_backward_nchw_kernel(g_ptr, off_ptr, gi_ptr, rows, H, W, Ho, Wo,
                                      KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                                      PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                                     FP64: tl.constexpr, BLOCK: tl.constexpr):
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = e < n
-    t = e // W
-    iw = e - t * W
-    ih = t % H
-    plane = t // H
+                                     FP64: tl.constexpr, WIDE: tl.constexpr,
+                                     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    # program = (tile of input rows plane * H + ih, tile of columns)
+    tr, tw = _divmod(tl.program_id(0), tl.cdiv(W, BLOCK_W))
+    r = tr * BLOCK_H + tl.arange(0, BLOCK_H)
+    if WIDE:
+        r = r.to(tl.int64)
+    plane, ih = _divmod(r, H)
+    iw = tw * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask = (r < rows)[:, None] & (iw < W)[None, :]
     if FP64:
-        acc = tl.zeros((BLOCK,), tl.float64)
+        acc = tl.zeros((BLOCK_H, BLOCK_W), tl.float64)
     else:
-        acc = tl.zeros((BLOCK,), tl.float32)
-    acc = _gather_window_grads(g_ptr, off_ptr, ih, iw, Ho, Wo, plane * Ho * Wo, 1, mask, acc,
-                               KH, KW, SH, SW, PH, PW, DH, DW)
-    tl.store(gi_ptr + e, acc.to(gi_ptr.dtype.element_ty), mask=mask)
+        acc = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
+    acc = _gather_window_grads(g_ptr, off_ptr, (plane.to(tl.int64) * Ho)[:, None], ih[:, None], iw[None, :],
+                               Ho, Wo, 1, mask, acc, KH, KW, SH, SW, PH, PW, DH, DW)
+    gi = gi_ptr + r.to(tl.int64)[:, None] * W + iw[None, :]
+    tl.store(gi, acc.to(gi_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_CONFIGS_NHWC, key=["npix", "C"])
+@triton.autotune(configs=_CONFIGS_NHWC, key=["npix", "C", "KH", "KW", "SH", "SW"])
 @triton.jit
 def _max_pool2d_backward_nhwc_kernel(g_ptr, off_ptr, gi_ptr, npix, C, H, W, Ho, Wo,
                                      KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                                      PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                                     FP64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+                                     FP64: tl.constexpr, WIDE: tl.constexpr,
+                                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # program = (tile of input pixels (img * H + ih) * W + iw; tile of channels)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    if WIDE:
+        p = p.to(tl.int64)
+    t, iw = _divmod(p, W)
+    img, ih = _divmod(t, H)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (p < npix)[:, None] & (c < C)[None, :]
-    t = p // W
-    iw = (p - t * W)[:, None]
-    ih = (t % H)[:, None]
-    img = t // H
     if FP64:
         acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float64)
     else:
         acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
-    obase = (img * Ho * Wo * C)[:, None] + c[None, :]
-    acc = _gather_window_grads(g_ptr, off_ptr, ih, iw, Ho, Wo, obase, C, mask, acc,
-                               KH, KW, SH, SW, PH, PW, DH, DW)
-    tl.store(gi_ptr + p[:, None] * C + c[None, :], acc.to(gi_ptr.dtype.element_ty), mask=mask)
+    acc = _gather_window_grads(g_ptr + c[None, :], off_ptr + c[None, :], (img.to(tl.int64) * Ho)[:, None],
+                               ih[:, None], iw[:, None], Ho, Wo, C, mask, acc, KH, KW, SH, SW, PH, PW, DH, DW)
+    gi = gi_ptr + p.to(tl.int64)[:, None] * C + c[None, :]
+    tl.store(gi, acc.to(gi_ptr.dtype.element_ty), mask=mask)
 
 
 def _geometry(kernel_size, stride, padding, dilation):
@@ -181,15 +229,33 @@ def _geometry(kernel_size, stride, padding, dilation):
     return dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw)
 
 
-def _block_c(C: int) -> int:
-    return min(triton.next_power_of_2(C), 64)
+def _programs(n: int, op: str) -> int:
+    """The grid's first axis holds at most 2^31 - 1 programs."""
+    if n > 2**31 - 1:
+        raise RuntimeError(f"{op} (triton): the input needs {n} tiles, more than a grid holds (2^31 - 1)")
+    return n
+
+
+def _launch(nchw_kernel, nhwc_kernel, op, ptrs, sizes, C, rows, cols, channels_last, flags):
+    """One launch over `rows` rows of `cols` columns (NCHW: plane * height + row), or
+    over rows / C * cols pixels of C channels (channels_last)."""
+    if channels_last:
+        npix, bc = rows // C * cols, block_columns(C, 64)
+        tiles_c = column_tiles(C, bc, op, "channels_last inputs with channels")
+        grid = lambda meta: (_programs(cdiv(npix, meta["BLOCK_P"]), op), tiles_c)  # noqa: E731
+        nhwc_kernel[grid](*ptrs, npix, C, *sizes, BLOCK_C=bc, WIDE=npix >= _WIDE_FROM, **flags)
+    else:
+        grid = lambda meta: (_programs(cdiv(rows, meta["BLOCK_H"]) * cdiv(cols, meta["BLOCK_W"]), op),)  # noqa: E731
+        nchw_kernel[grid](*ptrs, rows, *sizes, WIDE=rows >= _WIDE_FROM, **flags)
 
 
 def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, channels_last, return_indices,
                return_offsets):
-    from ..ops.max_pool2d import output_shape
-
-    shape = output_shape(input, kernel_size, stride, padding, dilation, ceil_mode, channels_last)
+    # The registry has run the op's checks (ops.max_pool2d._check): sizes only here.
+    C, H, W = input.shape[-3:]
+    Ho = pool_output_size(H, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
+    Wo = pool_output_size(W, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
+    shape = [*input.shape[:-2], Ho, Wo]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dev = input.device
     out = new_empty(shape, dtype=input.dtype, device=dev, memory_format=fmt)
@@ -201,21 +267,12 @@ def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, channel
     if out.numel() == 0:
         return out, idx, off
     x = input.contiguous(memory_format=fmt)  # a copy only for odd layouts
-    C, H, W = input.shape[-3:]
-    Ho, Wo = shape[-2:]
-    flags = dict(IDX=bool(return_indices), OFF=bool(return_offsets), FP64=is_fp64(input),
+    flags = dict(IDX=bool(return_indices), OFF=bool(return_offsets),
                  **_geometry(kernel_size, stride, padding, dilation))
     ip = idx if return_indices else out  # unused pointers: any tensor
     op = off if return_offsets else out
-    if channels_last:
-        npix, bc = out.numel() // C, _block_c(C)
-        tiles = column_tiles(C, bc, "max_pool2d", "channels_last inputs with channels")
-        grid = lambda meta: (triton.cdiv(npix, meta["BLOCK_P"]), tiles)  # noqa: E731
-        _max_pool2d_nhwc_kernel[grid](x, out, ip, op, npix, C, H, W, Ho, Wo, BLOCK_C=bc, **flags)
-    else:
-        n = out.numel()
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-        _max_pool2d_nchw_kernel[grid](x, out, ip, op, n, H, W, Ho, Wo, **flags)
+    _launch(_max_pool2d_nchw_kernel, _max_pool2d_nhwc_kernel, "max_pool2d", (x, out, ip, op), (H, W, Ho, Wo), C,
+            out.numel() // Wo, Wo, channels_last, flags)
     return out, idx, off
 
 
@@ -229,13 +286,6 @@ def max_pool2d_backward(grad_out, offsets, input_size, kernel_size, stride, padd
     C, H, W = input_size[-3:]
     Ho, Wo = grad_out.shape[-2:]
     flags = dict(FP64=is_fp64(grad_out), **_geometry(kernel_size, stride, padding, dilation))
-    if channels_last:
-        npix, bc = gi.numel() // C, _block_c(C)
-        tiles = column_tiles(C, bc, "max_pool2d_backward", "channels_last inputs with channels")
-        grid = lambda meta: (triton.cdiv(npix, meta["BLOCK_P"]), tiles)  # noqa: E731
-        _max_pool2d_backward_nhwc_kernel[grid](g, off, gi, npix, C, H, W, Ho, Wo, BLOCK_C=bc, **flags)
-    else:
-        n = gi.numel()
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-        _max_pool2d_backward_nchw_kernel[grid](g, off, gi, n, H, W, Ho, Wo, **flags)
+    _launch(_max_pool2d_backward_nchw_kernel, _max_pool2d_backward_nhwc_kernel, "max_pool2d_backward",
+            (g, off, gi), (H, W, Ho, Wo), C, gi.numel() // W, W, channels_last, flags)
     return gi
