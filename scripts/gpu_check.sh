@@ -5,9 +5,9 @@
 #   build for this GPU's arch only, run the Triton and CUDA tests against the
 #   reference, quick benchmarks, compute-sanitizer memcheck on a small subset, and a
 #   profile of kernel times.
-# Results land in $OUT (default ./out): summary.md (with info), tests.log, bench.log,
-# gpu_bench.md, gpu_bench.json, sanitizer.log, profile.md, and build.log when the build
-# fails (at most 8 files come back from the lent machine). Commit gpu_bench.md and the
+# Results land in $OUT (default ./out): summary.md (with info and the ncu table),
+# tests.log, bench.log, gpu_bench.md, gpu_bench.json, sanitizer.log, profile.md, and
+# build.log when the build fails (at most 8 files come back from the lent machine). Commit gpu_bench.md and the
 # profile to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1 \
   DTK_NO_CLONES=${DTK_NO_CLONES:-1}
 PY=${PYTHON:-python3}
-STEPS=" ${STEPS:-build tests sanitizer bench profile} "  # a rerun can pick steps, e.g. STEPS="build bench"
+STEPS=" ${STEPS:-build tests sanitizer bench profile ncu} "  # a rerun can pick steps, e.g. STEPS="build bench"
 # A rerun can also narrow them: TEST_PATHS (tests and sanitizer), BENCH_ARGS (e.g.
 # "--ops max_pool2d --backends cuda"), PROFILE_ARGS (e.g. "--filter max_pool2d").
 TEST_PATHS=${TEST_PATHS:-tests}
@@ -70,6 +70,17 @@ fi
 # Wall vs host vs kernel time per call, to tell host-bound calls from slow kernels.
 want profile && step profile ${PROFILE_TIMEOUT:-180} "$OUT/profile.log" $PY benchmarks/gpu_profile.py --md "$OUT/profile.md" ${PROFILE_ARGS:-} \
   && rm -f "$OUT/profile.log"
+# Hardware counters of the stem forward's kernels (benchmarks/ncu_stem.py; ~30 s, a
+# guess: not yet run): its table goes into the summary, so that no file is added (8 come back).
+if ! want ncu; then :
+elif command -v ncu >/dev/null; then
+  step ncu ${NCU_TIMEOUT:-120} "$OUT/ncu.log" $PY benchmarks/ncu_stem.py --md "$OUT/ncu.md" \
+    || { echo '```'; tail -n 15 "$OUT/ncu.log"; echo '```'; } >> "$summary"
+  [ -f "$OUT/ncu.md" ] && cat "$OUT/ncu.md" >> "$summary"
+  rm -f "$OUT/ncu.md" "$OUT/ncu.log"
+else
+  echo "- ncu: not found" >> "$summary"
+fi
 # The candidate kernels against the defaults (benchmarks/results/cuda-candidates-20261127.md),
 # kernel times first, so that the summary alone can decide.
 for f in "$OUT/profile.md" "$OUT/gpu_bench.md"; do

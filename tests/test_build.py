@@ -63,3 +63,32 @@ def test_wide_vector_code_only_in_dispatched_clones():
             offenders.add(fn)
     assert clones, "no target_clones found: the CPU kernels are not vectorised per ISA"
     assert not offenders, f"AVX code outside the dispatched clones: {sorted(offenders)[:5]}"
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="host code")
+def test_ncu_stem_reads_ncus_raw_csv():
+    """benchmarks/ncu_stem.py runs only on a GPU machine with ncu: its reading of ncu's
+    raw CSV page (quoted fields, a units row, "==PROF==" lines, thousands separators)
+    and its kernel names are checked here on an example of that page."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import ncu_stem as n
+    finally:
+        sys.path.pop(0)
+    metrics = list(n.METRICS)
+    head = ["ID", "Process ID", "Kernel Name", *metrics]
+    units = ["", "", "", "nsecond", "byte", "byte", "%", "byte", "%", "%", "byte", "%", "%", "inst"]
+    vec = ["0", "7", "void dtkernels::cuda::(anonymous namespace)::max_pool2d_vec_kernel<c10::Half, 3, 2, 1, 0>"
+           "(const T1 *, T1 *, long *, signed char *, dtkernels::PoolDims, bool)",
+           "30,123", "51380224", "12845056", "71.2", "1.5e8", "55.5", "60.1", "2e8", "40.2", "62.5", "3500000"]
+    copy = ["1", "7", "void at::native::vectorized_elementwise_kernel<4, at::native::neg_kernel_cuda(at::Tensor"
+            "IteratorBase &)::[lambda() (instance 1)], std::array<char *, 2UL>>(int, T2, T3)", *["1"] * len(metrics)]
+    text = "==PROF== Connected to process 7\n" + "\n".join(
+        ",".join(f'"{v}"' for v in row) for row in (head, units, vec, copy)) + "\n==PROF== Disconnected\n"
+    rows = n.parse(text)
+    assert [r["ID"] for r in rows] == ["0", "1"]
+    md = n.table(rows, ["cuda-vec-r0", "copy"]).splitlines()
+    assert md[2].startswith("| cuda-vec-r0 | max_pool2d_vec_kernel<c10::Half, 3, 2, 1, 0> | 30.1 | 51.4 | 12.8 | "
+                            "71.2 | 150 | 55.5 |"), md[2]
+    assert md[3].startswith("| copy | vectorized_elementwise_kernel<4, at::native::neg_kernel_cuda(at::Te...> |")
+    assert "could not be matched" in n.table(rows, ["one launch"])  # counts differ: no names guessed
