@@ -912,9 +912,9 @@ def test_triton_channel_tiles_beyond_the_grid_are_a_clear_error():
 @pytest.mark.triton
 @pytest.mark.parametrize("memory_format", [None, CL], ids=["nchw", "cl"])
 def test_triton_wide_offsets(memory_format, monkeypatch):
-    """Planes (images, for channels_last) of 2^31 elements or more take the kernels'
-    int64 offsets (WIDE): taken here on small inputs by lowering the threshold, forward
-    with indices and backward, against the reference."""
+    """Near 2^31 rows (NCHW: planes x height) or pixels (channels_last) the kernels
+    index in int64 (WIDE): taken here on small inputs by lowering the threshold,
+    forward with indices and backward, against the reference."""
     skip_unless_runs("triton")
     from dtkernels.triton import max_pool2d as k
 

@@ -13,7 +13,7 @@ made three per element and compiled for sm_90 to 115-192 registers,
 benchmarks/results/triton-sm90-20261127.md). So NCHW programs take a tile of rows
 (plane * height + row, which run on across planes, so small planes fill a tile) by
 columns, and divide once per row; NHWC programs divide once per pixel, for all its
-channels. Those divisions are int32 (int64, WIDE, only from 2^31 rows or pixels);
+channels. Those divisions are int32 (int64, WIDE, only near 2^31 rows or pixels);
 memory offsets are int64, formed once per row or pixel.
 
 The window geometry is constexpr (one compile per pooling configuration), so the
@@ -42,15 +42,26 @@ _CONFIGS_NHWC = configs(
     [triton.Config({"BLOCK_P": b}, num_warps=w) for b, w in ((16, 4), (32, 4), (32, 8), (64, 8))],
     [triton.Config({"BLOCK_P": 16}, num_warps=4)],
 )
-# Row (NCHW) or pixel (NHWC) counts from which the kernels index them in int64. A
-# module variable so that the tests can take the wide path on small inputs.
-_WIDE_FROM = 2**31
+# Row (NCHW) or pixel (NHWC) counts from which the kernels index them in int64: below
+# 2^31 less a tile, so that no lane of the last tile wraps int32. A module variable
+# so that the tests can take the wide path on small inputs.
+_WIDE_FROM = 2**31 - 2**16
 
 
 @triton.jit
 def _first_tap(o, S: tl.constexpr, P: tl.constexpr, D: tl.constexpr):
     # the first tap past the leading padding: ceil(max(0, P - o*S) / D)
     return (tl.maximum(P - o * S, 0) + D - 1) // D
+
+
+@triton.jit
+def _pid(WIDE: tl.constexpr):
+    """The program id, int64 when WIDE: its tile's first row or pixel (id * BLOCK)
+    would wrap int32 there."""
+    pid = tl.program_id(0)
+    if WIDE:
+        pid = pid.to(tl.int64)
+    return pid
 
 
 @triton.jit
@@ -101,10 +112,8 @@ def _max_pool2d_nchw_kernel(x_ptr, out_ptr, idx_ptr, off_ptr, rows, H, W, Ho, Wo
                             IDX: tl.constexpr, OFF: tl.constexpr, WIDE: tl.constexpr,
                             BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     # program = (tile of output rows plane * Ho + oh, tile of columns)
-    tr, tw = _divmod(tl.program_id(0), tl.cdiv(Wo, BLOCK_W))
+    tr, tw = _divmod(_pid(WIDE), tl.cdiv(Wo, BLOCK_W))
     r = tr * BLOCK_H + tl.arange(0, BLOCK_H)
-    if WIDE:
-        r = r.to(tl.int64)
     plane, oh = _divmod(r, Ho)
     ow = tw * BLOCK_W + tl.arange(0, BLOCK_W)
     mask = (r < rows)[:, None] & (ow < Wo)[None, :]
@@ -124,9 +133,7 @@ def _max_pool2d_nhwc_kernel(x_ptr, out_ptr, idx_ptr, off_ptr, npix, C, H, W, Ho,
                             IDX: tl.constexpr, OFF: tl.constexpr, WIDE: tl.constexpr,
                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # program = (tile of output pixels (img * Ho + oh) * Wo + ow; tile of channels)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    if WIDE:
-        p = p.to(tl.int64)
+    p = _pid(WIDE) * BLOCK_P + tl.arange(0, BLOCK_P)
     t, ow = _divmod(p, Wo)
     img, oh = _divmod(t, Ho)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -182,10 +189,8 @@ def _max_pool2d_backward_nchw_kernel(g_ptr, off_ptr, gi_ptr, rows, H, W, Ho, Wo,
                                      FP64: tl.constexpr, WIDE: tl.constexpr,
                                      BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     # program = (tile of input rows plane * H + ih, tile of columns)
-    tr, tw = _divmod(tl.program_id(0), tl.cdiv(W, BLOCK_W))
+    tr, tw = _divmod(_pid(WIDE), tl.cdiv(W, BLOCK_W))
     r = tr * BLOCK_H + tl.arange(0, BLOCK_H)
-    if WIDE:
-        r = r.to(tl.int64)
     plane, ih = _divmod(r, H)
     iw = tw * BLOCK_W + tl.arange(0, BLOCK_W)
     mask = (r < rows)[:, None] & (iw < W)[None, :]
@@ -207,9 +212,7 @@ def _max_pool2d_backward_nhwc_kernel(g_ptr, off_ptr, gi_ptr, npix, C, H, W, Ho, 
                                      FP64: tl.constexpr, WIDE: tl.constexpr,
                                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # program = (tile of input pixels (img * H + ih) * W + iw; tile of channels)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    if WIDE:
-        p = p.to(tl.int64)
+    p = _pid(WIDE) * BLOCK_P + tl.arange(0, BLOCK_P)
     t, iw = _divmod(p, W)
     img, ih = _divmod(t, H)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
