@@ -42,9 +42,9 @@ _CONFIGS_NHWC = configs(
     [triton.Config({"BLOCK_P": b}, num_warps=w) for b, w in ((16, 4), (32, 4), (32, 8), (64, 8))],
     [triton.Config({"BLOCK_P": 16}, num_warps=4)],
 )
-# Row (NCHW) or pixel (NHWC) counts from which the kernels index them in int64: below
-# 2^31 less a tile, so that no lane of the last tile wraps int32. A module variable
-# so that the tests can take the wide path on small inputs.
+# Row (NCHW) or pixel (NHWC; or a row's elements) counts from which the kernels index
+# in int64: below 2^31 less a tile, so that no lane of the last tile wraps int32. A
+# module variable so that the tests can take the wide path on small inputs.
 _WIDE_FROM = 2**31 - 2**16
 
 
@@ -68,6 +68,28 @@ def _pid(WIDE: tl.constexpr):
 def _divmod(a, b):
     q = a // b
     return q, a - q * b
+
+
+@triton.jit
+def _row_tile(rows, height, width, WIDE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """NCHW: this program's BLOCK_H rows r = plane * height + row (a tile may span
+    planes) by BLOCK_W columns: (r, plane, row, col, mask)."""
+    tr, tw = _divmod(_pid(WIDE), tl.cdiv(width, BLOCK_W))
+    r = tr * BLOCK_H + tl.arange(0, BLOCK_H)
+    plane, row = _divmod(r, height)
+    col = tw * BLOCK_W + tl.arange(0, BLOCK_W)
+    return r, plane, row, col, (r < rows)[:, None] & (col < width)[None, :]
+
+
+@triton.jit
+def _pixel_tile(npix, height, width, C, WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """NHWC: this program's BLOCK_P pixels p = (img * height + row) * width + col by
+    BLOCK_C channels: (p, img, row, col, c, mask)."""
+    p = _pid(WIDE) * BLOCK_P + tl.arange(0, BLOCK_P)
+    t, col = _divmod(p, width)
+    img, row = _divmod(t, height)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return p, img, row, col, c, (p < npix)[:, None] & (c < C)[None, :]
 
 
 @triton.jit
@@ -111,12 +133,7 @@ def _max_pool2d_nchw_kernel(x_ptr, out_ptr, idx_ptr, off_ptr, rows, H, W, Ho, Wo
                             PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                             IDX: tl.constexpr, OFF: tl.constexpr, WIDE: tl.constexpr,
                             BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    # program = (tile of output rows plane * Ho + oh, tile of columns)
-    tr, tw = _divmod(_pid(WIDE), tl.cdiv(Wo, BLOCK_W))
-    r = tr * BLOCK_H + tl.arange(0, BLOCK_H)
-    plane, oh = _divmod(r, Ho)
-    ow = tw * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask = (r < rows)[:, None] & (ow < Wo)[None, :]
+    r, plane, oh, ow, mask = _row_tile(rows, Ho, Wo, WIDE, BLOCK_H, BLOCK_W)
     h0 = (oh * SH - PH)[:, None]
     w0 = (ow * SW - PW)[None, :]
     tap = (_first_tap(oh, SH, PH, DH)[:, None] * KW + _first_tap(ow, SW, PW, DW)[None, :]).to(tl.int32)
@@ -132,12 +149,7 @@ def _max_pool2d_nhwc_kernel(x_ptr, out_ptr, idx_ptr, off_ptr, npix, C, H, W, Ho,
                             PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                             IDX: tl.constexpr, OFF: tl.constexpr, WIDE: tl.constexpr,
                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # program = (tile of output pixels (img * Ho + oh) * Wo + ow; tile of channels)
-    p = _pid(WIDE) * BLOCK_P + tl.arange(0, BLOCK_P)
-    t, ow = _divmod(p, Wo)
-    img, oh = _divmod(t, Ho)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (p < npix)[:, None] & (c < C)[None, :]
+    p, img, oh, ow, c, mask = _pixel_tile(npix, Ho, Wo, C, WIDE, BLOCK_P, BLOCK_C)
     h0 = (oh * SH - PH)[:, None]
     w0 = (ow * SW - PW)[:, None]
     tap0 = (_first_tap(oh, SH, PH, DH) * KW + _first_tap(ow, SW, PW, DW)).to(tl.int32)
@@ -188,12 +200,7 @@ def _max_pool2d_backward_nchw_kernel(g_ptr, off_ptr, gi_ptr, rows, H, W, Ho, Wo,
                                      PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                                      FP64: tl.constexpr, WIDE: tl.constexpr,
                                      BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    # program = (tile of input rows plane * H + ih, tile of columns)
-    tr, tw = _divmod(_pid(WIDE), tl.cdiv(W, BLOCK_W))
-    r = tr * BLOCK_H + tl.arange(0, BLOCK_H)
-    plane, ih = _divmod(r, H)
-    iw = tw * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask = (r < rows)[:, None] & (iw < W)[None, :]
+    r, plane, ih, iw, mask = _row_tile(rows, H, W, WIDE, BLOCK_H, BLOCK_W)
     if FP64:
         acc = tl.zeros((BLOCK_H, BLOCK_W), tl.float64)
     else:
@@ -211,12 +218,7 @@ def _max_pool2d_backward_nhwc_kernel(g_ptr, off_ptr, gi_ptr, npix, C, H, W, Ho, 
                                      PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                                      FP64: tl.constexpr, WIDE: tl.constexpr,
                                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # program = (tile of input pixels (img * H + ih) * W + iw; tile of channels)
-    p = _pid(WIDE) * BLOCK_P + tl.arange(0, BLOCK_P)
-    t, iw = _divmod(p, W)
-    img, ih = _divmod(t, H)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (p < npix)[:, None] & (c < C)[None, :]
+    p, img, ih, iw, c, mask = _pixel_tile(npix, H, W, C, WIDE, BLOCK_P, BLOCK_C)
     if FP64:
         acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float64)
     else:
@@ -246,10 +248,12 @@ def _launch(nchw_kernel, nhwc_kernel, op, ptrs, sizes, C, rows, cols, channels_l
         npix, bc = rows // C * cols, block_columns(C, 64)
         tiles_c = column_tiles(C, bc, op, "channels_last inputs with channels")
         grid = lambda meta: (_programs(cdiv(npix, meta["BLOCK_P"]), op), tiles_c)  # noqa: E731
-        nhwc_kernel[grid](*ptrs, npix, C, *sizes, BLOCK_C=bc, WIDE=npix >= _WIDE_FROM, **flags)
+        # WIDE also when a row's elements (column * C) could pass int32
+        wide = max(npix, max(sizes[1], sizes[3]) * C) >= _WIDE_FROM
+        nhwc_kernel[grid](*ptrs, npix, C, *sizes, BLOCK_C=bc, WIDE=wide, **flags)
     else:
         grid = lambda meta: (_programs(cdiv(rows, meta["BLOCK_H"]) * cdiv(cols, meta["BLOCK_W"]), op),)  # noqa: E731
-        nchw_kernel[grid](*ptrs, rows, *sizes, WIDE=rows >= _WIDE_FROM, **flags)
+        nchw_kernel[grid](*ptrs, rows, *sizes, WIDE=max(rows, sizes[1], sizes[3]) >= _WIDE_FROM, **flags)
 
 
 def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, channels_last, return_indices,
