@@ -246,16 +246,17 @@ def _programs(n: int, op: str) -> int:
 def _launch(nchw_kernel, nhwc_kernel, op, ptrs, sizes, C, rows, cols, channels_last, flags):
     """One launch over `rows` rows of `cols` columns (NCHW: plane * height + row), or
     over rows / C * cols pixels of C channels (channels_last)."""
+    _, W, _, Wo = sizes
     if channels_last:
         npix, bc = rows // C * cols, block_columns(C, 64)
         tiles_c = column_tiles(C, bc, op, "channels_last inputs with channels")
         grid = lambda meta: (_programs(cdiv(npix, meta["BLOCK_P"]), op), tiles_c)  # noqa: E731
         # WIDE also when a row's elements (column * C) could pass int32
-        wide = max(npix, max(sizes[1], sizes[3]) * C) >= _WIDE_FROM
+        wide = max(npix, max(W, Wo) * C) >= _WIDE_FROM
         nhwc_kernel[grid](*ptrs, npix, C, *sizes, BLOCK_C=bc, WIDE=wide, **flags)
     else:
         grid = lambda meta: (_programs(cdiv(rows, meta["BLOCK_H"]) * cdiv(cols, meta["BLOCK_W"]), op),)  # noqa: E731
-        nchw_kernel[grid](*ptrs, rows, *sizes, WIDE=max(rows, sizes[1], sizes[3]) >= _WIDE_FROM, **flags)
+        nchw_kernel[grid](*ptrs, rows, *sizes, WIDE=max(rows, W, Wo) >= _WIDE_FROM, **flags)
 
 
 def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, channels_last, return_indices,
