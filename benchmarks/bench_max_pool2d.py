@@ -56,19 +56,26 @@ def _nbytes(shape, dtype, pool):
 K2, K3 = (2,), (3, 2, 1)  # k2s2, and k3s2p1 (the ResNet stem)
 
 
-def _stem_candidates():
-    """The CUDA stem forward's candidate kernels, timed beside the op (CUDA builds only):
-    the vec kernel with 0 (the default), 1 or 2 output rows per thread item, rows
-    compiled in for 1 and 2 (csrc/max_pool2d.h: with_pool_vec_kernel), launched with as
-    many blocks as fit at once (the default) or with a block per 256 items ("-full")."""
+def _vec_candidates(pool, stem=True):
+    """The CUDA vec forward's candidate kernels, timed beside the op (CUDA builds only;
+    csrc/max_pool2d.h: with_pool_vec_kernel, pool_forward_vec), values only as the op
+    without grad: the stem's with 0 (the default), 1 or 2 output rows per thread item,
+    rows compiled in for 1 and 2, launched with as many blocks as fit at once (the
+    default) or with a block per 256 items ("-full"); and for any vec geometry,
+    16-bit values compared in pairs ("-pairs")."""
     variant = getattr(dtk._C, "_cuda_max_pool2d_vec_variant", None)
     if variant is None:
         return {}
+    k, s, p = pool[0], pool[1] if len(pool) > 1 else pool[0], pool[2] if len(pool) > 2 else 0
 
-    def call(rows, full):
-        return lambda i: variant(i["x"], [3, 3], [2, 2], [1, 1], [1, 1], False, rows, full, False, False)
-    return {f"cuda-vec-r{rows}" + ("-full" if full else ""): call(rows, full)
-            for rows in (0, 1, 2) for full in (False, True)}
+    def call(rows, full, pairs):
+        return lambda i: variant(i["x"], [k, k], [s, s], [p, p], [1, 1], False, rows, full, pairs, False, False)
+    if not stem:
+        return {"cuda-vec-r0": call(0, False, False), "cuda-vec-r0-pairs": call(0, False, True)}
+    out = {f"cuda-vec-r{rows}" + ("-full" if full else ""): call(rows, full, False)
+           for rows in (0, 1, 2) for full in (False, True)}
+    out.update({f"cuda-vec-r{rows}-pairs": call(rows, False, True) for rows in (0, 1, 2)})
+    return out
 
 
 def _cases():
@@ -100,7 +107,7 @@ def _cases():
         run = _fwd_bwd if grad else _fwd
         nb = _nbytes(stem, f16, K3)
         # the forward's yardstick: a clone of as many bytes
-        extras = {} if grad else {"clone": lambda i: i["c"].clone(), **_stem_candidates()}
+        extras = {} if grad else {"clone": lambda i: i["c"].clone(), **_vec_candidates(K3)}
         out.append(Case("max_pool2d", name, "32x64x112x112", f16,
                         _inputs(stem, f16, NCHW, K3, grad=grad, copy_bytes=0 if grad else nb),
                         baseline=run(F.max_pool2d, K3), candidate=run(dtk.max_pool2d, K3), extras=extras,
@@ -111,7 +118,8 @@ def _cases():
         out.append(Case("max_pool2d", "k2s2-fwd", "64x128x128x128" + ("-cl" if fmt is CL else ""), f16,
                         _inputs(large, f16, fmt, K2, copy_bytes=nb),
                         baseline=_fwd(F.max_pool2d, K2), candidate=_fwd(dtk.max_pool2d, K2),
-                        extras={"clone": lambda i: i["c"].clone()},
+                        extras={"clone": lambda i: i["c"].clone(),
+                                **(_vec_candidates(K2, stem=False) if fmt is NCHW else {})},
                         bytes=nb, devices=("cuda",),
                         note="target: >= 0.85 of the copy bandwidth (clone of the same bytes)"))
     # A ResNet-sized map whose rows (28 outputs) are not a multiple of the vector length

@@ -12,10 +12,12 @@ rates, occupancy and instructions issued. ncu flushes the caches before each ker
 left alone (--clock-control none), as on the bench. Rows:
 - cuda-vec-r{0,1,2}[-full]: the stem's vec kernel with 0 (the default), 1 or 2 output
   rows per thread item, resident or full grid (_C._cuda_max_pool2d_vec_variant);
+- cuda-vec-r{0,1,2}-pairs: the same, 16-bit values compared in pairs (values only);
 - dtk-cuda, torch: the op and ATen's kernel on the same input;
 - copy: an elementwise copy of as many bytes (read + write) as the stem forward
   moves, the yardstick of the bandwidth target;
-- k2s2 dtk-cuda: the forward that meets the target (fp16 64x128x128x128).
+- k2s2 dtk-cuda: the forward that meets the target (fp16 64x128x128x128), and its
+  pairs candidate.
 """
 from __future__ import annotations
 
@@ -65,16 +67,19 @@ def child(order_path: str) -> None:
     variant = dtk._C._cuda_max_pool2d_vec_variant
     runs = []
 
-    def vec(rows, full):
-        return lambda: variant(x, [3, 3], [2, 2], [1, 1], [1, 1], False, rows, full, False, False)
+    def vec(rows, full, pairs=False):
+        return lambda: variant(x, [3, 3], [2, 2], [1, 1], [1, 1], False, rows, full, pairs, False, False)
 
     for rows in (0, 1, 2):
         for full in (False, True):
             runs.append((f"cuda-vec-r{rows}" + ("-full" if full else ""), vec(rows, full)))
+    runs += [(f"cuda-vec-r{rows}-pairs", vec(rows, False, True)) for rows in (0, 1, 2)]
     runs += [("dtk-cuda", lambda: dtk.max_pool2d(x, 3, 2, 1)),
              ("torch", lambda: F.max_pool2d(x, 3, 2, 1)),
              ("copy", lambda: torch.neg(src, out=dst)),  # a vectorized_elementwise_kernel
-             ("k2s2 dtk-cuda", lambda: dtk.max_pool2d(k2, 2))]
+             ("k2s2 dtk-cuda", lambda: dtk.max_pool2d(k2, 2)),
+             ("k2s2 cuda-vec-r0-pairs",
+              lambda: variant(k2, [2, 2], [2, 2], [0, 0], [1, 1], False, 0, False, True, False, False))]
     torch.cuda.synchronize()
     for _, fn in runs:
         fn()

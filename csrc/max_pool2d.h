@@ -24,6 +24,11 @@
 
 #include "common.h"
 
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
 namespace dtkernels {
 
 struct Pool2d {
@@ -501,6 +506,14 @@ struct PoolVec {
   static constexpr int R = K - 1 - PAD >= S ? 1 : 0;           // and right of them
   static constexpr int NV = L + 2 + R;
   static_assert(PAD <= P && K - 1 - PAD - S < P, "windows reach one vector beyond at most");
+  // The first and the last element of the NV vectors that the windows read, and for
+  // 16-bit pairs (pool_vec_pairs_row) the words of vector u that hold them.
+  static constexpr int E0 = L * P - PAD, E1 = E0 + (V - 1) * S + K - 1;
+  C10_HOST_DEVICE static constexpr int first_word(int u) { return E0 / 2 > u * P / 2 ? E0 / 2 : u * P / 2; }
+  C10_HOST_DEVICE static constexpr int words_of(int u) {
+    const int last = E1 / 2 < (u + 1) * P / 2 - 1 ? E1 / 2 : (u + 1) * P / 2 - 1;
+    return last >= first_word(u) ? last - first_word(u) + 1 : 0;
+  }
 };
 
 // Returns f(K, S, PAD) (std::integral_constants; f says whether it ran) when the vec
@@ -593,6 +606,131 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_vec_fold_row(const Pack<T, Shape::P>
   }
 }
 
+// ---- 16-bit values in pairs (the vec forward without indices or offsets) ----------------------
+//
+// Inference needs only the values, and 16-bit values can be compared two at a time,
+// as the GPU's paired instructions do: one HSET2 and one LOP3 per two values and tap,
+// where the scan spends about six instructions per value and tap. The stem forward's
+// item (8 outputs) was ~680 instructions of sm_90 SASS, ~280 in pairs: its kernel was
+// near the issue rate's bound, where the k2s2 forward (0.96 of copy bandwidth) does
+// less than half the stem's work per byte. A 32-bit word holds two outputs' values,
+// the first in its low half.
+//
+// The result stays the scan's, bit for bit: a value replaces the running maximum only
+// when strictly greater, so of equal values (-0.0 and +0.0 are the only distinct
+// ones) the first stays; a window is folded row by row, left to right, then its rows
+// top to bottom, which is row-major order. The scan also takes a NaN (the last one);
+// the pairs look for NaN among every word an item reads, and an item that read one
+// reruns the scan.
+
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint16_t pair_bits(T v) {
+  return v.x;
+}
+
+#if !defined(__CUDA_ARCH__)
+template <typename T>
+inline float pair_lane(uint32_t w, int lane) {
+  return static_cast<float>(T(static_cast<uint16_t>(w >> (16 * lane)), T::from_bits()));
+}
+#else
+template <typename T>
+struct PairOf;
+template <>
+struct PairOf<c10::Half> {
+  using type = __half2;
+};
+template <>
+struct PairOf<c10::BFloat16> {
+  using type = __nv_bfloat162;
+};
+template <typename T>
+__device__ C10_ALWAYS_INLINE typename PairOf<T>::type as_pair(uint32_t w) {
+  typename PairOf<T>::type p;
+  memcpy(&p, &w, sizeof(w));
+  return p;
+}
+#endif
+
+// 0xFFFF in each lane where b > a (false where either is NaN).
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t pair_gt_mask(uint32_t b, uint32_t a) {
+#if defined(__CUDA_ARCH__)
+  return __hgt2_mask(as_pair<T>(b), as_pair<T>(a));
+#else
+  uint32_t r = 0;
+  for (int lane = 0; lane < 2; ++lane)
+    if (pair_lane<T>(b, lane) > pair_lane<T>(a, lane)) r |= 0xFFFFu << (16 * lane);
+  return r;
+#endif
+}
+
+// The running maximum of a pair: each lane of b replaces a's where strictly greater.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t pair_fold(uint32_t b, uint32_t a) {
+  const uint32_t gt = pair_gt_mask<T>(b, a);
+  return (b & gt) | (a & ~gt);
+}
+
+// A lane that is NaN when either input's is (so a running one is NaN once any value
+// folded into it was), else some value that is not NaN.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t pair_nan(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  const auto p = __hmax2_nan(as_pair<T>(a), as_pair<T>(b));
+  memcpy(&r, &p, sizeof(r));
+  return r;
+#else
+  uint32_t r = 0;
+  for (int lane = 0; lane < 2; ++lane) {
+    const float x = pair_lane<T>(a, lane), y = pair_lane<T>(b, lane);
+    const uint32_t lane_bits = x != x || y != y ? 0x7FFFu : (a >> (16 * lane)) & 0xFFFFu;
+    r |= lane_bits << (16 * lane);
+  }
+  return r;
+#endif
+}
+
+// Whether either lane is NaN (a magnitude above infinity's).
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE bool pair_has_nan(uint32_t w) {
+  constexpr uint32_t inf = std::is_same_v<T, c10::Half> ? 0x7C00u : 0x7F80u;
+  return (w & 0x7FFFu) > inf || ((w >> 16) & 0x7FFFu) > inf;
+}
+
+// Elements e0 and e1 of a row's loaded words (two elements each) as a pair: with
+// constant indices a register, or one byte permute.
+template <int NW>
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t pool_pair(const uint32_t (&wd)[NW], int e0, int e1) {
+  if (e0 % 2 == 0 && e1 == e0 + 1) return wd[e0 / 2];
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(wd[e0 / 2], wd[e1 / 2], (e0 % 2 ? 0x32 : 0x10) | (e1 % 2 ? 0x76 : 0x54) << 8);
+#else
+  return ((wd[e0 / 2] >> (16 * (e0 % 2))) & 0xFFFFu) | ((wd[e1 / 2] >> (16 * (e1 % 2))) << 16);
+#endif
+}
+
+// One input row's maxima for V outputs in pairs: r[w] holds outputs 2w and 2w + 1's,
+// over their K taps in this row, left to right. wd: the row's NV vectors as words;
+// nan takes in every word the windows read from.
+template <typename T, int K, int S, int PAD, typename Shape = PoolVec<T, K, S, PAD>>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_vec_pairs_row(const uint32_t (&wd)[Shape::NV * Shape::P / 2],
+                                                          uint32_t (&r)[Shape::V / 2], uint32_t& nan) {
+  constexpr int P = Shape::P, V = Shape::V, base = Shape::E0;
+  constexpr int first = Shape::E0 / 2, last = Shape::E1 / 2;
+  static_assert(V % 2 == 0 && P % 2 == 0 && last < Shape::NV * P / 2, "whole words inside the loaded vectors");
+  DTK_UNROLL
+  for (int w = first; w <= last; ++w) nan = pair_nan<T>(nan, wd[w]);
+  DTK_UNROLL
+  for (int w = 0; w < V / 2; ++w) {
+    const int e = base + 2 * w * S;  // output 2w's first tap in this row; 2w + 1's is S further
+    r[w] = pool_pair(wd, e, e + S);
+    DTK_UNROLL
+    for (int j = 1; j < K; ++j) r[w] = pair_fold<T>(pool_pair(wd, e + j, e + S + j), r[w]);
+  }
+}
+
 // Thread item q of the vec forward (see pool_vec_items). Writes out, and when given
 // the int8 offsets and ATen's int64 indices. `packed`: Wo % V == 0 and the outputs
 // aligned, so every group is whole and stores as one pack. `blocks` divides by the
@@ -600,13 +738,16 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_vec_fold_row(const Pack<T, Shape::P>
 // RH > 0: the caller checked that the rows are the columns' (K, S, PAD, dilation 1),
 // so the (RH - 1) * S + K input rows of RH output rows unroll (their loads can issue
 // together), and output rows that share an input row load it once.
-template <typename T, int K, int S, int PAD, int RH = 0>
+// PAIRS (16-bit T): without indices and offsets, compare values two at a time (see
+// pool_vec_pairs_row); an item that reads a NaN falls back to the scan.
+template <typename T, int K, int S, int PAD, int RH = 0, bool PAIRS = false>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, T* out, int64_t* idx, int8_t* off,
                                                         const PoolDims& g, const FastDivmod& groups,
                                                         const FastDivmod& blocks, bool packed) {
   using A = at::opmath_type<T>;
   using Shape = PoolVec<T, K, S, PAD>;
   constexpr int P = Shape::P, V = Shape::V, L = Shape::L, NV = Shape::NV, R = RH > 0 ? RH : 1;
+  static_assert(!PAIRS || sizeof(T) == 2, "pairs of 16-bit values");
   const uint32_t r = groups.div(q);
   const int ow0 = static_cast<int>(q - r * groups.d) * V;
   const uint32_t plane = blocks.div(r);
@@ -636,7 +777,111 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, 
       }
     }
   };
+  // Where output row t of the item starts in out (the rows past Ho of RH = 2's last
+  // item excepted), and the store of its V values.
+  const auto out_at = [&](int t) {
+    return (R == 1 ? static_cast<int64_t>(r) : static_cast<int64_t>(plane) * g.Ho + oh0 + t) * g.Wo + ow0;
+  };
+  const auto store = [&](int64_t o, const Pack<T, V>& pv) {
+    if (packed) {
+      *reinterpret_cast<Pack<T, V>*>(out + o) = pv;
+    } else {
+      DTK_UNROLL
+      for (int v = 0; v < V; ++v)
+        if (ow0 + v < g.Wo) out[o + v] = pv.v[v];
+    }
+  };
   const int i0 = pool_first_tap(oh0, g.sh, g.ph, g.dh);
+  if constexpr (PAIRS) {
+    if (idx == nullptr && off == nullptr) {
+      constexpr int W2 = V / 2, H = P / 2, NW = NV * H;
+      const uint32_t ninf2 = static_cast<uint32_t>(pair_bits(ninf)) * 0x10001u;
+      // The vectors' columns: voff[u] from the row's start (RH > 0: clamped in bounds),
+      // vin[u] whether inside the row; all_in: every vector the windows read is.
+      int voff[NV];
+      bool vin[NV], all_in = true;
+      DTK_UNROLL
+      for (int u = 0; u < NV; ++u) {
+        const int c = b + (u - L) * P;
+        vin[u] = c >= 0 && c < g.W;
+        voff[u] = RH > 0 ? (c < 0 ? 0 : vin[u] ? c : g.W - P) : c;
+        if (Shape::words_of(u) > 0) all_in = all_in && vin[u];
+      }
+      // The words of a row that the windows read (pool_vec_pairs_row), -inf where
+      // outside the row or (row_in false) the input. check false: all are inside.
+      // (check is a constant at each call. A generic lambda taking it as a type made
+      // nvcc 13.0's cicc crash.)
+      const auto load_words = [&](const T* row, bool row_in, bool check, uint32_t(&wd)[NW]) {
+        DTK_UNROLL
+        for (int u = 0; u < NV; ++u) {
+          const int lo = Shape::first_word(u), n = Shape::words_of(u);  // constants once unrolled
+          const T* at = row + voff[u] + 2 * (lo - u * H);
+          const bool in = !check || (vin[u] && row_in);
+          if (n == H) {  // the whole vector: one 16-byte load
+            Pack<uint32_t, H> v;
+            if (RH > 0 || in) v = *reinterpret_cast<const Pack<uint32_t, H>*>(at);
+            DTK_UNROLL
+            for (int e = 0; e < H; ++e) wd[lo + e] = in ? v.v[e] : ninf2;
+          } else {
+            DTK_UNROLL
+            for (int e = 0; e < H; ++e)
+              if (e < n) wd[lo + e] = in ? reinterpret_cast<const uint32_t*>(at)[e] : ninf2;
+          }
+        }
+      };
+      uint32_t mp[R][W2], nan = 0;
+      DTK_UNROLL
+      for (int t = 0; t < R; ++t) {
+        DTK_UNROLL
+        for (int w = 0; w < W2; ++w) mp[t][w] = ninf2;
+      }
+      if constexpr (RH == 0) {
+        const auto rows = [&](auto check) {
+          const int ih0 = oh0 * g.sh - g.ph + i0 * g.dh;
+          const T* row = xp + static_cast<int64_t>(ih0) * g.W;
+          const int64_t step = static_cast<int64_t>(g.dh) * g.W;
+          for (int i = i0, ih = ih0; i < g.kh && ih < g.H; ++i, ih += g.dh, row += step) {
+            uint32_t wd[NW], rw[W2];
+            load_words(row, true, check, wd);
+            pool_vec_pairs_row<T, K, S, PAD>(wd, rw, nan);
+            DTK_UNROLL
+            for (int w = 0; w < W2; ++w) mp[0][w] = pair_fold<T>(rw[w], mp[0][w]);
+          }
+        };
+        if (all_in) rows(std::false_type{});
+        else rows(std::true_type{});
+      } else {
+        DTK_UNROLL
+        for (int u = 0; u < (R - 1) * S + K; ++u) {
+          uint32_t wd[NW], rw[W2];
+          const int ih = oh0 * S - PAD + u;
+          const bool row_in = ih >= 0 && ih < g.H;
+          load_words(xp + static_cast<int64_t>(ih < 0 ? 0 : row_in ? ih : g.H - 1) * g.W, row_in, std::true_type{}, wd);
+          pool_vec_pairs_row<T, K, S, PAD>(wd, rw, nan);
+          DTK_UNROLL
+          for (int t = 0; t < R; ++t)
+            if (u - t * S >= 0 && u - t * S < K) {
+              DTK_UNROLL
+              for (int w = 0; w < W2; ++w) mp[t][w] = pair_fold<T>(rw[w], mp[t][w]);
+            }
+        }
+      }
+      if (!pair_has_nan<T>(nan)) {
+        DTK_UNROLL
+        for (int t = 0; t < R; ++t) {
+          if (RH > 1 && oh0 + t >= g.Ho) break;
+          Pack<T, V> pv;
+          DTK_UNROLL
+          for (int w = 0; w < W2; ++w) {
+            pv.v[2 * w] = T(static_cast<uint16_t>(mp[t][w] & 0xFFFFu), T::from_bits());
+            pv.v[2 * w + 1] = T(static_cast<uint16_t>(mp[t][w] >> 16), T::from_bits());
+          }
+          store(out_at(t), pv);
+        }
+        return;
+      }
+    }
+  }
   A m[R][V];
   int tap[R][V];
   DTK_UNROLL
@@ -669,25 +914,20 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, 
   for (int t = 0; t < R; ++t) {
     const int oh = oh0 + t;
     if (RH > 1 && oh >= g.Ho) break;
-    const int64_t o = (R == 1 ? static_cast<int64_t>(r) : static_cast<int64_t>(plane) * g.Ho + oh) * g.Wo + ow0;
-    if (packed) {
-      Pack<T, V> pv;
+    const int64_t o = out_at(t);
+    Pack<T, V> pv;
+    DTK_UNROLL
+    for (int v = 0; v < V; ++v) pv.v[v] = static_cast<T>(m[t][v]);
+    store(o, pv);
+    if (off && packed) {
+      Pack<int8_t, V> po;
       DTK_UNROLL
-      for (int v = 0; v < V; ++v) pv.v[v] = static_cast<T>(m[t][v]);
-      *reinterpret_cast<Pack<T, V>*>(out + o) = pv;
-      if (off) {
-        Pack<int8_t, V> po;
-        DTK_UNROLL
-        for (int v = 0; v < V; ++v) po.v[v] = static_cast<int8_t>(tap[t][v]);
-        *reinterpret_cast<Pack<int8_t, V>*>(off + o) = po;
-      }
-    } else {
+      for (int v = 0; v < V; ++v) po.v[v] = static_cast<int8_t>(tap[t][v]);
+      *reinterpret_cast<Pack<int8_t, V>*>(off + o) = po;
+    } else if (off) {
       DTK_UNROLL
       for (int v = 0; v < V; ++v)
-        if (ow0 + v < g.Wo) {
-          out[o + v] = static_cast<T>(m[t][v]);
-          if (off) off[o + v] = static_cast<int8_t>(tap[t][v]);
-        }
+        if (ow0 + v < g.Wo) off[o + v] = static_cast<int8_t>(tap[t][v]);
     }
     if (idx) {
       const int h0 = oh * g.sh - g.ph;
@@ -732,12 +972,13 @@ at::Tensor emulate_cuda_max_pool2d_backward(const at::Tensor& grad_out, const at
                                             std::vector<int64_t> stride, std::vector<int64_t> padding,
                                             std::vector<int64_t> dilation, bool channels_last);
 // The CUDA NCHW "vec" forward with `rows` output rows per thread item
-// (pool_forward_vec per item; see with_pool_vec_kernel) run on the host: (out, indices,
-// offsets) as _max_pool2d gives them; an error for a geometry it lacks.
+// (pool_forward_vec per item; see with_pool_vec_kernel), comparing 16-bit values in
+// pairs where asked (PAIRS), run on the host: (out, indices, offsets) as _max_pool2d
+// gives them; an error for a geometry or dtype it lacks.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool return_indices,
-    bool return_offsets, int64_t rows);
+    bool return_offsets, int64_t rows, bool pairs);
 // The CUDA NCHW "rows" backward (pool_backward_columns per thread item) run on the host.
 at::Tensor emulate_cuda_backward_rows(const at::Tensor& grad_out, const at::Tensor& offsets,
                                       std::vector<int64_t> input_size, std::vector<int64_t> kernel_size,
@@ -747,12 +988,13 @@ at::Tensor emulate_cuda_backward_rows(const at::Tensor& grad_out, const at::Tens
 
 namespace cuda {
 // Benchmark and test aid (CUDA builds): the NCHW vec forward with `rows` output rows
-// per thread item and, with full_grid, a block per 256 items; an error where that
-// kernel does not run (the op would take another).
+// per thread item, with full_grid a block per 256 items, with pairs 16-bit values
+// compared in pairs (when neither indices nor offsets are asked for); an error where
+// that kernel does not run (the op would take another).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, int64_t rows, bool full_grid,
-    bool return_indices, bool return_offsets);
+    bool pairs, bool return_indices, bool return_offsets);
 }  // namespace cuda
 
 }  // namespace dtkernels

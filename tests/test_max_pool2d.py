@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import random
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -467,11 +469,84 @@ def test_cuda_vec_forward_code_on_the_host(dtype, rows):
             x[..., :, :5] = -INF
             x[..., -2:] = -INF
         want = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, True, True)
-        got = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, True, True, rows)
+        got = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, True, True, rows, False)
         for a, b in zip(got, want):
             assert same_bits(a, b), f"case {shape} k={k} s={s} p={p} d={d} ceil={cm}"
-        alone = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, False, False, rows)
+        alone = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, False, False, rows, False)
         assert same_bits(alone[0], want[0]) and alone[1].numel() == alone[2].numel() == 0
+
+
+def _signed_zeros(x, seed):
+    """About half of x's zeros made -0.0: equal values that only the scan's order tells
+    apart (the maximum keeps the first)."""
+    g = torch.Generator().manual_seed(seed)
+    neg = (x == 0) & (torch.rand(x.shape, generator=g) < 0.5)
+    return torch.where(neg, torch.full_like(x, -0.0), x)
+
+
+def _nan_payloads(x, seed):
+    """x's 16-bit NaNs with random signs and payloads, so that which NaN a window
+    reports shows."""
+    g = torch.Generator().manual_seed(seed)
+    lo = 0x7C01 if x.dtype == torch.float16 else 0x7F81
+    bits = torch.randint(lo, 0x8000, x.shape, generator=g, dtype=torch.int32)
+    bits = torch.where(torch.rand(x.shape, generator=g) < 0.5, bits, bits - 0x10000).to(torch.int16)
+    return torch.where(x.isnan(), bits.view(x.dtype), x)
+
+
+@pytest.mark.skipif(INTERPRET, reason="host code")
+@pytest.mark.parametrize("rows", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_cuda_vec_pairs_code_on_the_host(dtype, rows):
+    """The vec forward without indices or offsets comparing 16-bit values in pairs
+    (PAIRS in pool_forward_vec: the stem's candidate), run on the host over every
+    thread item, gives the CPU kernel's values bit for bit: -0.0 against +0.0 (the
+    first in row-major order stays), NaN with payloads (items that read one rerun the
+    scan), all -inf edges, windows in the padding; every vec geometry (rows=0) and the
+    stem's rows compiled in (rows=1, 2)."""
+    cases, extra = _vec_cases(rows)
+    for n, (shape, k, s, p, d, cm) in enumerate(cases + extra):
+        k, s, p, d = mp.normalize_args(k, s, p, d)
+        for specials in (False, True):  # without NaN most items keep to the pairs
+            x = _nan_payloads(_signed_zeros(_data(shape, dtype, "cpu", specials=specials, seed=n), n), n)
+            if n >= len(cases):
+                x[..., :3, :] = -INF
+                x[..., :, :5] = -INF
+            want = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, False, False)
+            got = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, False, False, rows, True)
+            assert same_bits(got[0], want[0]), f"case {shape} k={k} s={s} p={p} d={d} ceil={cm} specials={specials}"
+            assert got[1].numel() == got[2].numel() == 0
+    # asked for indices or offsets, the pairs give way to the scan
+    x = _signed_zeros(_data((2, 3, 9, 16), dtype, "cpu", seed=1), 1)
+    want = torch.ops.dtkernels._max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], False, False, True, True)
+    got = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, [3, 3], [2, 2], [1, 1], [1, 1], False, True, True, rows, True)
+    assert all(same_bits(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.skipif(INTERPRET, reason="host code")
+def test_bench_vec_candidates_call_the_variant_rightly(monkeypatch):
+    """The bench's cuda-vec-* impls (benchmarks/bench_max_pool2d.py), which run only on
+    a GPU, pass the variant its arguments in order: here the variant is the host
+    emulation of the same per-thread code, and each impl must give F.max_pool2d's
+    values and ask for the kernel its name says."""
+    calls = []
+
+    def variant(x, k, s, p, d, cm, rows, full_grid, pairs, return_indices, return_offsets):
+        assert isinstance(full_grid, bool) and isinstance(pairs, bool) and not (return_indices or return_offsets)
+        calls.append(f"cuda-vec-r{rows}" + "-full" * full_grid + "-pairs" * pairs)
+        return dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, return_indices, return_offsets, rows,
+                                                           pairs)
+
+    monkeypatch.setattr(dtk._C, "_cuda_max_pool2d_vec_variant", variant, raising=False)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_max_pool2d as bench
+    x = _signed_zeros(_data((2, 3, 10, 32), torch.float16, "cpu", specials=False), 0)
+    for pool, stem in [((3, 2, 1), True), ((2,), False)]:
+        impls = bench._vec_candidates(pool, stem=stem)
+        assert len(impls) == (9 if stem else 2) and sum(n.endswith("-pairs") for n in impls) == (3 if stem else 1)
+        want = F.max_pool2d(x, *pool)
+        for name, fn in impls.items():
+            assert same_bits(fn({"x": x})[0], want) and calls[-1] == name, (name, calls[-1])
 
 
 @pytest.mark.skipif(INTERPRET, reason="host code")
@@ -481,25 +556,31 @@ def test_cuda_vec_forward_keeps_to_its_geometries():
     x = _data((1, 2, 9, 16), torch.float16, "cpu")
     for k, s, p, d in [((3, 3), (2, 2), (1, 1), (1, 2)), ((2, 4), (2, 4), (0, 0), (1, 1))]:
         with pytest.raises(RuntimeError, match="no kernel for this geometry"):
-            dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, False, False, False, 0)
+            dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, False, False, False, 0, False)
     with pytest.raises(RuntimeError, match="no kernel for this geometry"):
-        dtk._C._emulate_cuda_max_pool2d_forward_vec(x[..., :12], [2, 2], [2, 2], [0, 0], [1, 1], False, False, False, 0)
+        dtk._C._emulate_cuda_max_pool2d_forward_vec(x[..., :12], [2, 2], [2, 2], [0, 0], [1, 1], False, False, False, 0,
+                                                    False)
     # the candidates with rows compiled in: the stem's square k3s2p1 window only
     for k, s, p, d in [((2, 2), (2, 2), (0, 0), (1, 1)), ((2, 3), (2, 2), (1, 1), (1, 1)),
                        ((3, 3), (1, 2), (1, 1), (1, 1)), ((3, 3), (2, 2), (0, 1), (1, 1)),
                        ((3, 3), (2, 2), (1, 1), (2, 1))]:
         for rows in (1, 2):
             with pytest.raises(RuntimeError, match="no kernel for this geometry"):
-                dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, False, False, False, rows)
+                dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, False, False, False, rows, False)
     with pytest.raises(RuntimeError, match="no kernel for this geometry"):
-        dtk._C._emulate_cuda_max_pool2d_forward_vec(x, [3, 3], [2, 2], [1, 1], [1, 1], False, False, False, 3)
+        dtk._C._emulate_cuda_max_pool2d_forward_vec(x, [3, 3], [2, 2], [1, 1], [1, 1], False, False, False, 3, False)
+    # pairs are of 16-bit values
+    for dtype in (torch.float32, torch.float64):
+        with pytest.raises(RuntimeError, match="0 output rows per thread item and 16-bit pairs"):
+            dtk._C._emulate_cuda_max_pool2d_forward_vec(x.to(dtype), [2, 2], [2, 2], [0, 0], [1, 1], False, False, False,
+                                                        0, True)
     # float32 rows need only a multiple of 4
     x12 = x[..., :12].float()
-    dtk._C._emulate_cuda_max_pool2d_forward_vec(x12, [2, 2], [2, 2], [0, 0], [1, 1], False, False, False, 0)
+    dtk._C._emulate_cuda_max_pool2d_forward_vec(x12, [2, 2], [2, 2], [0, 0], [1, 1], False, False, False, 0, False)
     # a misaligned input, which the CUDA launcher leaves to the generic kernel
     odd = torch.randn(65).half()[1:].view(1, 2, 4, 8)
     with pytest.raises(RuntimeError, match="16-byte aligned"):
-        dtk._C._emulate_cuda_max_pool2d_forward_vec(odd, [2, 2], [2, 2], [0, 0], [1, 1], False, False, False, 0)
+        dtk._C._emulate_cuda_max_pool2d_forward_vec(odd, [2, 2], [2, 2], [0, 0], [1, 1], False, False, False, 0, False)
 
 
 _NEEDS_CUDA_KERNELS = pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in dtk.available_backends(),
@@ -558,12 +639,14 @@ def test_cuda_forward_matches_the_cpu(dtype):
     assert_cuda_matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(dtype, cl, channels_last=True), "max_pool2d_kernel")
 
 
-def _vec_variant(x, k, s, p, d, cm, rows, full_grid):
-    """The CUDA vec forward with `rows` output rows per thread item (the stem's
-    candidates; _C._cuda_max_pool2d_vec_variant), or on the CPU the CPU kernel."""
+def _vec_variant(x, k, s, p, d, cm, rows, full_grid, pairs=False):
+    """The CUDA vec forward with `rows` output rows per thread item, comparing 16-bit
+    values in pairs (values only) where asked (the stem's candidates;
+    _C._cuda_max_pool2d_vec_variant), or on the CPU the CPU kernel."""
+    want = not pairs  # indices and offsets
     if x.is_cuda:
-        return dtk._C._cuda_max_pool2d_vec_variant(x, k, s, p, d, cm, rows, full_grid, True, True)
-    return torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, True, True)
+        return dtk._C._cuda_max_pool2d_vec_variant(x, k, s, p, d, cm, rows, full_grid, pairs, want, want)
+    return torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, want, want)
 
 
 @pytest.mark.cuda
@@ -579,9 +662,17 @@ def test_cuda_vec_variants_match_the_cpu(dtype, rows):
         args = [(x, k, s, p, d, cm, rows, full_grid)
                 for x, k, s, p, d, cm, *_ in _forward_args(dtype, cases[:30] + extra)]
         assert_cuda_matches_cpu(_vec_variant, args, "max_pool2d_vec_kernel")
+    if dtype != torch.float32:  # 16-bit pairs, values only: signed zeros, NaN
+        args = [(_nan_payloads(_signed_zeros(x, n), n), k, s, p, d, cm, rows, False, True)
+                for n, (x, k, s, p, d, cm, *_) in enumerate(_forward_args(dtype, cases[:30] + extra))]
+        args += [(_signed_zeros(_data(a[0].shape, dtype, "cuda", specials=False, seed=n), n), *a[1:])
+                 for n, a in enumerate(args)]
+        assert_cuda_matches_cpu(_vec_variant, args, "max_pool2d_vec_kernel")
     x = _data((1, 2, 9, 16), dtype, "cuda")
     with pytest.raises(RuntimeError, match="no vec kernel with 1 output rows"):
-        dtk._C._cuda_max_pool2d_vec_variant(x, [2, 2], [2, 2], [0, 0], [1, 1], False, 1, False, False, False)
+        dtk._C._cuda_max_pool2d_vec_variant(x, [2, 2], [2, 2], [0, 0], [1, 1], False, 1, False, False, False, False)
+    with pytest.raises(RuntimeError, match="or pairs for this dtype or with indices or offsets"):
+        dtk._C._cuda_max_pool2d_vec_variant(x, [2, 2], [2, 2], [0, 0], [1, 1], False, 0, False, True, False, True)
 
 
 @pytest.mark.cuda
@@ -607,6 +698,13 @@ def test_cuda_kernels_memcheck():
     for rows in (1, 2):
         args = [(x, k, s, p, d, cm, rows, False) for x, k, s, p, d, cm, *_ in _forward_args(torch.float16, cases)]
         assert_cuda_matches_cpu(_vec_variant, args)
+    # 16-bit pairs: word loads at both ends of a row, the scan for items that read NaN
+    for rows in (0, 1, 2):
+        args = [(x, k, s, p, d, cm, rows, False, True) for x, k, s, p, d, cm, *_ in _forward_args(torch.float16, cases)]
+        assert_cuda_matches_cpu(_vec_variant, args)
+    cases = [((1, 2, 9, 24), 3, 2, 0, 1, True), ((1, 2, 7, 8), 3, 1, 1, 1, False), ((1, 3, 6, 40), 2, 2, 0, 1, True)]
+    args = [(x, k, s, p, d, cm, 0, False, True) for x, k, s, p, d, cm, *_ in _forward_args(torch.float16, cases)]
+    assert_cuda_matches_cpu(_vec_variant, args)
 
 
 def test_backward_keeps_only_small_offsets():

@@ -959,7 +959,7 @@ at::Tensor emulate_cuda_max_pool2d_backward(const at::Tensor& grad_out, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool return_indices,
-    bool return_offsets, int64_t rows) {
+    bool return_offsets, int64_t rows, bool pairs) {
   PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, false, return_indices,
                                   return_offsets);
   PoolOutputs& res = f.res;
@@ -978,14 +978,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
       T* out = res.out.mutable_data_ptr<T>();
       int8_t* off = return_offsets ? res.offsets.mutable_data_ptr<int8_t>() : nullptr;
       const bool packed = g.Wo % PoolVec<T, K, S, PAD>::V == 0;  // CPU outputs are 64-byte aligned
-      for (uint32_t q = 0; q < static_cast<uint32_t>(it.n); ++q)  // one CUDA thread item each
-        pool_forward_vec<T, K, S, PAD, RH>(q, f.x.const_data_ptr<T>(), out,
-                                           return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr, off,
-                                           g, d_groups, d_blocks, packed);
-      return true;
+      int64_t* idx = return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr;
+      const auto run = [&](auto pairs_) {
+        for (uint32_t q = 0; q < static_cast<uint32_t>(it.n); ++q)  // one CUDA thread item each
+          pool_forward_vec<T, K, S, PAD, RH, decltype(pairs_)::value>(q, f.x.const_data_ptr<T>(), out, idx, off, g,
+                                                                      d_groups, d_blocks, packed);
+      };
+      if (!pairs) {
+        run(std::false_type{});
+        return true;
+      }
+      if constexpr (sizeof(T) == 2) {
+        run(std::true_type{});
+        return true;
+      }
+      return false;
     });
     TORCH_CHECK(ok, "emulate_cuda_forward_vec: the vec forward has no kernel for this geometry with ", rows,
-                " output rows per thread item");
+                " output rows per thread item", pairs ? " and 16-bit pairs" : "");
   });
   return {res.out, res.indices, res.offsets};
 }

@@ -60,38 +60,49 @@ __global__ void max_pool2d_rows_kernel(const T* __restrict__ x, T* __restrict__ 
 
 // NCHW "vec": V outputs of a row per thread (RH = 0, the default; candidates RH = 1, 2:
 // see with_pool_vec_kernel) from 16-byte loads, the column geometry a template, the
-// item split in 32-bit multiply-shifts. The per-thread code is pool_forward_vec
+// item split in 32-bit multiply-shifts. PAIRS (a candidate, 16-bit types, values
+// only): values compared two at a time. The per-thread code is pool_forward_vec
 // (csrc/max_pool2d.h), which the CPU tests run.
-template <typename T, int K, int S, int PAD, int RH>
+template <typename T, int K, int S, int PAD, int RH, bool PAIRS>
 __global__ void __launch_bounds__(kThreads)
     max_pool2d_vec_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __restrict__ idx,
                           int8_t* __restrict__ off, Geo g, FastDivmod groups, FastDivmod blocks, uint32_t n,
                           bool packed) {
   const uint32_t stride = gridDim.x * blockDim.x;
   for (uint32_t q = blockIdx.x * blockDim.x + threadIdx.x; q < n; q += stride)
-    pool_forward_vec<T, K, S, PAD, RH>(q, x, out, idx, off, g, groups, blocks, packed);
+    pool_forward_vec<T, K, S, PAD, RH, PAIRS>(q, x, out, idx, off, g, groups, blocks, packed);
 }
 
 // Launches the vec forward with `rows` output rows per thread item when the input is
 // 16-byte aligned and there is such a kernel for this geometry; false otherwise (the
 // rows kernel then runs). full_grid: a block per 256 items instead of as many blocks
-// as fit at once (a candidate, like rows > 0).
+// as fit at once; pairs: 16-bit values compared in pairs, which takes a 16-bit type
+// and neither indices nor offsets (candidates, like rows > 0).
 template <typename T>
 bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& g, int64_t planes,
-                        cudaStream_t stream, int rows = 0, bool full_grid = false) {
+                        cudaStream_t stream, int rows = 0, bool full_grid = false, bool pairs = false) {
   if (!aligned_to(x, 16)) return false;
+  if (pairs && (sizeof(T) != 2 || idx != nullptr || off != nullptr)) return false;
   return with_pool_vec_kernel<T>(g, rows, [&](auto k, auto s, auto p, auto rh) {
     constexpr int K = decltype(k)::value, S = decltype(s)::value, PAD = decltype(p)::value;
     constexpr int RH = decltype(rh)::value, V = PoolVec<T, K, S, PAD>::V;
     const PoolVecItems it = pool_vec_items<T, K, S, PAD, RH>(g, planes);
     if (it.n >= (int64_t(1) << 31)) return false;
     const bool packed = g.Wo % V == 0 && aligned_to(out, sizeof(Pack<T, V>)) && (off == nullptr || aligned_to(off, V));
-    const auto kernel = max_pool2d_vec_kernel<T, K, S, PAD, RH>;
-    const unsigned grid = full_grid ? grid_for(it.n, kThreads, 1 << 20) : resident_grid(kernel, it.n, kThreads);
-    kernel<<<grid, kThreads, 0, stream>>>(x, out, idx, static_cast<int8_t*>(off), g,
-                                          FastDivmod(static_cast<uint32_t>(it.groups)),
-                                          FastDivmod(static_cast<uint32_t>(it.blocks)), static_cast<uint32_t>(it.n),
-                                          packed);
+    const auto launch = [&](auto kernel) {
+      const unsigned grid = full_grid ? grid_for(it.n, kThreads, 1 << 20) : resident_grid(kernel, it.n, kThreads);
+      kernel<<<grid, kThreads, 0, stream>>>(x, out, idx, static_cast<int8_t*>(off), g,
+                                            FastDivmod(static_cast<uint32_t>(it.groups)),
+                                            FastDivmod(static_cast<uint32_t>(it.blocks)),
+                                            static_cast<uint32_t>(it.n), packed);
+    };
+    if constexpr (sizeof(T) == 2) {
+      if (pairs) {
+        launch(max_pool2d_vec_kernel<T, K, S, PAD, RH, true>);
+        return true;
+      }
+    }
+    launch(max_pool2d_vec_kernel<T, K, S, PAD, RH, false>);
     return true;
   });
 }
@@ -102,6 +113,9 @@ bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& 
 // cuda-vec-*).
 constexpr int kStemRows = 0;
 constexpr bool kStemFullGrid = false;
+// Whether the op's 16-bit vec forwards without indices or offsets (inference) compare
+// values in pairs: false until an H100 has measured it (impls cuda-vec-*-pairs).
+constexpr bool kVecPairs = false;
 
 template <typename T, typename O, int N, bool NHWC>
 __global__ void max_pool2d_backward_kernel(const T* __restrict__ go, const O* __restrict__ off,
@@ -172,7 +186,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
               <<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n, fs);
         });
       } else if (!launch_vec_forward<T>(xp, op, idx, off, g, res.out.numel() / (g.Ho * g.Wo), stream,
-                                        pool_is_stem(g) ? kStemRows : 0, pool_is_stem(g) && kStemFullGrid)) {
+                                        pool_is_stem(g) ? kStemRows : 0, pool_is_stem(g) && kStemFullGrid,
+                                        kVecPairs && sizeof(T) == 2 && idx == nullptr && off == nullptr)) {
         const int64_t n = pool_rows_items(res.out.numel(), g.Wo);
         max_pool2d_rows_kernel<T, O, kPoolRowsV>
             <<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n);
@@ -232,7 +247,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
 std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, int64_t rows, bool full_grid,
-    bool return_indices, bool return_offsets) {
+    bool pairs, bool return_indices, bool return_offsets) {
   TORCH_CHECK(input.is_cuda(), "_cuda_max_pool2d_vec_variant: expected a CUDA tensor, got one on ", input.device());
   c10::cuda::CUDAGuard guard(input.device());
   PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, false, return_indices,
@@ -246,9 +261,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
         f.x.const_data_ptr<T>(), res.out.mutable_data_ptr<T>(),
         return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr,
         return_offsets ? res.offsets.data_ptr() : nullptr, g, res.out.numel() / (g.Ho * g.Wo),
-        c10::cuda::getCurrentCUDAStream(), static_cast<int>(rows), full_grid);
+        c10::cuda::getCurrentCUDAStream(), static_cast<int>(rows), full_grid, pairs);
     TORCH_CHECK(ok, "_cuda_max_pool2d_vec_variant: no vec kernel with ", rows,
-                " output rows per thread item for this geometry, or the input is not 16-byte aligned");
+                " output rows per thread item for this geometry, or the input is not 16-byte aligned",
+                pairs ? ", or pairs for this dtype or with indices or offsets" : "");
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {res.out, res.indices, res.offsets};
