@@ -78,6 +78,19 @@ def _vec_candidates(pool, stem=True):
     return out
 
 
+def _nhwc_candidates(pool):
+    """The CUDA channels_last forward (values only, as the op without grad) as the op
+    runs it ("cuda-nhwc") and with 16-bit channels compared in pairs ("-pairs")."""
+    variant = getattr(dtk._C, "_cuda_max_pool2d_nhwc_variant", None)
+    if variant is None:
+        return {}
+    k, s, p = pool[0], pool[1] if len(pool) > 1 else pool[0], pool[2] if len(pool) > 2 else 0
+
+    def call(pairs):
+        return lambda i: variant(i["x"], [k, k], [s, s], [p, p], [1, 1], False, pairs)
+    return {"cuda-nhwc": call(False), "cuda-nhwc-pairs": call(True)}
+
+
 def _cases():
     out = []
     big, f32 = (16, 64, 128, 128), torch.float32
@@ -119,7 +132,7 @@ def _cases():
                         _inputs(large, f16, fmt, K2, copy_bytes=nb),
                         baseline=_fwd(F.max_pool2d, K2), candidate=_fwd(dtk.max_pool2d, K2),
                         extras={"clone": lambda i: i["c"].clone(),
-                                **(_vec_candidates(K2, stem=False) if fmt is NCHW else {})},
+                                **(_vec_candidates(K2, stem=False) if fmt is NCHW else _nhwc_candidates(K2))},
                         bytes=nb, devices=("cuda",),
                         note="target: >= 0.85 of the copy bandwidth (clone of the same bytes)"))
     # A ResNet-sized map whose rows (28 outputs) are not a multiple of the vector length

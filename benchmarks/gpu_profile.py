@@ -25,7 +25,7 @@ DEFAULT = ["residual_add fwd 16x64x128x128 float32", "residual_add fwd+bwd 16x64
            "residual_add fwd 8x64x64x64", "concat_skip fwd nearest x16x64x64x64+skip16x64x128x128 float32",
            "concat_skip fwd+bwd nearest x16x64x64x64+skip16x64x128x128 float32",
            "max_pool2d k3s2p1-fwd 32x64x112x112", "max_pool2d k3s2p1-fwd+bwd 32x64x112x112",
-           "max_pool2d k2s2-fwd 64x128x128x128 float16",
+           "max_pool2d k2s2-fwd 64x128x128x128 float16", "max_pool2d k2s2-fwd 64x128x128x128-cl float16",
            # the bilinear adjoint's default and candidate packs (impls cuda-adjoint-*)
            "concat_skip fwd+bwd bilinear x16x64x64x64+skip16x64x128x128-cl float32",
            # per-call overhead (tiny tensors) and the DenseBlock step: host-bound before

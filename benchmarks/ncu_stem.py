@@ -17,7 +17,8 @@ left alone (--clock-control none), as on the bench. Rows:
 - copy: an elementwise copy of as many bytes (read + write) as the stem forward
   moves, the yardstick of the bandwidth target;
 - k2s2 dtk-cuda: the forward that meets the target (fp16 64x128x128x128), and its
-  pairs candidate.
+  pairs candidate; the same in channels_last (0.86 of copy bandwidth on the H100), and
+  its pairs candidate.
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ def child(order_path: str) -> None:
     src = torch.randn(stem_bytes // 2 // 2, dtype=f16, device=dev)
     dst = torch.empty_like(src)
     k2 = torch.randn(64, 128, 128, 128, dtype=f16, device=dev)
+    k2cl = k2.contiguous(memory_format=torch.channels_last)
     variant = dtk._C._cuda_max_pool2d_vec_variant
     runs = []
 
@@ -79,7 +81,10 @@ def child(order_path: str) -> None:
              ("copy", lambda: torch.neg(src, out=dst)),  # a vectorized_elementwise_kernel
              ("k2s2 dtk-cuda", lambda: dtk.max_pool2d(k2, 2)),
              ("k2s2 cuda-vec-r0-pairs",
-              lambda: variant(k2, [2, 2], [2, 2], [0, 0], [1, 1], False, 0, False, True, False, False))]
+              lambda: variant(k2, [2, 2], [2, 2], [0, 0], [1, 1], False, 0, False, True, False, False)),
+             ("k2s2-cl dtk-cuda", lambda: dtk.max_pool2d(k2cl, 2)),
+             ("k2s2-cl cuda-nhwc-pairs",
+              lambda: dtk._C._cuda_max_pool2d_nhwc_variant(k2cl, [2, 2], [2, 2], [0, 0], [1, 1], False, True))]
     torch.cuda.synchronize()
     for _, fn in runs:
         fn()

@@ -148,7 +148,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef DTK_WITH_CUDA
   m.def("_cuda_max_pool2d_vec_variant", &dtkernels::cuda::max_pool2d_vec_variant,
         "Benchmark and test aid: the CUDA NCHW max_pool2d vec forward with a given number of output rows "
-        "per thread item and grid.");
+        "per thread item and grid, 16-bit values compared in pairs or not.");
+  m.def("_cuda_max_pool2d_nhwc_variant", &dtkernels::cuda::max_pool2d_nhwc_variant,
+        "Benchmark and test aid: the CUDA channels_last max_pool2d forward's values, 16-bit channels compared in "
+        "pairs or not.");
   m.def("_cuda_concat_skip_backward_variant", &dtkernels::cuda::concat_skip_backward_variant,
         "Benchmark and test aid: the CUDA concat_skip backward, bilinear packs by the candidate bilinear_pack "
         "when shared_packs.",
@@ -176,7 +179,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("align_corners") = false, py::arg("shared_packs") = false);
   m.def("_emulate_cuda_max_pool2d", &dtkernels::cpu::emulate_cuda_max_pool2d,
         "Test aid: the CUDA max_pool2d forward's per-thread code but the NCHW vec kernel's (fast_split: "
-        "channels_last's 32-bit item split, taken below 2^31 items), run on the host.");
+        "channels_last's 32-bit item split, taken below 2^31 items; pairs: channels_last 16-bit packs compared "
+        "two channels at a time), run on the host.");
   m.def("_emulate_cuda_max_pool2d_backward", &dtkernels::cpu::emulate_cuda_max_pool2d_backward,
         "Test aid: the CUDA max_pool2d backward's per-thread code for channels_last (and NCHW beyond 2^31 "
         "items), run on the host.");

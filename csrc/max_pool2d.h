@@ -244,6 +244,99 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_fold(A a, int t, A& m, int& tap) {
   }
 }
 
+// ---- 16-bit values in pairs (forwards without indices or offsets) -----------------------------
+//
+// Inference needs only the values, and 16-bit values can be compared two at a time,
+// as the GPU's paired instructions do: one HSET2 and one LOP3 per two values and tap,
+// where the scan spends about six instructions per value and tap. The stem forward's
+// item (8 outputs) was ~680 instructions of sm_90 SASS, ~280 in pairs: its kernel was
+// near the issue rate's bound, where the k2s2 forward (0.96 of copy bandwidth) does
+// less than half the stem's work per byte. A 32-bit word holds two outputs' values
+// (NCHW: two columns; NHWC: two channels), the first in its low half.
+//
+// The result stays the scan's, bit for bit: a value replaces the running maximum only
+// when strictly greater, so of equal values (-0.0 and +0.0 are the only distinct
+// ones) the first stays, and the taps are folded in row-major order (the NCHW vec
+// forward folds each row left to right, then the rows top to bottom). The scan also
+// takes a NaN (the last one); the pairs look for NaN among every word an item reads,
+// and an item that read one reruns the scan.
+
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint16_t pair_bits(T v) {
+  return v.x;
+}
+
+#if !defined(__CUDA_ARCH__)
+template <typename T>
+inline float pair_lane(uint32_t w, int lane) {
+  return static_cast<float>(T(static_cast<uint16_t>(w >> (16 * lane)), T::from_bits()));
+}
+#else
+template <typename T>
+struct PairOf;
+template <>
+struct PairOf<c10::Half> {
+  using type = __half2;
+};
+template <>
+struct PairOf<c10::BFloat16> {
+  using type = __nv_bfloat162;
+};
+template <typename T>
+__device__ C10_ALWAYS_INLINE typename PairOf<T>::type as_pair(uint32_t w) {
+  typename PairOf<T>::type p;
+  memcpy(&p, &w, sizeof(w));
+  return p;
+}
+#endif
+
+// 0xFFFF in each lane where b > a (false where either is NaN).
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t pair_gt_mask(uint32_t b, uint32_t a) {
+#if defined(__CUDA_ARCH__)
+  return __hgt2_mask(as_pair<T>(b), as_pair<T>(a));
+#else
+  uint32_t r = 0;
+  for (int lane = 0; lane < 2; ++lane)
+    if (pair_lane<T>(b, lane) > pair_lane<T>(a, lane)) r |= 0xFFFFu << (16 * lane);
+  return r;
+#endif
+}
+
+// The running maximum of a pair: each lane of b replaces a's where strictly greater.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t pair_fold(uint32_t b, uint32_t a) {
+  const uint32_t gt = pair_gt_mask<T>(b, a);
+  return (b & gt) | (a & ~gt);
+}
+
+// A lane that is NaN when either input's is (so a running one is NaN once any value
+// folded into it was), else some value that is not NaN.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t pair_nan(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  const auto p = __hmax2_nan(as_pair<T>(a), as_pair<T>(b));
+  memcpy(&r, &p, sizeof(r));
+  return r;
+#else
+  uint32_t r = 0;
+  for (int lane = 0; lane < 2; ++lane) {
+    const float x = pair_lane<T>(a, lane), y = pair_lane<T>(b, lane);
+    const uint32_t lane_bits = x != x || y != y ? 0x7FFFu : (a >> (16 * lane)) & 0xFFFFu;
+    r |= lane_bits << (16 * lane);
+  }
+  return r;
+#endif
+}
+
+// Whether either lane is NaN (a magnitude above infinity's).
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE bool pair_has_nan(uint32_t w) {
+  constexpr uint32_t inf = std::is_same_v<T, c10::Half> ? 0x7C00u : 0x7F80u;
+  return (w & 0x7FFFu) > inf || ((w >> 16) & 0x7FFFu) > inf;
+}
+
 // ---- The CUDA default kernels -------------------------------------------------------------------
 
 C10_HOST_DEVICE C10_ALWAYS_INLINE int pool_first_tap(int o, int s, int p, int d) {
@@ -310,17 +403,54 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE PoolItem pool_split(int64_t q, const PoolDims&
 
 // Forward item q: one output pixel and a pack of N of its elements (NHWC; N = 1 for
 // NCHW), taps row-major from the window's first tap inside the input.
-template <typename T, typename O, int N, bool NHWC>
+// PAIRS (16-bit T, NHWC packs): without indices and offsets, compare two channels
+// at a time; an item that reads a NaN falls back to the scan.
+template <typename T, typename O, int N, bool NHWC, bool PAIRS = false>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_item(int64_t q, const T* x, T* out, int64_t* idx, O* off,
                                                          const PoolDims& g, const PoolFastSplit& fs) {
   using A = at::opmath_type<T>;
   using P = Pack<T, N>;
+  static_assert(!PAIRS || (NHWC && sizeof(T) == 2 && N % 2 == 0), "pairs of 16-bit channels");
   const int B = NHWC ? g.C : 1;
   const PoolItem it = pool_split<N, NHWC>(q, g, g.Ho, g.Wo, fs);
   const int oh = it.y, ow = it.x;
   const T* xp = x + it.plane * g.H * g.W * B + it.c;
   const int h0 = oh * g.sh - g.ph, w0 = ow * g.sw - g.pw;
   const int i0 = pool_first_tap(oh, g.sh, g.ph, g.dh), j0 = pool_first_tap(ow, g.sw, g.pw, g.dw);
+  const int64_t o = it.pix * B + it.c;
+  // f(tap, address of the tap's pack) over the window's taps inside the input, row-major
+  const auto scan = [&](auto f) {
+    for (int i = i0, ih = h0 + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh)
+      for (int j = j0, iw = w0 + j0 * g.dw; j < g.kw && iw < g.W; ++j, iw += g.dw)
+        f(i * g.kw + j, xp + (static_cast<int64_t>(ih) * g.W + iw) * B);
+  };
+  if constexpr (PAIRS) {
+    if (idx == nullptr && off == nullptr) {
+      constexpr int W2 = N / 2;
+      uint32_t m2[W2], nan = 0;
+      DTK_UNROLL
+      for (int k = 0; k < W2; ++k)
+        m2[k] = static_cast<uint32_t>(pair_bits(static_cast<T>(-std::numeric_limits<A>::infinity()))) * 0x10001u;
+      scan([&](int, const T* at) {
+        const Pack<uint32_t, W2> v = *reinterpret_cast<const Pack<uint32_t, W2>*>(at);
+        DTK_UNROLL
+        for (int k = 0; k < W2; ++k) {
+          nan = pair_nan<T>(nan, v.v[k]);
+          m2[k] = pair_fold<T>(v.v[k], m2[k]);
+        }
+      });
+      if (!pair_has_nan<T>(nan)) {
+        P res;
+        DTK_UNROLL
+        for (int k = 0; k < W2; ++k) {
+          res.v[2 * k] = T(static_cast<uint16_t>(m2[k] & 0xFFFFu), T::from_bits());
+          res.v[2 * k + 1] = T(static_cast<uint16_t>(m2[k] >> 16), T::from_bits());
+        }
+        *reinterpret_cast<P*>(out + o) = res;
+        return;
+      }
+    }
+  }
   A m[N];
   int tap[N];
   DTK_UNROLL
@@ -328,16 +458,14 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_item(int64_t q, const T* x, 
     m[k] = -std::numeric_limits<A>::infinity();
     tap[k] = i0 * g.kw + j0;
   }
-  for (int i = i0, ih = h0 + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh)
-    for (int j = j0, iw = w0 + j0 * g.dw; j < g.kw && iw < g.W; ++j, iw += g.dw) {
-      const P v = *reinterpret_cast<const P*>(xp + (static_cast<int64_t>(ih) * g.W + iw) * B);
-      DTK_UNROLL
-      for (int k = 0; k < N; ++k) pool_fold(static_cast<A>(v.v[k]), i * g.kw + j, m[k], tap[k]);
-    }
+  scan([&](int t, const T* at) {
+    const P v = *reinterpret_cast<const P*>(at);
+    DTK_UNROLL
+    for (int k = 0; k < N; ++k) pool_fold(static_cast<A>(v.v[k]), t, m[k], tap[k]);
+  });
   P res;
   DTK_UNROLL
   for (int k = 0; k < N; ++k) res.v[k] = static_cast<T>(m[k]);
-  const int64_t o = it.pix * B + it.c;
   *reinterpret_cast<P*>(out + o) = res;
   DTK_UNROLL
   for (int k = 0; k < N; ++k) pool_store_results(idx, off, o + k, tap[k], h0, w0, g);
@@ -606,99 +734,6 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_vec_fold_row(const Pack<T, Shape::P>
   }
 }
 
-// ---- 16-bit values in pairs (the vec forward without indices or offsets) ----------------------
-//
-// Inference needs only the values, and 16-bit values can be compared two at a time,
-// as the GPU's paired instructions do: one HSET2 and one LOP3 per two values and tap,
-// where the scan spends about six instructions per value and tap. The stem forward's
-// item (8 outputs) was ~680 instructions of sm_90 SASS, ~280 in pairs: its kernel was
-// near the issue rate's bound, where the k2s2 forward (0.96 of copy bandwidth) does
-// less than half the stem's work per byte. A 32-bit word holds two outputs' values,
-// the first in its low half.
-//
-// The result stays the scan's, bit for bit: a value replaces the running maximum only
-// when strictly greater, so of equal values (-0.0 and +0.0 are the only distinct
-// ones) the first stays; a window is folded row by row, left to right, then its rows
-// top to bottom, which is row-major order. The scan also takes a NaN (the last one);
-// the pairs look for NaN among every word an item reads, and an item that read one
-// reruns the scan.
-
-template <typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE uint16_t pair_bits(T v) {
-  return v.x;
-}
-
-#if !defined(__CUDA_ARCH__)
-template <typename T>
-inline float pair_lane(uint32_t w, int lane) {
-  return static_cast<float>(T(static_cast<uint16_t>(w >> (16 * lane)), T::from_bits()));
-}
-#else
-template <typename T>
-struct PairOf;
-template <>
-struct PairOf<c10::Half> {
-  using type = __half2;
-};
-template <>
-struct PairOf<c10::BFloat16> {
-  using type = __nv_bfloat162;
-};
-template <typename T>
-__device__ C10_ALWAYS_INLINE typename PairOf<T>::type as_pair(uint32_t w) {
-  typename PairOf<T>::type p;
-  memcpy(&p, &w, sizeof(w));
-  return p;
-}
-#endif
-
-// 0xFFFF in each lane where b > a (false where either is NaN).
-template <typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t pair_gt_mask(uint32_t b, uint32_t a) {
-#if defined(__CUDA_ARCH__)
-  return __hgt2_mask(as_pair<T>(b), as_pair<T>(a));
-#else
-  uint32_t r = 0;
-  for (int lane = 0; lane < 2; ++lane)
-    if (pair_lane<T>(b, lane) > pair_lane<T>(a, lane)) r |= 0xFFFFu << (16 * lane);
-  return r;
-#endif
-}
-
-// The running maximum of a pair: each lane of b replaces a's where strictly greater.
-template <typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t pair_fold(uint32_t b, uint32_t a) {
-  const uint32_t gt = pair_gt_mask<T>(b, a);
-  return (b & gt) | (a & ~gt);
-}
-
-// A lane that is NaN when either input's is (so a running one is NaN once any value
-// folded into it was), else some value that is not NaN.
-template <typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t pair_nan(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  uint32_t r;
-  const auto p = __hmax2_nan(as_pair<T>(a), as_pair<T>(b));
-  memcpy(&r, &p, sizeof(r));
-  return r;
-#else
-  uint32_t r = 0;
-  for (int lane = 0; lane < 2; ++lane) {
-    const float x = pair_lane<T>(a, lane), y = pair_lane<T>(b, lane);
-    const uint32_t lane_bits = x != x || y != y ? 0x7FFFu : (a >> (16 * lane)) & 0xFFFFu;
-    r |= lane_bits << (16 * lane);
-  }
-  return r;
-#endif
-}
-
-// Whether either lane is NaN (a magnitude above infinity's).
-template <typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE bool pair_has_nan(uint32_t w) {
-  constexpr uint32_t inf = std::is_same_v<T, c10::Half> ? 0x7C00u : 0x7F80u;
-  return (w & 0x7FFFu) > inf || ((w >> 16) & 0x7FFFu) > inf;
-}
-
 // Elements e0 and e1 of a row's loaded words (two elements each) as a pair: with
 // constant indices a register, or one byte permute.
 template <int NW>
@@ -959,12 +994,13 @@ namespace cpu {
 bool set_whole_planes(bool on);
 // The CUDA forward but the vec kernel (pool_forward_item / pool_forward_rows per thread
 // item, in the pack with_pool_layout picks; fast_split: channels_last's 32-bit split,
-// which the launcher takes below 2^31 items) run on the host: (out, indices, offsets)
-// as _max_pool2d gives them.
+// which the launcher takes below 2^31 items; pairs: channels_last 16-bit packs compared
+// two channels at a time, as launch_nhwc_forward) run on the host: (out, indices,
+// offsets) as _max_pool2d gives them.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_max_pool2d(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool channels_last,
-    bool return_indices, bool return_offsets, bool fast_split);
+    bool return_indices, bool return_offsets, bool fast_split, bool pairs);
 // The CUDA channels_last backward (pool_backward_item per thread item; NCHW too beyond
 // 2^31 items) run on the host.
 at::Tensor emulate_cuda_max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& offsets,
@@ -995,6 +1031,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, int64_t rows, bool full_grid,
     bool pairs, bool return_indices, bool return_offsets);
+// Benchmark and test aid (CUDA builds): the channels_last forward's values, with pairs
+// 16-bit channels compared two at a time (an error where the packs are not whole).
+at::Tensor max_pool2d_nhwc_variant(const at::Tensor& input, std::vector<int64_t> kernel_size,
+                                   std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                   std::vector<int64_t> dilation, bool ceil_mode, bool pairs);
 }  // namespace cuda
 
 }  // namespace dtkernels

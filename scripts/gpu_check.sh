@@ -86,7 +86,7 @@ fi
 for f in "$OUT/profile.md" "$OUT/gpu_bench.md"; do
   [ -f "$f" ] || continue
   echo "- candidates in $(basename "$f"):" >> "$summary"
-  grep -E "\| (cuda-vec-|cuda-adjoint-|dtk-cuda|clone)" "$f" | grep -E "k3s2p1-fwd[ -]|k2s2-fwd( \| | )64x128x128x128 |bilinear" | sed 's/^/  /' >> "$summary"
+  grep -E "\| (cuda-vec-|cuda-nhwc|cuda-adjoint-|dtk-cuda|clone)" "$f" | grep -E "k3s2p1-fwd[ -]|k2s2-fwd( \| | )64x128x128x128|bilinear" | sed 's/^/  /' >> "$summary"
 done
 cat "$summary"
 exit $rc_all

@@ -358,10 +358,10 @@ def test_cuda_default_kernels_code_on_the_host(dtype, memory_format):
         want = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, cl, True, True)
         for xs in [x, _misaligned(x)] if cl else [x]:
             for fast in [False, True] if cl else [False]:
-                got = dtk._C._emulate_cuda_max_pool2d(xs, k, s, p, d, cm, cl, True, True, fast)
+                got = dtk._C._emulate_cuda_max_pool2d(xs, k, s, p, d, cm, cl, True, True, fast, False)
                 for a, b in zip(got, want):
                     assert same_bits(a, b) and a.stride() == b.stride(), where
-        alone = dtk._C._emulate_cuda_max_pool2d(x, k, s, p, d, cm, cl, False, False, False)
+        alone = dtk._C._emulate_cuda_max_pool2d(x, k, s, p, d, cm, cl, False, False, False, False)
         assert same_bits(alone[0], want[0]) and alone[1].numel() == alone[2].numel() == 0, where
         off = want[2]
         g = rand(*off.shape, dtype=dtype, generator=torch.Generator().manual_seed(n))
@@ -524,9 +524,34 @@ def test_cuda_vec_pairs_code_on_the_host(dtype, rows):
 
 
 @pytest.mark.skipif(INTERPRET, reason="host code")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_cuda_nhwc_pairs_code_on_the_host(dtype):
+    """The channels_last forward without indices or offsets comparing 16-bit channels in
+    pairs (PAIRS in pool_forward_item: a candidate), run on the host over every thread
+    item, gives the CPU kernel's values bit for bit: random geometry (windows with no
+    tap inside the input included), -0.0 against +0.0, NaN with payloads, both item
+    splits; packs of 8 channels, and of 1 where C or the alignment does not allow
+    (no pairs there)."""
+    cases = _aten_cases(60, seed=12) + _CUDA_DEFAULT_EXTRA
+    for n, (shape, k, s, p, d, cm) in enumerate(cases):
+        k, s, p, d = mp.normalize_args(k, s, p, d)
+        shape = (shape[0], 8 * (1 + n % 3) if n % 5 else shape[1], *shape[2:])  # mostly whole packs
+        for specials in (False, True):  # without NaN most items keep to the pairs
+            x = _data(shape, dtype, "cpu", CL, specials=specials, seed=n)
+            x = _nan_payloads(_signed_zeros(x, n), n).contiguous(memory_format=CL)
+            want = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, True, False, False)[0]
+            for xs in (x, _misaligned(x)):
+                for fast in (False, True):
+                    got = dtk._C._emulate_cuda_max_pool2d(xs, k, s, p, d, cm, True, False, False, fast, True)
+                    assert same_bits(got[0], want) and got[0].stride() == want.stride(), \
+                        f"case {shape} k={k} s={s} p={p} d={d} ceil={cm} specials={specials}"
+                    assert got[1].numel() == got[2].numel() == 0
+
+
+@pytest.mark.skipif(INTERPRET, reason="host code")
 def test_bench_vec_candidates_call_the_variant_rightly(monkeypatch):
-    """The bench's cuda-vec-* impls (benchmarks/bench_max_pool2d.py), which run only on
-    a GPU, pass the variant its arguments in order: here the variant is the host
+    """The bench's cuda-vec-* and cuda-nhwc* impls (benchmarks/bench_max_pool2d.py),
+    which run only on a GPU, pass the variants their arguments in order: here the variant is the host
     emulation of the same per-thread code, and each impl must give F.max_pool2d's
     values and ask for the kernel its name says."""
     calls = []
@@ -537,16 +562,25 @@ def test_bench_vec_candidates_call_the_variant_rightly(monkeypatch):
         return dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, return_indices, return_offsets, rows,
                                                            pairs)
 
+    def nhwc_variant(x, k, s, p, d, cm, pairs):
+        assert isinstance(pairs, bool)
+        calls.append("cuda-nhwc" + "-pairs" * pairs)
+        return dtk._C._emulate_cuda_max_pool2d(x, k, s, p, d, cm, True, False, False, True, pairs)[0]
+
     monkeypatch.setattr(dtk._C, "_cuda_max_pool2d_vec_variant", variant, raising=False)
+    monkeypatch.setattr(dtk._C, "_cuda_max_pool2d_nhwc_variant", nhwc_variant, raising=False)
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench_max_pool2d as bench
-    x = _signed_zeros(_data((2, 3, 10, 32), torch.float16, "cpu", specials=False), 0)
+    x = _signed_zeros(_data((2, 8, 10, 32), torch.float16, "cpu", specials=False), 0)
     for pool, stem in [((3, 2, 1), True), ((2,), False)]:
         impls = bench._vec_candidates(pool, stem=stem)
         assert len(impls) == (9 if stem else 2) and sum(n.endswith("-pairs") for n in impls) == (3 if stem else 1)
         want = F.max_pool2d(x, *pool)
         for name, fn in impls.items():
             assert same_bits(fn({"x": x})[0], want) and calls[-1] == name, (name, calls[-1])
+        xcl = x.contiguous(memory_format=CL)
+        for name, fn in bench._nhwc_candidates(pool).items():
+            assert same_bits(fn({"x": xcl}), F.max_pool2d(xcl, *pool)) and calls[-1] == name, (name, calls[-1])
 
 
 @pytest.mark.skipif(INTERPRET, reason="host code")
@@ -675,6 +709,35 @@ def test_cuda_vec_variants_match_the_cpu(dtype, rows):
         dtk._C._cuda_max_pool2d_vec_variant(x, [2, 2], [2, 2], [0, 0], [1, 1], False, 0, False, True, False, True)
 
 
+def _nhwc_variant(x, k, s, p, d, cm, pairs):
+    """The CUDA channels_last forward's values, 16-bit channels in pairs where asked
+    (_C._cuda_max_pool2d_nhwc_variant), or on the CPU the CPU kernel's."""
+    if x.is_cuda:
+        return dtk._C._cuda_max_pool2d_nhwc_variant(x, k, s, p, d, cm, pairs)
+    return torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, True, False, False)[0]
+
+
+@pytest.mark.cuda
+@_NEEDS_CUDA_KERNELS
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_cuda_nhwc_pairs_match_the_cpu(dtype):
+    """The channels_last forward comparing 16-bit channels in pairs (a candidate) gives
+    the CPU kernel's values bit for bit (NaN payloads aside): signed zeros, NaN, random
+    geometry; it refuses packs that are not whole."""
+    cases = [((2, 16, 14, 28), 3, 2, 1, 1, False), ((2, 8, 9, 10), 2, 2, 0, 1, True)] + _aten_cases(30, seed=6)
+    args = []
+    for n, (shape, k, s, p, d, cm) in enumerate(cases):
+        k, s, p, d = mp.normalize_args(k, s, p, d)
+        shape = (shape[0], 8 * (1 + n % 3), *shape[2:])
+        x = _data(shape, dtype, "cpu", CL, specials=n % 2 == 1, seed=n)
+        x = _nan_payloads(_signed_zeros(x, n), n).contiguous(memory_format=CL).cuda()
+        args.append((x, k, s, p, d, cm, True))
+    assert_cuda_matches_cpu(_nhwc_variant, args, "max_pool2d_kernel")
+    x = _data((1, 12, 5, 6), dtype, "cuda", CL)
+    with pytest.raises(RuntimeError, match="pairs take 16-bit channels in whole 16-byte aligned packs"):
+        _nhwc_variant(x, [2, 2], [2, 2], [0, 0], [1, 1], False, True)
+
+
 @pytest.mark.cuda
 @pytest.mark.sanitize
 @_NEEDS_CUDA_KERNELS
@@ -705,6 +768,9 @@ def test_cuda_kernels_memcheck():
     cases = [((1, 2, 9, 24), 3, 2, 0, 1, True), ((1, 2, 7, 8), 3, 1, 1, 1, False), ((1, 3, 6, 40), 2, 2, 0, 1, True)]
     args = [(x, k, s, p, d, cm, 0, False, True) for x, k, s, p, d, cm, *_ in _forward_args(torch.float16, cases)]
     assert_cuda_matches_cpu(_vec_variant, args)
+    cases = [((2, 16, 7, 9), 3, 2, 1, 1, False), ((1, 8, 5, 6), 2, 2, 0, 1, True)]  # channels_last pairs
+    args = [(x, k, s, p, d, cm, True) for x, k, s, p, d, cm, *_ in _forward_args(torch.float16, cases, True)]
+    assert_cuda_matches_cpu(_nhwc_variant, args)
 
 
 def test_backward_keeps_only_small_offsets():

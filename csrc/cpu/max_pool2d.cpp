@@ -902,7 +902,7 @@ bool set_whole_planes(bool on) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_max_pool2d(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool channels_last,
-    bool return_indices, bool return_offsets, bool fast_split) {
+    bool return_indices, bool return_offsets, bool fast_split, bool pairs) {
   PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, channels_last,
                                   return_indices, return_offsets);
   PoolOutputs& res = f.res;
@@ -920,6 +920,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_max_pool2d(
         with_pool_layout<T>(true, g.C, res.out.numel(), xp, op, [&](auto n_, auto nhwc_, int64_t n) {
           constexpr int N = decltype(n_)::value;
           const PoolFastSplit fs = pool_fast_split<N>(g, n, fast_split);
+          if constexpr (sizeof(T) == 2 && N % 2 == 0) {
+            if (pairs) {
+              for (int64_t q = 0; q < n; ++q) pool_forward_item<T, O, N, true, true>(q, xp, op, idx, off, g, fs);
+              return;
+            }
+          }
           for (int64_t q = 0; q < n; ++q) pool_forward_item<T, O, N, decltype(nhwc_)::value>(q, xp, op, idx, off, g, fs);
         });
       } else {

@@ -42,12 +42,33 @@ Geo device_geo(const Pool2d& g) {
 }
 
 // The kernels' per-thread work is in csrc/max_pool2d.h, where the CPU tests run it too.
-template <typename T, typename O, int N, bool NHWC>
+// PAIRS: channels compared two at a time (16-bit packs, values only; a candidate).
+template <typename T, typename O, int N, bool NHWC, bool PAIRS = false>
 __global__ void max_pool2d_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __restrict__ idx,
                                   O* __restrict__ off, Geo g, int64_t n, PoolFastSplit fs) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n; q += stride)
-    pool_forward_item<T, O, N, NHWC>(q, x, out, idx, off, g, fs);
+    pool_forward_item<T, O, N, NHWC, PAIRS>(q, x, out, idx, off, g, fs);
+}
+
+// The channels_last forward: one output pixel and a pack of channels per thread item
+// (with_pool_layout). pairs: 16-bit packs compare two channels at a time, which takes
+// neither indices nor offsets (it falls back otherwise).
+template <typename T, typename O>
+void launch_nhwc_forward(const T* x, T* out, int64_t* idx, O* off, const Geo& g, int64_t numel, cudaStream_t stream,
+                         bool pairs) {
+  with_pool_layout<T>(true, g.C, numel, x, out, [&](auto n_, auto nhwc_, int64_t n) {
+    constexpr int N = decltype(n_)::value;
+    const PoolFastSplit fs = pool_fast_split<N>(g, n, true);
+    const unsigned grid = grid_for(n, kThreads, 8);
+    if constexpr (sizeof(T) == 2 && N % 2 == 0) {
+      if (pairs && idx == nullptr && off == nullptr) {
+        max_pool2d_kernel<T, O, N, true, true><<<grid, kThreads, 0, stream>>>(x, out, idx, off, g, n, fs);
+        return;
+      }
+    }
+    max_pool2d_kernel<T, O, N, decltype(nhwc_)::value><<<grid, kThreads, 0, stream>>>(x, out, idx, off, g, n, fs);
+  });
 }
 
 template <typename T, typename O, int V>
@@ -113,9 +134,11 @@ bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& 
 // cuda-vec-*).
 constexpr int kStemRows = 0;
 constexpr bool kStemFullGrid = false;
-// Whether the op's 16-bit vec forwards without indices or offsets (inference) compare
-// values in pairs: false until an H100 has measured it (impls cuda-vec-*-pairs).
+// Whether the op's 16-bit forwards without indices or offsets (inference) compare
+// values in pairs, NCHW (the vec forward) and channels_last: false until an H100 has
+// measured them (impls cuda-vec-*-pairs, cuda-nhwc-pairs).
 constexpr bool kVecPairs = false;
+constexpr bool kNhwcPairs = false;
 
 template <typename T, typename O, int N, bool NHWC>
 __global__ void max_pool2d_backward_kernel(const T* __restrict__ go, const O* __restrict__ off,
@@ -179,12 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
       using O = decltype(o_type);
       O* off = return_offsets ? static_cast<O*>(res.offsets.data_ptr()) : nullptr;
       if (channels_last) {
-        with_pool_layout<T>(true, g.C, res.out.numel(), xp, op, [&](auto n_, auto nhwc_, int64_t n) {
-          constexpr int N = decltype(n_)::value;
-          const PoolFastSplit fs = pool_fast_split<N>(g, n, true);
-          max_pool2d_kernel<T, O, N, decltype(nhwc_)::value>
-              <<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n, fs);
-        });
+        launch_nhwc_forward<T, O>(xp, op, idx, off, g, res.out.numel(), stream, kNhwcPairs);
       } else if (!launch_vec_forward<T>(xp, op, idx, off, g, res.out.numel() / (g.Ho * g.Wo), stream,
                                         pool_is_stem(g) ? kStemRows : 0, pool_is_stem(g) && kStemFullGrid,
                                         kVecPairs && sizeof(T) == 2 && idx == nullptr && off == nullptr)) {
@@ -243,6 +261,25 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
 }
 
 }  // namespace
+
+at::Tensor max_pool2d_nhwc_variant(const at::Tensor& input, std::vector<int64_t> kernel_size,
+                                   std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                   std::vector<int64_t> dilation, bool ceil_mode, bool pairs) {
+  TORCH_CHECK(input.is_cuda(), "_cuda_max_pool2d_nhwc_variant: expected a CUDA tensor, got one on ", input.device());
+  c10::cuda::CUDAGuard guard(input.device());
+  PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, true, false, false);
+  if (f.res.out.numel() == 0) return f.res.out;
+  const Geo g = device_geo(f.g);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "max_pool2d_nhwc_variant", [&] {
+    using T = scalar_t;
+    TORCH_CHECK(!pairs || (sizeof(T) == 2 && g.C % (16 / sizeof(T)) == 0 && aligned_to(f.x.const_data_ptr(), 16)),
+                "_cuda_max_pool2d_nhwc_variant: pairs take 16-bit channels in whole 16-byte aligned packs");
+    launch_nhwc_forward<T, int8_t>(f.x.const_data_ptr<T>(), f.res.out.mutable_data_ptr<T>(), nullptr, nullptr, g,
+                                   f.res.out.numel(), c10::cuda::getCurrentCUDAStream(), pairs);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return f.res.out;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
