@@ -62,19 +62,23 @@ def _vec_candidates(pool, stem=True):
     without grad: the stem's with 0 (the default), 1 or 2 output rows per thread item,
     rows compiled in for 1 and 2, launched with as many blocks as fit at once (the
     default) or with a block per 256 items ("-full"); and for any vec geometry,
-    16-bit values compared in pairs ("-pairs")."""
+    16-bit values compared in pairs ("-pairs"). "-offsets": the stem's forward with
+    the window offsets, as under autograd."""
     variant = getattr(dtk._C, "_cuda_max_pool2d_vec_variant", None)
     if variant is None:
         return {}
     k, s, p = pool[0], pool[1] if len(pool) > 1 else pool[0], pool[2] if len(pool) > 2 else 0
 
-    def call(rows, full, pairs):
-        return lambda i: variant(i["x"], [k, k], [s, s], [p, p], [1, 1], False, rows, full, pairs, False, False)
+    def call(rows, full, pairs, offsets=False):
+        return lambda i: variant(i["x"], [k, k], [s, s], [p, p], [1, 1], False, rows, full, pairs, False, offsets)
     if not stem:
         return {"cuda-vec-r0": call(0, False, False), "cuda-vec-r0-pairs": call(0, False, True)}
     out = {f"cuda-vec-r{rows}" + ("-full" if full else ""): call(rows, full, False)
            for rows in (0, 1, 2) for full in (False, True)}
     out.update({f"cuda-vec-r{rows}-pairs": call(rows, False, True) for rows in (0, 1, 2)})
+    # the training forward: with the int8 offsets that backward keeps (not the yardstick's bytes)
+    out.update({"cuda-vec-r0-offsets": call(0, False, False, True),
+                "cuda-vec-r0-pairs-offsets": call(0, False, True, True)})
     return out
 
 

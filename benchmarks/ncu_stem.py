@@ -13,6 +13,8 @@ left alone (--clock-control none), as on the bench. Rows:
 - cuda-vec-r{0,1,2}[-full]: the stem's vec kernel with 0 (the default), 1 or 2 output
   rows per thread item, resident or full grid (_C._cuda_max_pool2d_vec_variant);
 - cuda-vec-r{0,1,2}-pairs: the same, 16-bit values compared in pairs (values only);
+- cuda-vec-r0[-pairs]-offsets: the default and the pairs with the window offsets (the
+  training forward);
 - dtk-cuda, torch: the op and ATen's kernel on the same input;
 - copy: an elementwise copy of as many bytes (read + write) as the stem forward
   moves, the yardstick of the bandwidth target;
@@ -69,13 +71,15 @@ def child(order_path: str) -> None:
     variant = dtk._C._cuda_max_pool2d_vec_variant
     runs = []
 
-    def vec(rows, full, pairs=False):
-        return lambda: variant(x, [3, 3], [2, 2], [1, 1], [1, 1], False, rows, full, pairs, False, False)
+    def vec(rows, full, pairs=False, offsets=False):
+        return lambda: variant(x, [3, 3], [2, 2], [1, 1], [1, 1], False, rows, full, pairs, False, offsets)
 
     for rows in (0, 1, 2):
         for full in (False, True):
             runs.append((f"cuda-vec-r{rows}" + ("-full" if full else ""), vec(rows, full)))
     runs += [(f"cuda-vec-r{rows}-pairs", vec(rows, False, True)) for rows in (0, 1, 2)]
+    runs += [("cuda-vec-r0-offsets", vec(0, False, False, True)),
+             ("cuda-vec-r0-pairs-offsets", vec(0, False, True, True))]
     runs += [("dtk-cuda", lambda: dtk.max_pool2d(x, 3, 2, 1)),
              ("torch", lambda: F.max_pool2d(x, 3, 2, 1)),
              ("copy", lambda: torch.neg(src, out=dst)),  # a vectorized_elementwise_kernel

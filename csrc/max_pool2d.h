@@ -244,15 +244,16 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_fold(A a, int t, A& m, int& tap) {
   }
 }
 
-// ---- 16-bit values in pairs (forwards without indices or offsets) -----------------------------
+// ---- 16-bit values in pairs ---------------------------------------------------------------------
 //
-// Inference needs only the values, and 16-bit values can be compared two at a time,
-// as the GPU's paired instructions do: one HSET2 and one LOP3 per two values and tap,
-// where the scan spends about six instructions per value and tap. The stem forward's
-// item (8 outputs) was ~680 instructions of sm_90 SASS, ~280 in pairs: its kernel was
-// near the issue rate's bound, where the k2s2 forward (0.96 of copy bandwidth) does
-// less than half the stem's work per byte. A 32-bit word holds two outputs' values
-// (NCHW: two columns; NHWC: two channels), the first in its low half.
+// 16-bit values can be compared two at a time, as the GPU's paired instructions do:
+// one HSET2 and one LOP3 per two values and tap (a second LOP3 carries the taps where
+// they are wanted), where the scan spends about six instructions per value and tap.
+// The stem forward's item (8 outputs) was ~690 instructions of sm_90 SASS, ~280 in
+// pairs: its kernel was near the issue rate's bound, where the k2s2 forward (0.96 of
+// copy bandwidth) does less than half the stem's work per byte. A 32-bit word holds
+// two outputs' values (NCHW: two columns; NHWC: two channels), the first in its low
+// half.
 //
 // The result stays the scan's, bit for bit: a value replaces the running maximum only
 // when strictly greater, so of equal values (-0.0 and +0.0 are the only distinct
@@ -747,11 +748,13 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t pool_pair(const uint32_t (&wd)[NW], i
 }
 
 // One input row's maxima for V outputs in pairs: r[w] holds outputs 2w and 2w + 1's,
-// over their K taps in this row, left to right. wd: the row's NV vectors as words;
-// nan takes in every word the windows read from.
-template <typename T, int K, int S, int PAD, typename Shape = PoolVec<T, K, S, PAD>>
+// over their K taps in this row, left to right, and (TAPS) rt[w] their taps in the
+// row (0..K-1, the first of equal values). wd: the row's NV vectors as words; nan
+// takes in every word the windows read from.
+template <typename T, int K, int S, int PAD, bool TAPS = false, typename Shape = PoolVec<T, K, S, PAD>>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_vec_pairs_row(const uint32_t (&wd)[Shape::NV * Shape::P / 2],
-                                                          uint32_t (&r)[Shape::V / 2], uint32_t& nan) {
+                                                          uint32_t (&r)[Shape::V / 2], uint32_t (&rt)[Shape::V / 2],
+                                                          uint32_t& nan) {
   constexpr int P = Shape::P, V = Shape::V, base = Shape::E0;
   constexpr int first = Shape::E0 / 2, last = Shape::E1 / 2;
   static_assert(V % 2 == 0 && P % 2 == 0 && last < Shape::NV * P / 2, "whole words inside the loaded vectors");
@@ -761,8 +764,13 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_vec_pairs_row(const uint32_t (&wd)[S
   for (int w = 0; w < V / 2; ++w) {
     const int e = base + 2 * w * S;  // output 2w's first tap in this row; 2w + 1's is S further
     r[w] = pool_pair(wd, e, e + S);
+    if (TAPS) rt[w] = 0;
     DTK_UNROLL
-    for (int j = 1; j < K; ++j) r[w] = pair_fold<T>(pool_pair(wd, e + j, e + S + j), r[w]);
+    for (int j = 1; j < K; ++j) {
+      const uint32_t x = pool_pair(wd, e + j, e + S + j), gt = pair_gt_mask<T>(x, r[w]);
+      r[w] = (x & gt) | (r[w] & ~gt);
+      if (TAPS) rt[w] = (gt & (static_cast<uint32_t>(j) * 0x10001u)) | (rt[w] & ~gt);
+    }
   }
 }
 
@@ -773,16 +781,17 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_vec_pairs_row(const uint32_t (&wd)[S
 // RH > 0: the caller checked that the rows are the columns' (K, S, PAD, dilation 1),
 // so the (RH - 1) * S + K input rows of RH output rows unroll (their loads can issue
 // together), and output rows that share an input row load it once.
-// PAIRS (16-bit T): without indices and offsets, compare values two at a time (see
-// pool_vec_pairs_row); an item that reads a NaN falls back to the scan.
-template <typename T, int K, int S, int PAD, int RH = 0, bool PAIRS = false>
+// PAIRS (16-bit T): compare values two at a time (see pool_vec_pairs_row), 1 for the
+// values only (taken without indices and offsets), 2 with their taps too; an item that
+// reads a NaN falls back to the scan.
+template <typename T, int K, int S, int PAD, int RH = 0, int PAIRS = 0>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, T* out, int64_t* idx, int8_t* off,
                                                         const PoolDims& g, const FastDivmod& groups,
                                                         const FastDivmod& blocks, bool packed) {
   using A = at::opmath_type<T>;
   using Shape = PoolVec<T, K, S, PAD>;
   constexpr int P = Shape::P, V = Shape::V, L = Shape::L, NV = Shape::NV, R = RH > 0 ? RH : 1;
-  static_assert(!PAIRS || sizeof(T) == 2, "pairs of 16-bit values");
+  static_assert(PAIRS == 0 || sizeof(T) == 2, "pairs of 16-bit values");
   const uint32_t r = groups.div(q);
   const int ow0 = static_cast<int>(q - r * groups.d) * V;
   const uint32_t plane = blocks.div(r);
@@ -812,23 +821,25 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, 
       }
     }
   };
-  // Where output row t of the item starts in out (the rows past Ho of RH = 2's last
-  // item excepted), and the store of its V values.
-  const auto out_at = [&](int t) {
-    return (R == 1 ? static_cast<int64_t>(r) : static_cast<int64_t>(plane) * g.Ho + oh0 + t) * g.Wo + ow0;
-  };
-  const auto store = [&](int64_t o, const Pack<T, V>& pv) {
-    if (packed) {
-      *reinterpret_cast<Pack<T, V>*>(out + o) = pv;
-    } else {
-      DTK_UNROLL
-      for (int v = 0; v < V; ++v)
-        if (ow0 + v < g.Wo) out[o + v] = pv.v[v];
-    }
-  };
   const int i0 = pool_first_tap(oh0, g.sh, g.ph, g.dh);
-  if constexpr (PAIRS) {
-    if (idx == nullptr && off == nullptr) {
+  // The scan's start: -inf at each window's first tap inside the input.
+  A m[R][V];
+  int tap[R][V];
+  DTK_UNROLL
+  for (int t = 0; t < R; ++t) {
+    const int i0t = t == 0 ? i0 : pool_first_tap(oh0 + t, g.sh, g.ph, g.dh);
+    DTK_UNROLL
+    for (int v = 0; v < V; ++v) {
+      const int j0 = PAD - (ow0 + v) * S;  // taps in the left padding
+      m[t][v] = -std::numeric_limits<A>::infinity();
+      tap[t][v] = i0t * K + (j0 > 0 ? j0 : 0);
+    }
+  }
+  Pack<T, V> vals[PAIRS > 0 ? R : 1];  // the pairs' maxima, as stored
+  bool done = false;   // by the pairs
+  if constexpr (PAIRS > 0) {
+    if (PAIRS == 2 || (idx == nullptr && off == nullptr)) {
+      constexpr bool TAPS = PAIRS == 2;
       constexpr int W2 = V / 2, H = P / 2, NW = NV * H;
       const uint32_t ninf2 = static_cast<uint32_t>(pair_bits(ninf)) * 0x10001u;
       // The vectors' columns: voff[u] from the row's start (RH > 0: clamped in bounds),
@@ -864,23 +875,35 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, 
           }
         }
       };
-      uint32_t mp[R][W2], nan = 0;
+      // Running maxima and (TAPS) their taps in pairs, from the scan's start.
+      uint32_t mp[R][W2], tp[R][W2], nan = 0;
       DTK_UNROLL
       for (int t = 0; t < R; ++t) {
         DTK_UNROLL
-        for (int w = 0; w < W2; ++w) mp[t][w] = ninf2;
+        for (int w = 0; w < W2; ++w) {
+          mp[t][w] = ninf2;
+          tp[t][w] = static_cast<uint32_t>(tap[t][2 * w]) | static_cast<uint32_t>(tap[t][2 * w + 1]) << 16;
+        }
       }
+      // Folds window row i's maxima (rw) and taps in the row (rt) into output row t's.
+      const auto fold = [&](int t, int i, const uint32_t(&rw)[W2], const uint32_t(&rt)[W2]) {
+        DTK_UNROLL
+        for (int w = 0; w < W2; ++w) {
+          const uint32_t gt = pair_gt_mask<T>(rw[w], mp[t][w]);
+          mp[t][w] = (rw[w] & gt) | (mp[t][w] & ~gt);
+          if (TAPS) tp[t][w] = ((rt[w] + static_cast<uint32_t>(i * K) * 0x10001u) & gt) | (tp[t][w] & ~gt);
+        }
+      };
       if constexpr (RH == 0) {
         const auto rows = [&](auto check) {
           const int ih0 = oh0 * g.sh - g.ph + i0 * g.dh;
           const T* row = xp + static_cast<int64_t>(ih0) * g.W;
           const int64_t step = static_cast<int64_t>(g.dh) * g.W;
           for (int i = i0, ih = ih0; i < g.kh && ih < g.H; ++i, ih += g.dh, row += step) {
-            uint32_t wd[NW], rw[W2];
+            uint32_t wd[NW], rw[W2], rt[W2];
             load_words(row, true, check, wd);
-            pool_vec_pairs_row<T, K, S, PAD>(wd, rw, nan);
-            DTK_UNROLL
-            for (int w = 0; w < W2; ++w) mp[0][w] = pair_fold<T>(rw[w], mp[0][w]);
+            pool_vec_pairs_row<T, K, S, PAD, TAPS>(wd, rw, rt, nan);
+            fold(0, i, rw, rt);
           }
         };
         if (all_in) rows(std::false_type{});
@@ -888,81 +911,81 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, 
       } else {
         DTK_UNROLL
         for (int u = 0; u < (R - 1) * S + K; ++u) {
-          uint32_t wd[NW], rw[W2];
+          uint32_t wd[NW], rw[W2], rt[W2];
           const int ih = oh0 * S - PAD + u;
           const bool row_in = ih >= 0 && ih < g.H;
           load_words(xp + static_cast<int64_t>(ih < 0 ? 0 : row_in ? ih : g.H - 1) * g.W, row_in, std::true_type{}, wd);
-          pool_vec_pairs_row<T, K, S, PAD>(wd, rw, nan);
+          pool_vec_pairs_row<T, K, S, PAD, TAPS>(wd, rw, rt, nan);
           DTK_UNROLL
           for (int t = 0; t < R; ++t)
-            if (u - t * S >= 0 && u - t * S < K) {
-              DTK_UNROLL
-              for (int w = 0; w < W2; ++w) mp[t][w] = pair_fold<T>(rw[w], mp[t][w]);
-            }
+            if (u - t * S >= 0 && u - t * S < K) fold(t, u - t * S, rw, rt);
         }
       }
-      if (!pair_has_nan<T>(nan)) {
+      done = !pair_has_nan<T>(nan);
+      if (done) {
         DTK_UNROLL
         for (int t = 0; t < R; ++t) {
-          if (RH > 1 && oh0 + t >= g.Ho) break;
-          Pack<T, V> pv;
           DTK_UNROLL
           for (int w = 0; w < W2; ++w) {
-            pv.v[2 * w] = T(static_cast<uint16_t>(mp[t][w] & 0xFFFFu), T::from_bits());
-            pv.v[2 * w + 1] = T(static_cast<uint16_t>(mp[t][w] >> 16), T::from_bits());
+            vals[t].v[2 * w] = T(static_cast<uint16_t>(mp[t][w] & 0xFFFFu), T::from_bits());
+            vals[t].v[2 * w + 1] = T(static_cast<uint16_t>(mp[t][w] >> 16), T::from_bits());
+            if (TAPS) {
+              tap[t][2 * w] = static_cast<int>(tp[t][w] & 0xFFFFu);
+              tap[t][2 * w + 1] = static_cast<int>(tp[t][w] >> 16);
+            }
           }
-          store(out_at(t), pv);
         }
-        return;
       }
     }
   }
-  A m[R][V];
-  int tap[R][V];
-  DTK_UNROLL
-  for (int t = 0; t < R; ++t) {
-    const int i0t = t == 0 ? i0 : pool_first_tap(oh0 + t, g.sh, g.ph, g.dh);
-    DTK_UNROLL
-    for (int v = 0; v < V; ++v) {
-      const int j0 = PAD - (ow0 + v) * S;  // taps in the left padding
-      m[t][v] = -std::numeric_limits<A>::infinity();
-      tap[t][v] = i0t * K + (j0 > 0 ? j0 : 0);
-    }
-  }
-  if constexpr (RH == 0) {
-    for (int i = i0, ih = oh0 * g.sh - g.ph + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh) {
-      Pack<T, P> buf[NV];
-      load(ih, buf);
-      pool_vec_fold_row<T, K, S, PAD>(buf, i, m[0], tap[0]);
-    }
-  } else {
-    DTK_UNROLL
-    for (int u = 0; u < (R - 1) * S + K; ++u) {  // input rows in ascending order: each window's taps in scan order
-      Pack<T, P> buf[NV];
-      load(oh0 * S - PAD + u, buf);  // -inf outside the input: skipped taps
+  if (!done) {  // the scan, ATen's rule in row-major order
+    if constexpr (RH == 0) {
+      for (int i = i0, ih = oh0 * g.sh - g.ph + i0 * g.dh; i < g.kh && ih < g.H; ++i, ih += g.dh) {
+        Pack<T, P> buf[NV];
+        load(ih, buf);
+        pool_vec_fold_row<T, K, S, PAD>(buf, i, m[0], tap[0]);
+      }
+    } else {
       DTK_UNROLL
-      for (int t = 0; t < R; ++t)
-        if (u - t * S >= 0 && u - t * S < K) pool_vec_fold_row<T, K, S, PAD>(buf, u - t * S, m[t], tap[t]);
+      for (int u = 0; u < (R - 1) * S + K; ++u) {  // input rows in ascending order: each window's taps in scan order
+        Pack<T, P> buf[NV];
+        load(oh0 * S - PAD + u, buf);  // -inf outside the input: skipped taps
+        DTK_UNROLL
+        for (int t = 0; t < R; ++t)
+          if (u - t * S >= 0 && u - t * S < K) pool_vec_fold_row<T, K, S, PAD>(buf, u - t * S, m[t], tap[t]);
+      }
     }
   }
   DTK_UNROLL
   for (int t = 0; t < R; ++t) {
     const int oh = oh0 + t;
     if (RH > 1 && oh >= g.Ho) break;
-    const int64_t o = out_at(t);
-    Pack<T, V> pv;
-    DTK_UNROLL
-    for (int v = 0; v < V; ++v) pv.v[v] = static_cast<T>(m[t][v]);
-    store(o, pv);
-    if (off && packed) {
-      Pack<int8_t, V> po;
+    const int64_t o = (R == 1 ? static_cast<int64_t>(r) : static_cast<int64_t>(plane) * g.Ho + oh) * g.Wo + ow0;
+    // the value of output v of row t: the pairs' when they made it, else the scan's
+    const auto value = [&](int v) {
+      if constexpr (PAIRS > 0) {
+        if (done) return vals[t].v[v];
+      }
+      return static_cast<T>(m[t][v]);
+    };
+    if (packed) {
+      Pack<T, V> pv;
       DTK_UNROLL
-      for (int v = 0; v < V; ++v) po.v[v] = static_cast<int8_t>(tap[t][v]);
-      *reinterpret_cast<Pack<int8_t, V>*>(off + o) = po;
-    } else if (off) {
+      for (int v = 0; v < V; ++v) pv.v[v] = value(v);
+      *reinterpret_cast<Pack<T, V>*>(out + o) = pv;
+      if (off) {
+        Pack<int8_t, V> po;
+        DTK_UNROLL
+        for (int v = 0; v < V; ++v) po.v[v] = static_cast<int8_t>(tap[t][v]);
+        *reinterpret_cast<Pack<int8_t, V>*>(off + o) = po;
+      }
+    } else {
       DTK_UNROLL
       for (int v = 0; v < V; ++v)
-        if (ow0 + v < g.Wo) off[o + v] = static_cast<int8_t>(tap[t][v]);
+        if (ow0 + v < g.Wo) {
+          out[o + v] = value(v);
+          if (off) off[o + v] = static_cast<int8_t>(tap[t][v]);
+        }
     }
     if (idx) {
       const int h0 = oh * g.sh - g.ph;
@@ -1025,8 +1048,8 @@ at::Tensor emulate_cuda_backward_rows(const at::Tensor& grad_out, const at::Tens
 namespace cuda {
 // Benchmark and test aid (CUDA builds): the NCHW vec forward with `rows` output rows
 // per thread item, with full_grid a block per 256 items, with pairs 16-bit values
-// compared in pairs (when neither indices nor offsets are asked for); an error where
-// that kernel does not run (the op would take another).
+// compared in pairs; an error where that kernel does not run (the op would take
+// another).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, int64_t rows, bool full_grid,

@@ -498,12 +498,12 @@ def _nan_payloads(x, seed):
 @pytest.mark.parametrize("rows", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_cuda_vec_pairs_code_on_the_host(dtype, rows):
-    """The vec forward without indices or offsets comparing 16-bit values in pairs
-    (PAIRS in pool_forward_vec: the stem's candidate), run on the host over every
-    thread item, gives the CPU kernel's values bit for bit: -0.0 against +0.0 (the
-    first in row-major order stays), NaN with payloads (items that read one rerun the
-    scan), all -inf edges, windows in the padding; every vec geometry (rows=0) and the
-    stem's rows compiled in (rows=1, 2)."""
+    """The vec forward comparing 16-bit values in pairs (PAIRS in pool_forward_vec: the
+    stem's candidate), run on the host over every thread item, gives the CPU kernel's
+    values, and when asked its int64 indices and offsets, bit for bit: -0.0 against
+    +0.0 (the first in row-major order stays), NaN with payloads (items that read one
+    rerun the scan), all -inf edges (the first tap inside the input), windows in the
+    padding; every vec geometry (rows=0) and the stem's rows compiled in (rows=1, 2)."""
     cases, extra = _vec_cases(rows)
     for n, (shape, k, s, p, d, cm) in enumerate(cases + extra):
         k, s, p, d = mp.normalize_args(k, s, p, d)
@@ -512,15 +512,12 @@ def test_cuda_vec_pairs_code_on_the_host(dtype, rows):
             if n >= len(cases):
                 x[..., :3, :] = -INF
                 x[..., :, :5] = -INF
-            want = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, False, False)
+            where = f"case {shape} k={k} s={s} p={p} d={d} ceil={cm} specials={specials}"
+            want = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, True, True)
+            got = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, True, True, rows, True)
+            assert all(same_bits(a, b) for a, b in zip(got, want)), where
             got = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, False, False, rows, True)
-            assert same_bits(got[0], want[0]), f"case {shape} k={k} s={s} p={p} d={d} ceil={cm} specials={specials}"
-            assert got[1].numel() == got[2].numel() == 0
-    # asked for indices or offsets, the pairs give way to the scan
-    x = _signed_zeros(_data((2, 3, 9, 16), dtype, "cpu", seed=1), 1)
-    want = torch.ops.dtkernels._max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], False, False, True, True)
-    got = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, [3, 3], [2, 2], [1, 1], [1, 1], False, True, True, rows, True)
-    assert all(same_bits(a, b) for a, b in zip(got, want))
+            assert same_bits(got[0], want[0]) and got[1].numel() == got[2].numel() == 0, where
 
 
 @pytest.mark.skipif(INTERPRET, reason="host code")
@@ -557,8 +554,8 @@ def test_bench_vec_candidates_call_the_variant_rightly(monkeypatch):
     calls = []
 
     def variant(x, k, s, p, d, cm, rows, full_grid, pairs, return_indices, return_offsets):
-        assert isinstance(full_grid, bool) and isinstance(pairs, bool) and not (return_indices or return_offsets)
-        calls.append(f"cuda-vec-r{rows}" + "-full" * full_grid + "-pairs" * pairs)
+        assert isinstance(full_grid, bool) and isinstance(pairs, bool) and not return_indices
+        calls.append(f"cuda-vec-r{rows}" + "-full" * full_grid + "-pairs" * pairs + "-offsets" * return_offsets)
         return dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, return_indices, return_offsets, rows,
                                                            pairs)
 
@@ -574,10 +571,13 @@ def test_bench_vec_candidates_call_the_variant_rightly(monkeypatch):
     x = _signed_zeros(_data((2, 8, 10, 32), torch.float16, "cpu", specials=False), 0)
     for pool, stem in [((3, 2, 1), True), ((2,), False)]:
         impls = bench._vec_candidates(pool, stem=stem)
-        assert len(impls) == (9 if stem else 2) and sum(n.endswith("-pairs") for n in impls) == (3 if stem else 1)
+        assert len(impls) == (11 if stem else 2) and sum("-pairs" in n for n in impls) == (4 if stem else 1)
         want = F.max_pool2d(x, *pool)
         for name, fn in impls.items():
             assert same_bits(fn({"x": x})[0], want) and calls[-1] == name, (name, calls[-1])
+            if name.endswith("-offsets"):  # the offsets too
+                assert same_bits(fn({"x": x})[2], torch.ops.dtkernels._max_pool2d(x, *mp.normalize_args(*pool), False,
+                                                                                  False, False, True)[2])
         xcl = x.contiguous(memory_format=CL)
         for name, fn in bench._nhwc_candidates(pool).items():
             assert same_bits(fn({"x": xcl}), F.max_pool2d(xcl, *pool)) and calls[-1] == name, (name, calls[-1])
@@ -673,11 +673,12 @@ def test_cuda_forward_matches_the_cpu(dtype):
     assert_cuda_matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(dtype, cl, channels_last=True), "max_pool2d_kernel")
 
 
-def _vec_variant(x, k, s, p, d, cm, rows, full_grid, pairs=False):
+def _vec_variant(x, k, s, p, d, cm, rows, full_grid, pairs=False, taps=None):
     """The CUDA vec forward with `rows` output rows per thread item, comparing 16-bit
-    values in pairs (values only) where asked (the stem's candidates;
-    _C._cuda_max_pool2d_vec_variant), or on the CPU the CPU kernel."""
-    want = not pairs  # indices and offsets
+    values in pairs where asked (the stem's candidates; _C._cuda_max_pool2d_vec_variant),
+    or on the CPU the CPU kernel; taps: with indices and offsets (by default when not
+    in pairs)."""
+    want = not pairs if taps is None else taps
     if x.is_cuda:
         return dtk._C._cuda_max_pool2d_vec_variant(x, k, s, p, d, cm, rows, full_grid, pairs, want, want)
     return torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, want, want)
@@ -696,17 +697,19 @@ def test_cuda_vec_variants_match_the_cpu(dtype, rows):
         args = [(x, k, s, p, d, cm, rows, full_grid)
                 for x, k, s, p, d, cm, *_ in _forward_args(dtype, cases[:30] + extra)]
         assert_cuda_matches_cpu(_vec_variant, args, "max_pool2d_vec_kernel")
-    if dtype != torch.float32:  # 16-bit pairs, values only: signed zeros, NaN
+    if dtype != torch.float32:  # 16-bit pairs, with and without taps: signed zeros, NaN
         args = [(_nan_payloads(_signed_zeros(x, n), n), k, s, p, d, cm, rows, False, True)
                 for n, (x, k, s, p, d, cm, *_) in enumerate(_forward_args(dtype, cases[:30] + extra))]
         args += [(_signed_zeros(_data(a[0].shape, dtype, "cuda", specials=False, seed=n), n), *a[1:])
                  for n, a in enumerate(args)]
         assert_cuda_matches_cpu(_vec_variant, args, "max_pool2d_vec_kernel")
+        assert_cuda_matches_cpu(_vec_variant, [(*a, True) for a in args])
     x = _data((1, 2, 9, 16), dtype, "cuda")
     with pytest.raises(RuntimeError, match="no vec kernel with 1 output rows"):
         dtk._C._cuda_max_pool2d_vec_variant(x, [2, 2], [2, 2], [0, 0], [1, 1], False, 1, False, False, False, False)
-    with pytest.raises(RuntimeError, match="or pairs for this dtype or with indices or offsets"):
-        dtk._C._cuda_max_pool2d_vec_variant(x, [2, 2], [2, 2], [0, 0], [1, 1], False, 0, False, True, False, True)
+    if dtype == torch.float32:
+        with pytest.raises(RuntimeError, match="or pairs for this dtype"):
+            dtk._C._cuda_max_pool2d_vec_variant(x, [2, 2], [2, 2], [0, 0], [1, 1], False, 0, False, True, False, True)
 
 
 def _nhwc_variant(x, k, s, p, d, cm, pairs):
@@ -763,8 +766,10 @@ def test_cuda_kernels_memcheck():
         assert_cuda_matches_cpu(_vec_variant, args)
     # 16-bit pairs: word loads at both ends of a row, the scan for items that read NaN
     for rows in (0, 1, 2):
-        args = [(x, k, s, p, d, cm, rows, False, True) for x, k, s, p, d, cm, *_ in _forward_args(torch.float16, cases)]
-        assert_cuda_matches_cpu(_vec_variant, args)
+        for taps in (False, True):
+            args = [(x, k, s, p, d, cm, rows, False, True, taps)
+                    for x, k, s, p, d, cm, *_ in _forward_args(torch.float16, cases)]
+            assert_cuda_matches_cpu(_vec_variant, args)
     cases = [((1, 2, 9, 24), 3, 2, 0, 1, True), ((1, 2, 7, 8), 3, 1, 1, 1, False), ((1, 3, 6, 40), 2, 2, 0, 1, True)]
     args = [(x, k, s, p, d, cm, 0, False, True) for x, k, s, p, d, cm, *_ in _forward_args(torch.float16, cases)]
     assert_cuda_matches_cpu(_vec_variant, args)

@@ -985,17 +985,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
       int8_t* off = return_offsets ? res.offsets.mutable_data_ptr<int8_t>() : nullptr;
       const bool packed = g.Wo % PoolVec<T, K, S, PAD>::V == 0;  // CPU outputs are 64-byte aligned
       int64_t* idx = return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr;
-      const auto run = [&](auto pairs_) {
+      const auto run = [&](auto pairs_) {  // the pairs' mode, as the CUDA launcher picks it
         for (uint32_t q = 0; q < static_cast<uint32_t>(it.n); ++q)  // one CUDA thread item each
           pool_forward_vec<T, K, S, PAD, RH, decltype(pairs_)::value>(q, f.x.const_data_ptr<T>(), out, idx, off, g,
                                                                       d_groups, d_blocks, packed);
       };
       if (!pairs) {
-        run(std::false_type{});
+        run(std::integral_constant<int, 0>{});
         return true;
       }
       if constexpr (sizeof(T) == 2) {
-        run(std::true_type{});
+        if (idx == nullptr && off == nullptr) run(std::integral_constant<int, 1>{});
+        else run(std::integral_constant<int, 2>{});
         return true;
       }
       return false;

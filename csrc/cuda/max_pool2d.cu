@@ -81,10 +81,10 @@ __global__ void max_pool2d_rows_kernel(const T* __restrict__ x, T* __restrict__ 
 
 // NCHW "vec": V outputs of a row per thread (RH = 0, the default; candidates RH = 1, 2:
 // see with_pool_vec_kernel) from 16-byte loads, the column geometry a template, the
-// item split in 32-bit multiply-shifts. PAIRS (a candidate, 16-bit types, values
-// only): values compared two at a time. The per-thread code is pool_forward_vec
-// (csrc/max_pool2d.h), which the CPU tests run.
-template <typename T, int K, int S, int PAD, int RH, bool PAIRS>
+// item split in 32-bit multiply-shifts. PAIRS (a candidate, 16-bit types): values
+// compared two at a time, 1 without indices and offsets, 2 with. The per-thread code
+// is pool_forward_vec (csrc/max_pool2d.h), which the CPU tests run.
+template <typename T, int K, int S, int PAD, int RH, int PAIRS>
 __global__ void __launch_bounds__(kThreads)
     max_pool2d_vec_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __restrict__ idx,
                           int8_t* __restrict__ off, Geo g, FastDivmod groups, FastDivmod blocks, uint32_t n,
@@ -98,12 +98,12 @@ __global__ void __launch_bounds__(kThreads)
 // 16-byte aligned and there is such a kernel for this geometry; false otherwise (the
 // rows kernel then runs). full_grid: a block per 256 items instead of as many blocks
 // as fit at once; pairs: 16-bit values compared in pairs, which takes a 16-bit type
-// and neither indices nor offsets (candidates, like rows > 0).
+// (candidates, like rows > 0).
 template <typename T>
 bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& g, int64_t planes,
                         cudaStream_t stream, int rows = 0, bool full_grid = false, bool pairs = false) {
   if (!aligned_to(x, 16)) return false;
-  if (pairs && (sizeof(T) != 2 || idx != nullptr || off != nullptr)) return false;
+  if (pairs && sizeof(T) != 2) return false;
   return with_pool_vec_kernel<T>(g, rows, [&](auto k, auto s, auto p, auto rh) {
     constexpr int K = decltype(k)::value, S = decltype(s)::value, PAD = decltype(p)::value;
     constexpr int RH = decltype(rh)::value, V = PoolVec<T, K, S, PAD>::V;
@@ -118,12 +118,16 @@ bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& 
                                             static_cast<uint32_t>(it.n), packed);
     };
     if constexpr (sizeof(T) == 2) {
+      if (pairs && idx == nullptr && off == nullptr) {
+        launch(max_pool2d_vec_kernel<T, K, S, PAD, RH, 1>);
+        return true;
+      }
       if (pairs) {
-        launch(max_pool2d_vec_kernel<T, K, S, PAD, RH, true>);
+        launch(max_pool2d_vec_kernel<T, K, S, PAD, RH, 2>);
         return true;
       }
     }
-    launch(max_pool2d_vec_kernel<T, K, S, PAD, RH, false>);
+    launch(max_pool2d_vec_kernel<T, K, S, PAD, RH, 0>);
     return true;
   });
 }
@@ -134,9 +138,9 @@ bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& 
 // cuda-vec-*).
 constexpr int kStemRows = 0;
 constexpr bool kStemFullGrid = false;
-// Whether the op's 16-bit forwards without indices or offsets (inference) compare
-// values in pairs, NCHW (the vec forward) and channels_last: false until an H100 has
-// measured them (impls cuda-vec-*-pairs, cuda-nhwc-pairs).
+// Whether the op's 16-bit forwards compare values in pairs: NCHW (the vec forward,
+// with or without offsets and indices) and channels_last (values only, inference).
+// false until an H100 has measured them (impls cuda-vec-*-pairs*, cuda-nhwc-pairs).
 constexpr bool kVecPairs = false;
 constexpr bool kNhwcPairs = false;
 
@@ -205,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
         launch_nhwc_forward<T, O>(xp, op, idx, off, g, res.out.numel(), stream, kNhwcPairs);
       } else if (!launch_vec_forward<T>(xp, op, idx, off, g, res.out.numel() / (g.Ho * g.Wo), stream,
                                         pool_is_stem(g) ? kStemRows : 0, pool_is_stem(g) && kStemFullGrid,
-                                        kVecPairs && sizeof(T) == 2 && idx == nullptr && off == nullptr)) {
+                                        kVecPairs)) {
         const int64_t n = pool_rows_items(res.out.numel(), g.Wo);
         max_pool2d_rows_kernel<T, O, kPoolRowsV>
             <<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n);
@@ -301,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
         c10::cuda::getCurrentCUDAStream(), static_cast<int>(rows), full_grid, pairs);
     TORCH_CHECK(ok, "_cuda_max_pool2d_vec_variant: no vec kernel with ", rows,
                 " output rows per thread item for this geometry, or the input is not 16-byte aligned",
-                pairs ? ", or pairs for this dtype or with indices or offsets" : "");
+                pairs ? ", or pairs for this dtype" : "");
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {res.out, res.indices, res.offsets};
