@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,61 @@ def test_ncu_stem_reads_ncus_raw_csv():
                             "71.2 | 150 | 55.5 |"), md[2]
     assert md[3].startswith("| copy | vectorized_elementwise_kernel<4, at::native::neg_kernel_cuda(at::Te...> |")
     assert "could not be matched" in n.table(rows, ["one launch"])  # counts differ: no names guessed
+
+
+def _sass_loops(sass: str, mangled: str) -> list[list[str]]:
+    """The loop bodies (instructions from a backward branch's target to the branch) of
+    the SASS function whose mangled name contains `mangled`, innermost first."""
+    funcs = re.split(r"\n\s*Function : ", sass)[1:]
+    body = [f for f in funcs if mangled in f.split("\n", 1)[0]]
+    assert len(body) == 1, (mangled, len(body))
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", body[0])]
+    loops = []
+    for at, text in ins:
+        b = re.search(r"\bBRA (?:!?U?P\w+, )?0x([0-9a-f]+)", text)
+        if b and int(b.group(1), 16) < at:
+            loops.append([t for a, t in ins if int(b.group(1), 16) <= a <= at])
+    return sorted(loops, key=len)
+
+
+def test_cuda_pairs_kernels_sass():
+    """The max_pool2d forward's 16-bit pairs candidates (cuda-pairs-20261127.md), compiled
+    for sm_90 and read with the cuobjdump that Triton ships: their row or tap loops
+    compare pairs (HSET2) with no float conversion, are a fraction of the default's
+    length (the claim the candidates rest on), and touch no local memory."""
+    if _nvcc() is None:
+        if REQUIRE_NVCC:
+            pytest.fail("nvcc not found but DTK_REQUIRE_NVCC=1")
+        pytest.skip("nvcc not found")
+    triton = pytest.importorskip("triton")
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip("no cuobjdump in Triton's wheel")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import check_cuda_compile as c
+    finally:
+        sys.path.pop(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "max_pool2d.cubin"
+        p = subprocess.run([c.find_nvcc(), *c.compile_flags("sm_90", c.make_shim(tmp)), "-cubin",
+                            str(ROOT / "csrc" / "cuda" / "max_pool2d.cu"), "-o", str(cubin)],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-3000:]
+        sass = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    def opcodes(body):
+        return {(i.split()[1] if i.startswith("@") else i.split()[0]) for i in body}
+
+    converts = ("HADD2.F32", "F2F", "FSETP")  # 16-bit values taken to float and compared there
+    for t in ("4Half", "8BFloat16"):
+        stem = f"max_pool2d_vec_kernelIN3c10{t}ELi3ELi2ELi1ELi0ELi"  # k3s2p1, one output row per item
+        default, values, taps = (_sass_loops(sass, f"{stem}{mode}E") for mode in (0, 1, 2))
+        row = default[0]  # the default's window row
+        assert len(row) > 150 and any(o.startswith(converts) for o in opcodes(row)), len(row)
+        for loops, most in ((values, len(row) // 2.5), (taps, len(row) // 2)):
+            inner = [body for body in loops if any(o.startswith("HSET2") for o in opcodes(body))]
+            assert inner and len(inner[0]) <= most, [len(b) for b in loops]
+            assert not any(o.startswith(converts) for o in opcodes(inner[0])), opcodes(inner[0])
+            assert not any(o.startswith(("STL", "LDL")) for body in loops[:-1] for o in opcodes(body))
+        nhwc = _sass_loops(sass, f"max_pool2d_kernelIN3c10{t}EaLi8ELb1ELb1E")  # a pack of 8 channels, in pairs
+        assert any(o.startswith("HSET2") for o in opcodes(nhwc[0])) and len(nhwc[0]) <= 30, [len(b) for b in nhwc]
