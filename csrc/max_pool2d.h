@@ -250,8 +250,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_fold(A a, int t, A& m, int& tap) {
 // one HSET2 and one LOP3 per two values and tap (a second LOP3 carries the taps where
 // they are wanted), where the scan spends about six instructions per value and tap.
 // The stem forward's item (8 outputs) was ~690 instructions of sm_90 SASS, ~280 in
-// pairs: its kernel was near the issue rate's bound, where the k2s2 forward (0.96 of
-// copy bandwidth) does less than half the stem's work per byte. A 32-bit word holds
+// pairs: by estimate its kernel was near the issue rate's bound, where the k2s2
+// forward (0.96 of copy bandwidth) does less than half the stem's work per byte. A 32-bit word holds
 // two outputs' values (NCHW: two columns; NHWC: two channels), the first in its low
 // half.
 //
