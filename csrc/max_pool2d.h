@@ -251,9 +251,9 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_fold(A a, int t, A& m, int& tap) {
 // they are wanted), where the scan spends about six instructions per value and tap.
 // The stem forward's item (8 outputs) was ~690 instructions of sm_90 SASS, ~280 in
 // pairs: by estimate its kernel was near the issue rate's bound, where the k2s2
-// forward (0.96 of copy bandwidth) does less than half the stem's work per byte. A 32-bit word holds
-// two outputs' values (NCHW: two columns; NHWC: two channels), the first in its low
-// half.
+// forward (0.96 of copy bandwidth) does less than half the stem's work per byte. A
+// 32-bit word holds two outputs' values (NCHW: two columns; NHWC: two channels), the
+// first in its low half.
 //
 // The result stays the scan's, bit for bit: a value replaces the running maximum only
 // when strictly greater, so of equal values (-0.0 and +0.0 are the only distinct
@@ -267,10 +267,22 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE uint16_t pair_bits(T v) {
   return v.x;
 }
 
+// -inf in both lanes: the running maxima's start.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t pair_ninf() {
+  return static_cast<uint32_t>(pair_bits(static_cast<T>(-std::numeric_limits<float>::infinity()))) * 0x10001u;
+}
+
+// Lane 0 or 1 of a pair as a value.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T pair_value(uint32_t w, int lane) {
+  return T(static_cast<uint16_t>(w >> (16 * lane)), T::from_bits());
+}
+
 #if !defined(__CUDA_ARCH__)
 template <typename T>
 inline float pair_lane(uint32_t w, int lane) {
-  return static_cast<float>(T(static_cast<uint16_t>(w >> (16 * lane)), T::from_bits()));
+  return static_cast<float>(pair_value<T>(w, lane));
 }
 #else
 template <typename T>
@@ -430,8 +442,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_item(int64_t q, const T* x, 
       constexpr int W2 = N / 2;
       uint32_t m2[W2], nan = 0;
       DTK_UNROLL
-      for (int k = 0; k < W2; ++k)
-        m2[k] = static_cast<uint32_t>(pair_bits(static_cast<T>(-std::numeric_limits<A>::infinity()))) * 0x10001u;
+      for (int k = 0; k < W2; ++k) m2[k] = pair_ninf<T>();
       scan([&](int, const T* at) {
         const Pack<uint32_t, W2> v = *reinterpret_cast<const Pack<uint32_t, W2>*>(at);
         DTK_UNROLL
@@ -443,10 +454,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_item(int64_t q, const T* x, 
       if (!pair_has_nan<T>(nan)) {
         P res;
         DTK_UNROLL
-        for (int k = 0; k < W2; ++k) {
-          res.v[2 * k] = T(static_cast<uint16_t>(m2[k] & 0xFFFFu), T::from_bits());
-          res.v[2 * k + 1] = T(static_cast<uint16_t>(m2[k] >> 16), T::from_bits());
-        }
+        for (int k = 0; k < N; ++k) res.v[k] = pair_value<T>(m2[k / 2], k % 2);
         *reinterpret_cast<P*>(out + o) = res;
         return;
       }
@@ -841,7 +849,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, 
     if (PAIRS == 2 || (idx == nullptr && off == nullptr)) {
       constexpr bool TAPS = PAIRS == 2;
       constexpr int W2 = V / 2, H = P / 2, NW = NV * H;
-      const uint32_t ninf2 = static_cast<uint32_t>(pair_bits(ninf)) * 0x10001u;
+      const uint32_t ninf2 = pair_ninf<T>();
       // The vectors' columns: voff[u] from the row's start (RH > 0: clamped in bounds),
       // vin[u] whether inside the row; all_in: every vector the windows read is.
       int voff[NV];
@@ -927,8 +935,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, 
         for (int t = 0; t < R; ++t) {
           DTK_UNROLL
           for (int w = 0; w < W2; ++w) {
-            vals[t].v[2 * w] = T(static_cast<uint16_t>(mp[t][w] & 0xFFFFu), T::from_bits());
-            vals[t].v[2 * w + 1] = T(static_cast<uint16_t>(mp[t][w] >> 16), T::from_bits());
+            vals[t].v[2 * w] = pair_value<T>(mp[t][w], 0);
+            vals[t].v[2 * w + 1] = pair_value<T>(mp[t][w], 1);
             if (TAPS) {
               tap[t][2 * w] = static_cast<int>(tp[t][w] & 0xFFFFu);
               tap[t][2 * w + 1] = static_cast<int>(tp[t][w] >> 16);
