@@ -83,16 +83,18 @@ def _vec_candidates(pool, stem=True):
 
 
 def _nhwc_candidates(pool):
-    """The CUDA channels_last forward (values only, as the op without grad) as the op
-    runs it ("cuda-nhwc") and with 16-bit channels compared in pairs ("-pairs")."""
+    """The CUDA channels_last forward as the op runs it ("cuda-nhwc") and with 16-bit
+    channels compared in pairs ("-pairs"): values only, as the op without grad, and
+    ("-offsets") with the window offsets, as under autograd."""
     variant = getattr(dtk._C, "_cuda_max_pool2d_nhwc_variant", None)
     if variant is None:
         return {}
     k, s, p = pool[0], pool[1] if len(pool) > 1 else pool[0], pool[2] if len(pool) > 2 else 0
 
-    def call(pairs):
-        return lambda i: variant(i["x"], [k, k], [s, s], [p, p], [1, 1], False, pairs)
-    return {"cuda-nhwc": call(False), "cuda-nhwc-pairs": call(True)}
+    def call(pairs, offsets=False):
+        return lambda i: variant(i["x"], [k, k], [s, s], [p, p], [1, 1], False, pairs, False, offsets)
+    return {"cuda-nhwc": call(False), "cuda-nhwc-pairs": call(True),
+            "cuda-nhwc-offsets": call(False, True), "cuda-nhwc-pairs-offsets": call(True, True)}
 
 
 def _cases():

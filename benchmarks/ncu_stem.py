@@ -88,7 +88,13 @@ def child(order_path: str) -> None:
               lambda: variant(k2, [2, 2], [2, 2], [0, 0], [1, 1], False, 0, False, True, False, False)),
              ("k2s2-cl dtk-cuda", lambda: dtk.max_pool2d(k2cl, 2)),
              ("k2s2-cl cuda-nhwc-pairs",
-              lambda: dtk._C._cuda_max_pool2d_nhwc_variant(k2cl, [2, 2], [2, 2], [0, 0], [1, 1], False, True))]
+              lambda: dtk._C._cuda_max_pool2d_nhwc_variant(k2cl, [2, 2], [2, 2], [0, 0], [1, 1], False, True)),
+             ("k2s2-cl cuda-nhwc-offsets",
+              lambda: dtk._C._cuda_max_pool2d_nhwc_variant(k2cl, [2, 2], [2, 2], [0, 0], [1, 1], False, False,
+                                                           False, True)),
+             ("k2s2-cl cuda-nhwc-pairs-offsets",
+              lambda: dtk._C._cuda_max_pool2d_nhwc_variant(k2cl, [2, 2], [2, 2], [0, 0], [1, 1], False, True,
+                                                           False, True))]
     torch.cuda.synchronize()
     for _, fn in runs:
         fn()

@@ -150,8 +150,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Benchmark and test aid: the CUDA NCHW max_pool2d vec forward with a given number of output rows "
         "per thread item and grid, 16-bit values compared in pairs or not.");
   m.def("_cuda_max_pool2d_nhwc_variant", &dtkernels::cuda::max_pool2d_nhwc_variant,
-        "Benchmark and test aid: the CUDA channels_last max_pool2d forward's values, 16-bit channels compared in "
-        "pairs or not.");
+        "Benchmark and test aid: the CUDA channels_last max_pool2d forward (out, indices, offsets), 16-bit "
+        "channels compared in pairs or not.",
+        py::arg("input"), py::arg("kernel_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("ceil_mode"), py::arg("pairs"), py::arg("return_indices") = false, py::arg("return_offsets") = false);
   m.def("_cuda_concat_skip_backward_variant", &dtkernels::cuda::concat_skip_backward_variant,
         "Benchmark and test aid: the CUDA concat_skip backward, bilinear packs by the candidate bilinear_pack "
         "when shared_packs.",

@@ -316,11 +316,15 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t pair_gt_mask(uint32_t b, uint32_t a) 
 #endif
 }
 
+// b's lanes where mask has 0xFFFF, a's elsewhere (one LOP3): values and taps alike.
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t pair_select(uint32_t mask, uint32_t b, uint32_t a) {
+  return (b & mask) | (a & ~mask);
+}
+
 // The running maximum of a pair: each lane of b replaces a's where strictly greater.
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t pair_fold(uint32_t b, uint32_t a) {
-  const uint32_t gt = pair_gt_mask<T>(b, a);
-  return (b & gt) | (a & ~gt);
+  return pair_select(pair_gt_mask<T>(b, a), b, a);
 }
 
 // A lane that is NaN when either input's is (so a running one is NaN once any value
@@ -416,14 +420,16 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE PoolItem pool_split(int64_t q, const PoolDims&
 
 // Forward item q: one output pixel and a pack of N of its elements (NHWC; N = 1 for
 // NCHW), taps row-major from the window's first tap inside the input.
-// PAIRS (16-bit T, NHWC packs): without indices and offsets, compare two channels
-// at a time; an item that reads a NaN falls back to the scan.
-template <typename T, typename O, int N, bool NHWC, bool PAIRS = false>
+// PAIRS (16-bit T, NHWC packs): compare two channels at a time, 1 for the values only
+// (taken without indices and offsets), 2 with their taps in 16-bit lanes too (the
+// caller keeps to windows of up to 2^16 taps: with_nhwc_pairs); an item that reads a
+// NaN falls back to the scan.
+template <typename T, typename O, int N, bool NHWC, int PAIRS = 0>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_item(int64_t q, const T* x, T* out, int64_t* idx, O* off,
                                                          const PoolDims& g, const PoolFastSplit& fs) {
   using A = at::opmath_type<T>;
   using P = Pack<T, N>;
-  static_assert(!PAIRS || (NHWC && sizeof(T) == 2 && N % 2 == 0), "pairs of 16-bit channels");
+  static_assert(PAIRS == 0 || (NHWC && sizeof(T) == 2 && N % 2 == 0), "pairs of 16-bit channels");
   const int B = NHWC ? g.C : 1;
   const PoolItem it = pool_split<N, NHWC>(q, g, g.Ho, g.Wo, fs);
   const int oh = it.y, ow = it.x;
@@ -437,18 +443,24 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_item(int64_t q, const T* x, 
       for (int j = j0, iw = w0 + j0 * g.dw; j < g.kw && iw < g.W; ++j, iw += g.dw)
         f(i * g.kw + j, xp + (static_cast<int64_t>(ih) * g.W + iw) * B);
   };
-  if constexpr (PAIRS) {
-    if (idx == nullptr && off == nullptr) {
+  if constexpr (PAIRS > 0) {
+    constexpr bool TAPS = PAIRS == 2;
+    if (TAPS || (idx == nullptr && off == nullptr)) {
       constexpr int W2 = N / 2;
-      uint32_t m2[W2], nan = 0;
+      uint32_t m2[W2], t2[TAPS ? W2 : 1], nan = 0;
       DTK_UNROLL
-      for (int k = 0; k < W2; ++k) m2[k] = pair_ninf<T>();
-      scan([&](int, const T* at) {
+      for (int k = 0; k < W2; ++k) {
+        m2[k] = pair_ninf<T>();
+        if (TAPS) t2[k] = static_cast<uint32_t>(i0 * g.kw + j0) * 0x10001u;
+      }
+      scan([&](int t, const T* at) {
         const Pack<uint32_t, W2> v = *reinterpret_cast<const Pack<uint32_t, W2>*>(at);
         DTK_UNROLL
         for (int k = 0; k < W2; ++k) {
           nan = pair_nan<T>(nan, v.v[k]);
-          m2[k] = pair_fold<T>(v.v[k], m2[k]);
+          const uint32_t gt = pair_gt_mask<T>(v.v[k], m2[k]);
+          m2[k] = pair_select(gt, v.v[k], m2[k]);
+          if (TAPS) t2[k] = pair_select(gt, static_cast<uint32_t>(t) * 0x10001u, t2[k]);
         }
       });
       if (!pair_has_nan<T>(nan)) {
@@ -456,6 +468,11 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_item(int64_t q, const T* x, 
         DTK_UNROLL
         for (int k = 0; k < N; ++k) res.v[k] = pair_value<T>(m2[k / 2], k % 2);
         *reinterpret_cast<P*>(out + o) = res;
+        if (TAPS) {
+          DTK_UNROLL
+          for (int k = 0; k < N; ++k)
+            pool_store_results(idx, off, o + k, static_cast<int>((t2[k / 2] >> (16 * (k % 2))) & 0xFFFFu), h0, w0, g);
+        }
         return;
       }
     }
@@ -571,6 +588,18 @@ void with_pool_layout(bool nhwc, int64_t C, int64_t elems, const void* a, const 
   else if (C % N == 0 && aligned_to(a, 16) && aligned_to(b, 16))
     launch(std::integral_constant<int, N>{}, std::true_type{}, elems / N);
   else launch(std::integral_constant<int, 1>{}, std::true_type{}, elems);
+}
+
+// Calls f(PAIRS) with the pairs mode (pool_forward_item) of a channels_last forward
+// in packs of N that asked for pairs: 1 without taps (indices, offsets), 2 with them
+// where tap numbers fit 16 bits; 0, the scan, where 16-bit packs of two do not apply.
+template <typename T, int N, typename F>
+void with_nhwc_pairs(bool pairs, bool taps, const PoolDims& g, F f) {
+  if constexpr (sizeof(T) == 2 && N % 2 == 0) {
+    if (pairs && !taps) return f(std::integral_constant<int, 1>{});
+    if (pairs && g.kh * g.kw <= 0x10000) return f(std::integral_constant<int, 2>{});
+  }
+  f(std::integral_constant<int, 0>{});
 }
 
 // Calls f(O{}) with the offsets' integer type (int8 when the forward kept none).
@@ -776,8 +805,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_vec_pairs_row(const uint32_t (&wd)[S
     DTK_UNROLL
     for (int j = 1; j < K; ++j) {
       const uint32_t x = pool_pair(wd, e + j, e + S + j), gt = pair_gt_mask<T>(x, r[w]);
-      r[w] = (x & gt) | (r[w] & ~gt);
-      if (TAPS) rt[w] = (gt & (static_cast<uint32_t>(j) * 0x10001u)) | (rt[w] & ~gt);
+      r[w] = pair_select(gt, x, r[w]);
+      if (TAPS) rt[w] = pair_select(gt, static_cast<uint32_t>(j) * 0x10001u, rt[w]);
     }
   }
 }
@@ -898,8 +927,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, 
         DTK_UNROLL
         for (int w = 0; w < W2; ++w) {
           const uint32_t gt = pair_gt_mask<T>(rw[w], mp[t][w]);
-          mp[t][w] = (rw[w] & gt) | (mp[t][w] & ~gt);
-          if (TAPS) tp[t][w] = ((rt[w] + static_cast<uint32_t>(i * K) * 0x10001u) & gt) | (tp[t][w] & ~gt);
+          mp[t][w] = pair_select(gt, rw[w], mp[t][w]);
+          if (TAPS) tp[t][w] = pair_select(gt, rt[w] + static_cast<uint32_t>(i * K) * 0x10001u, tp[t][w]);
         }
       };
       if constexpr (RH == 0) {
@@ -1062,11 +1091,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, int64_t rows, bool full_grid,
     bool pairs, bool return_indices, bool return_offsets);
-// Benchmark and test aid (CUDA builds): the channels_last forward's values, with pairs
-// 16-bit channels compared two at a time (an error where the packs are not whole).
-at::Tensor max_pool2d_nhwc_variant(const at::Tensor& input, std::vector<int64_t> kernel_size,
-                                   std::vector<int64_t> stride, std::vector<int64_t> padding,
-                                   std::vector<int64_t> dilation, bool ceil_mode, bool pairs);
+// Benchmark and test aid (CUDA builds): the channels_last forward, with pairs 16-bit
+// channels compared two at a time (an error where the packs are not whole).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_nhwc_variant(
+    const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+    std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool pairs, bool return_indices,
+    bool return_offsets);
 }  // namespace cuda
 
 }  // namespace dtkernels

@@ -149,5 +149,13 @@ def test_cuda_pairs_kernels_sass():
             assert inner and len(inner[0]) <= most, [len(b) for b in loops]
             assert not any(o.startswith(converts) for o in opcodes(inner[0])), opcodes(inner[0])
             assert not any(o.startswith(("STL", "LDL")) for body in loops[:-1] for o in opcodes(body))
-        nhwc = _sass_loops(sass, f"max_pool2d_kernelIN3c10{t}EaLi8ELb1ELb1E")  # a pack of 8 channels, in pairs
-        assert any(o.startswith("HSET2") for o in opcodes(nhwc[0])) and len(nhwc[0]) <= 30, [len(b) for b in nhwc]
+        # channels_last, a pack of 8 channels with int8 offsets: the scan's tap loop, and pairs
+        default, values, taps = (_sass_loops(sass, f"max_pool2d_kernelIN3c10{t}EaLi8ELb1ELi{mode}E")
+                                 for mode in (0, 1, 2))
+        tap = default[0]
+        assert len(tap) > 40 and any(o.startswith(converts) for o in opcodes(tap)), len(tap)
+        for loops, most in ((values, len(tap) // 2), (taps, len(tap) // 1.6)):
+            assert any(o.startswith("HSET2") for o in opcodes(loops[0])) and len(loops[0]) <= most, \
+                [len(b) for b in loops]
+            assert not any(o.startswith(converts) for o in opcodes(loops[0])), opcodes(loops[0])
+            assert not any(o.startswith(("STL", "LDL")) for body in loops for o in opcodes(body))

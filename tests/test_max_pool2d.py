@@ -523,12 +523,12 @@ def test_cuda_vec_pairs_code_on_the_host(dtype, rows):
 @pytest.mark.skipif(INTERPRET, reason="host code")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_cuda_nhwc_pairs_code_on_the_host(dtype):
-    """The channels_last forward without indices or offsets comparing 16-bit channels in
-    pairs (PAIRS in pool_forward_item: a candidate), run on the host over every thread
-    item, gives the CPU kernel's values bit for bit: random geometry (windows with no
-    tap inside the input included), -0.0 against +0.0, NaN with payloads, both item
-    splits; packs of 8 channels, and of 1 where C or the alignment does not allow
-    (no pairs there)."""
+    """The channels_last forward comparing 16-bit channels in pairs (PAIRS in
+    pool_forward_item: a candidate), values only and with indices and offsets, run on
+    the host over every thread item, gives the CPU kernel's results bit for bit: random
+    geometry (windows with no tap inside the input included), -0.0 against +0.0, NaN
+    with payloads, both item splits, int8, int16 and int32 offsets; packs of 8 channels,
+    and of 1 where C or the alignment does not allow (no pairs there)."""
     cases = _aten_cases(60, seed=12) + _CUDA_DEFAULT_EXTRA
     for n, (shape, k, s, p, d, cm) in enumerate(cases):
         k, s, p, d = mp.normalize_args(k, s, p, d)
@@ -536,13 +536,25 @@ def test_cuda_nhwc_pairs_code_on_the_host(dtype):
         for specials in (False, True):  # without NaN most items keep to the pairs
             x = _data(shape, dtype, "cpu", CL, specials=specials, seed=n)
             x = _nan_payloads(_signed_zeros(x, n), n).contiguous(memory_format=CL)
-            want = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, True, False, False)[0]
-            for xs in (x, _misaligned(x)):
-                for fast in (False, True):
-                    got = dtk._C._emulate_cuda_max_pool2d(xs, k, s, p, d, cm, True, False, False, fast, True)
-                    assert same_bits(got[0], want) and got[0].stride() == want.stride(), \
-                        f"case {shape} k={k} s={s} p={p} d={d} ceil={cm} specials={specials}"
-                    assert got[1].numel() == got[2].numel() == 0
+            for ri, ro in ((False, False), (True, True), (False, True)):
+                want = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, True, ri, ro)
+                for xs in (x, _misaligned(x)):
+                    for fast in (False, True):
+                        got = dtk._C._emulate_cuda_max_pool2d(xs, k, s, p, d, cm, True, ri, ro, fast, True)
+                        where = f"case {shape} k={k} s={s} p={p} d={d} ceil={cm} specials={specials} taps={ri, ro}"
+                        assert same_bits(got[0], want[0]) and got[0].stride() == want[0].stride(), where
+                        for g, w in zip(got[1:], want[1:]):
+                            assert g.dtype == w.dtype and torch.equal(g, w) and g.stride() == w.stride(), where
+    # tap numbers that need 16 bits (65536 taps, the last the maximum) and more than 16
+    # (65792: the scan)
+    for kh, kw in ((256, 256), (257, 256)):
+        x = _data((1, 8, kh, kw), dtype, "cpu", CL, specials=False, seed=kh) - 10
+        x[0, ::2, -1, -1] = 1
+        want = torch.ops.dtkernels._max_pool2d(x, [kh, kw], [1, 1], [0, 0], [1, 1], False, True, True, True)
+        got = dtk._C._emulate_cuda_max_pool2d(x, [kh, kw], [1, 1], [0, 0], [1, 1], False, True, True, True, True, True)
+        assert want[1].view(-1)[0] == kh * kw - 1 and want[2].dtype == torch.int32
+        for g, w in zip(got, want):
+            assert same_bits(g, w), (kh, kw)
 
 
 @pytest.mark.skipif(INTERPRET, reason="host code")
@@ -559,10 +571,10 @@ def test_bench_vec_candidates_call_the_variant_rightly(monkeypatch):
         return dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, return_indices, return_offsets, rows,
                                                            pairs)
 
-    def nhwc_variant(x, k, s, p, d, cm, pairs):
-        assert isinstance(pairs, bool)
-        calls.append("cuda-nhwc" + "-pairs" * pairs)
-        return dtk._C._emulate_cuda_max_pool2d(x, k, s, p, d, cm, True, False, False, True, pairs)[0]
+    def nhwc_variant(x, k, s, p, d, cm, pairs, return_indices, return_offsets):
+        assert isinstance(pairs, bool) and not return_indices
+        calls.append("cuda-nhwc" + "-pairs" * pairs + "-offsets" * return_offsets)
+        return dtk._C._emulate_cuda_max_pool2d(x, k, s, p, d, cm, True, return_indices, return_offsets, True, pairs)
 
     monkeypatch.setattr(dtk._C, "_cuda_max_pool2d_vec_variant", variant, raising=False)
     monkeypatch.setattr(dtk._C, "_cuda_max_pool2d_nhwc_variant", nhwc_variant, raising=False)
@@ -579,8 +591,13 @@ def test_bench_vec_candidates_call_the_variant_rightly(monkeypatch):
                 assert same_bits(fn({"x": x})[2], torch.ops.dtkernels._max_pool2d(x, *mp.normalize_args(*pool), False,
                                                                                   False, False, True)[2])
         xcl = x.contiguous(memory_format=CL)
-        for name, fn in bench._nhwc_candidates(pool).items():
-            assert same_bits(fn({"x": xcl}), F.max_pool2d(xcl, *pool)) and calls[-1] == name, (name, calls[-1])
+        impls = bench._nhwc_candidates(pool)
+        assert len(impls) == 4 and sum("-pairs" in n for n in impls) == 2
+        offsets = torch.ops.dtkernels._max_pool2d(xcl, *mp.normalize_args(*pool), False, True, False, True)[2]
+        for name, fn in impls.items():
+            got = fn({"x": xcl})
+            assert same_bits(got[0], F.max_pool2d(xcl, *pool)) and calls[-1] == name, (name, calls[-1])
+            assert torch.equal(got[2], offsets) if name.endswith("-offsets") else got[2].numel() == 0, name
 
 
 @pytest.mark.skipif(INTERPRET, reason="host code")
@@ -712,21 +729,22 @@ def test_cuda_vec_variants_match_the_cpu(dtype, rows):
             dtk._C._cuda_max_pool2d_vec_variant(x, [2, 2], [2, 2], [0, 0], [1, 1], False, 0, False, True, False, True)
 
 
-def _nhwc_variant(x, k, s, p, d, cm, pairs):
-    """The CUDA channels_last forward's values, 16-bit channels in pairs where asked
-    (_C._cuda_max_pool2d_nhwc_variant), or on the CPU the CPU kernel's."""
+def _nhwc_variant(x, k, s, p, d, cm, pairs, return_indices=False, return_offsets=False):
+    """The CUDA channels_last forward, 16-bit channels in pairs where asked
+    (_C._cuda_max_pool2d_nhwc_variant), or on the CPU the CPU kernel's results."""
     if x.is_cuda:
-        return dtk._C._cuda_max_pool2d_nhwc_variant(x, k, s, p, d, cm, pairs)
-    return torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, True, False, False)[0]
+        return dtk._C._cuda_max_pool2d_nhwc_variant(x, k, s, p, d, cm, pairs, return_indices, return_offsets)
+    return torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, True, return_indices, return_offsets)
 
 
 @pytest.mark.cuda
 @_NEEDS_CUDA_KERNELS
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_cuda_nhwc_pairs_match_the_cpu(dtype):
-    """The channels_last forward comparing 16-bit channels in pairs (a candidate) gives
-    the CPU kernel's values bit for bit (NaN payloads aside): signed zeros, NaN, random
-    geometry; it refuses packs that are not whole."""
+    """The channels_last forward comparing 16-bit channels in pairs (a candidate), values
+    only and with indices and offsets, gives the CPU kernel's results bit for bit (NaN
+    payloads aside): signed zeros, NaN, random geometry, int8 to int32 offsets; it
+    refuses packs that are not whole."""
     cases = [((2, 16, 14, 28), 3, 2, 1, 1, False), ((2, 8, 9, 10), 2, 2, 0, 1, True)] + _aten_cases(30, seed=6)
     args = []
     for n, (shape, k, s, p, d, cm) in enumerate(cases):
@@ -736,9 +754,16 @@ def test_cuda_nhwc_pairs_match_the_cpu(dtype):
         x = _nan_payloads(_signed_zeros(x, n), n).contiguous(memory_format=CL).cuda()
         args.append((x, k, s, p, d, cm, True))
     assert_cuda_matches_cpu(_nhwc_variant, args, "max_pool2d_kernel")
+    big = [(_data((1, 8, 20, 23), dtype, "cuda", CL, seed=1), [12, 12], [3, 3], [5, 5], [1, 1], True, True),
+           (_data((1, 8, 182, 183), dtype, "cuda", CL, seed=2), [182, 182], [1, 1], [0, 0], [1, 1], False, True)]
+    for taps in ((True, True), (False, True)):
+        assert_cuda_matches_cpu(_nhwc_variant, [(*a, *taps) for a in args + big])
     x = _data((1, 12, 5, 6), dtype, "cuda", CL)
     with pytest.raises(RuntimeError, match="pairs take 16-bit channels in whole 16-byte aligned packs"):
         _nhwc_variant(x, [2, 2], [2, 2], [0, 0], [1, 1], False, True)
+    x = _data((1, 8, 257, 256), dtype, "cuda", CL)
+    with pytest.raises(RuntimeError, match=r"pairs keep taps of windows of up to 2\^16 taps"):
+        _nhwc_variant(x, [257, 256], [1, 1], [0, 0], [1, 1], False, True, False, True)
 
 
 @pytest.mark.cuda
@@ -776,6 +801,7 @@ def test_cuda_kernels_memcheck():
     cases = [((2, 16, 7, 9), 3, 2, 1, 1, False), ((1, 8, 5, 6), 2, 2, 0, 1, True)]  # channels_last pairs
     args = [(x, k, s, p, d, cm, True) for x, k, s, p, d, cm, *_ in _forward_args(torch.float16, cases, True)]
     assert_cuda_matches_cpu(_nhwc_variant, args)
+    assert_cuda_matches_cpu(_nhwc_variant, [(*a, True, True) for a in args])
 
 
 def test_backward_keeps_only_small_offsets():

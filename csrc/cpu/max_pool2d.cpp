@@ -920,13 +920,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_max_pool2d(
         with_pool_layout<T>(true, g.C, res.out.numel(), xp, op, [&](auto n_, auto nhwc_, int64_t n) {
           constexpr int N = decltype(n_)::value;
           const PoolFastSplit fs = pool_fast_split<N>(g, n, fast_split);
-          if constexpr (sizeof(T) == 2 && N % 2 == 0) {
-            if (pairs) {
-              for (int64_t q = 0; q < n; ++q) pool_forward_item<T, O, N, true, true>(q, xp, op, idx, off, g, fs);
-              return;
-            }
-          }
-          for (int64_t q = 0; q < n; ++q) pool_forward_item<T, O, N, decltype(nhwc_)::value>(q, xp, op, idx, off, g, fs);
+          with_nhwc_pairs<T, N>(pairs, idx != nullptr || off != nullptr, g, [&](auto pairs_) {
+            constexpr int PAIRS = decltype(pairs_)::value;
+            for (int64_t q = 0; q < n; ++q)
+              pool_forward_item<T, O, N, decltype(nhwc_)::value, PAIRS>(q, xp, op, idx, off, g, fs);
+          });
         });
       } else {
         const int64_t n = pool_rows_items(res.out.numel(), g.Wo);

@@ -42,8 +42,9 @@ Geo device_geo(const Pool2d& g) {
 }
 
 // The kernels' per-thread work is in csrc/max_pool2d.h, where the CPU tests run it too.
-// PAIRS: channels compared two at a time (16-bit packs, values only; a candidate).
-template <typename T, typename O, int N, bool NHWC, bool PAIRS = false>
+// PAIRS: channels compared two at a time (16-bit packs; a candidate), 1 values only,
+// 2 with their taps.
+template <typename T, typename O, int N, bool NHWC, int PAIRS = 0>
 __global__ void max_pool2d_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __restrict__ idx,
                                   O* __restrict__ off, Geo g, int64_t n, PoolFastSplit fs) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -52,8 +53,8 @@ __global__ void max_pool2d_kernel(const T* __restrict__ x, T* __restrict__ out, 
 }
 
 // The channels_last forward: one output pixel and a pack of channels per thread item
-// (with_pool_layout). pairs: 16-bit packs compare two channels at a time, which takes
-// neither indices nor offsets (it falls back otherwise).
+// (with_pool_layout). pairs: 16-bit packs compare two channels at a time
+// (with_nhwc_pairs).
 template <typename T, typename O>
 void launch_nhwc_forward(const T* x, T* out, int64_t* idx, O* off, const Geo& g, int64_t numel, cudaStream_t stream,
                          bool pairs) {
@@ -61,13 +62,10 @@ void launch_nhwc_forward(const T* x, T* out, int64_t* idx, O* off, const Geo& g,
     constexpr int N = decltype(n_)::value;
     const PoolFastSplit fs = pool_fast_split<N>(g, n, true);
     const unsigned grid = grid_for(n, kThreads, 8);
-    if constexpr (sizeof(T) == 2 && N % 2 == 0) {
-      if (pairs && idx == nullptr && off == nullptr) {
-        max_pool2d_kernel<T, O, N, true, true><<<grid, kThreads, 0, stream>>>(x, out, idx, off, g, n, fs);
-        return;
-      }
-    }
-    max_pool2d_kernel<T, O, N, decltype(nhwc_)::value><<<grid, kThreads, 0, stream>>>(x, out, idx, off, g, n, fs);
+    with_nhwc_pairs<T, N>(pairs, idx != nullptr || off != nullptr, g, [&](auto pairs_) {
+      max_pool2d_kernel<T, O, N, decltype(nhwc_)::value, decltype(pairs_)::value>
+          <<<grid, kThreads, 0, stream>>>(x, out, idx, off, g, n, fs);
+    });
   });
 }
 
@@ -139,8 +137,8 @@ bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& 
 constexpr int kStemRows = 0;
 constexpr bool kStemFullGrid = false;
 // Whether the op's 16-bit forwards compare values in pairs: NCHW (the vec forward,
-// with or without offsets and indices) and channels_last (values only, inference).
-// false until an H100 has measured them (impls cuda-vec-*-pairs*, cuda-nhwc-pairs).
+// and channels_last, with or without offsets and indices. false until an H100 has
+// measured them (impls cuda-vec-*-pairs*, cuda-nhwc-pairs*).
 constexpr bool kVecPairs = false;
 constexpr bool kNhwcPairs = false;
 
@@ -266,23 +264,33 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
 
 }  // namespace
 
-at::Tensor max_pool2d_nhwc_variant(const at::Tensor& input, std::vector<int64_t> kernel_size,
-                                   std::vector<int64_t> stride, std::vector<int64_t> padding,
-                                   std::vector<int64_t> dilation, bool ceil_mode, bool pairs) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_nhwc_variant(
+    const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+    std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool pairs, bool return_indices,
+    bool return_offsets) {
   TORCH_CHECK(input.is_cuda(), "_cuda_max_pool2d_nhwc_variant: expected a CUDA tensor, got one on ", input.device());
   c10::cuda::CUDAGuard guard(input.device());
-  PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, true, false, false);
-  if (f.res.out.numel() == 0) return f.res.out;
+  PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, true, return_indices,
+                                  return_offsets);
+  PoolOutputs& res = f.res;
+  if (res.out.numel() == 0) return {res.out, res.indices, res.offsets};
   const Geo g = device_geo(f.g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "max_pool2d_nhwc_variant", [&] {
     using T = scalar_t;
     TORCH_CHECK(!pairs || (sizeof(T) == 2 && g.C % (16 / sizeof(T)) == 0 && aligned_to(f.x.const_data_ptr(), 16)),
                 "_cuda_max_pool2d_nhwc_variant: pairs take 16-bit channels in whole 16-byte aligned packs");
-    launch_nhwc_forward<T, int8_t>(f.x.const_data_ptr<T>(), f.res.out.mutable_data_ptr<T>(), nullptr, nullptr, g,
-                                   f.res.out.numel(), c10::cuda::getCurrentCUDAStream(), pairs);
+    TORCH_CHECK(!pairs || !(return_indices || return_offsets) || g.kh * g.kw <= 0x10000,
+                "_cuda_max_pool2d_nhwc_variant: pairs keep taps of windows of up to 2^16 taps");
+    with_offset_type(res.offsets.element_size(), [&](auto o_type) {
+      using O = decltype(o_type);
+      launch_nhwc_forward<T, O>(f.x.const_data_ptr<T>(), res.out.mutable_data_ptr<T>(),
+                                return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr,
+                                return_offsets ? static_cast<O*>(res.offsets.data_ptr()) : nullptr, g,
+                                res.out.numel(), c10::cuda::getCurrentCUDAStream(), pairs);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return f.res.out;
+  return {res.out, res.indices, res.offsets};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
