@@ -1092,7 +1092,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, int64_t rows, bool full_grid,
     bool pairs, bool return_indices, bool return_offsets);
 // Benchmark and test aid (CUDA builds): the channels_last forward, with pairs 16-bit
-// channels compared two at a time (an error where the packs are not whole).
+// channels compared two at a time (an error where the packs are not whole, or where
+// taps are asked for windows of more than 2^16 taps).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_nhwc_variant(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool pairs, bool return_indices,

@@ -136,8 +136,8 @@ bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& 
 // cuda-vec-*).
 constexpr int kStemRows = 0;
 constexpr bool kStemFullGrid = false;
-// Whether the op's 16-bit forwards compare values in pairs: NCHW (the vec forward,
-// and channels_last, with or without offsets and indices. false until an H100 has
+// Whether the op's 16-bit forwards compare values in pairs: NCHW (the vec forward) and
+// channels_last, with or without offsets and indices. false until an H100 has
 // measured them (impls cuda-vec-*-pairs*, cuda-nhwc-pairs*).
 constexpr bool kVecPairs = false;
 constexpr bool kNhwcPairs = false;
