@@ -262,21 +262,37 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
   return b.grad_input;
 }
 
+// The variants' shared frame: the checks, outputs and device geometry of a forward,
+// then launch(T{}, f, g) for the input's dtype; (out, indices, offsets).
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_variant(
+    const char* name, const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+    std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool channels_last,
+    bool return_indices, bool return_offsets, Launch launch) {
+  TORCH_CHECK(input.is_cuda(), name, ": expected a CUDA tensor, got one on ", input.device());
+  c10::cuda::CUDAGuard guard(input.device());
+  PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, channels_last,
+                                  return_indices, return_offsets);
+  PoolOutputs& res = f.res;
+  if (res.out.numel() == 0) return {res.out, res.indices, res.offsets};
+  const Geo g = device_geo(f.g);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "max_pool2d_variant", [&] {
+    launch(scalar_t{}, f, g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {res.out, res.indices, res.offsets};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_nhwc_variant(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool pairs, bool return_indices,
     bool return_offsets) {
-  TORCH_CHECK(input.is_cuda(), "_cuda_max_pool2d_nhwc_variant: expected a CUDA tensor, got one on ", input.device());
-  c10::cuda::CUDAGuard guard(input.device());
-  PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, true, return_indices,
-                                  return_offsets);
-  PoolOutputs& res = f.res;
-  if (res.out.numel() == 0) return {res.out, res.indices, res.offsets};
-  const Geo g = device_geo(f.g);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "max_pool2d_nhwc_variant", [&] {
-    using T = scalar_t;
+  return run_variant("_cuda_max_pool2d_nhwc_variant", input, kernel_size, stride, padding, dilation, ceil_mode, true,
+                     return_indices, return_offsets, [&](auto t, PoolForward& f, const Geo& g) {
+    using T = decltype(t);
+    PoolOutputs& res = f.res;
     TORCH_CHECK(!pairs || (sizeof(T) == 2 && g.C % (16 / sizeof(T)) == 0 && aligned_to(f.x.const_data_ptr(), 16)),
                 "_cuda_max_pool2d_nhwc_variant: pairs take 16-bit channels in whole 16-byte aligned packs");
     TORCH_CHECK(!pairs || !(return_indices || return_offsets) || g.kh * g.kw <= 0x10000,
@@ -288,24 +304,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_nhwc_variant(
                                 return_offsets ? static_cast<O*>(res.offsets.data_ptr()) : nullptr, g,
                                 res.out.numel(), c10::cuda::getCurrentCUDAStream(), pairs);
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {res.out, res.indices, res.offsets};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, int64_t rows, bool full_grid,
     bool pairs, bool return_indices, bool return_offsets) {
-  TORCH_CHECK(input.is_cuda(), "_cuda_max_pool2d_vec_variant: expected a CUDA tensor, got one on ", input.device());
-  c10::cuda::CUDAGuard guard(input.device());
-  PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, false, return_indices,
-                                  return_offsets);
-  PoolOutputs& res = f.res;
-  if (res.out.numel() == 0) return {res.out, res.indices, res.offsets};
-  const Geo g = device_geo(f.g);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "max_pool2d_vec_variant", [&] {
-    using T = scalar_t;
+  return run_variant("_cuda_max_pool2d_vec_variant", input, kernel_size, stride, padding, dilation, ceil_mode, false,
+                     return_indices, return_offsets, [&](auto t, PoolForward& f, const Geo& g) {
+    using T = decltype(t);
+    PoolOutputs& res = f.res;
     const bool ok = launch_vec_forward<T>(
         f.x.const_data_ptr<T>(), res.out.mutable_data_ptr<T>(),
         return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr,
@@ -314,9 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
     TORCH_CHECK(ok, "_cuda_max_pool2d_vec_variant: no vec kernel with ", rows,
                 " output rows per thread item for this geometry, or the input is not 16-byte aligned",
                 pairs ? ", or pairs for this dtype" : "");
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {res.out, res.indices, res.offsets};
 }
 
 }  // namespace cuda
