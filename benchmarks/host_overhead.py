@@ -2,8 +2,13 @@
 outweighs the kernels: ours against eager PyTorch in the same process.
 
     PYTHONPATH=. python benchmarks/host_overhead.py [threads]
+    PYTHONPATH=. python benchmarks/host_overhead.py --triton
 
-Medians of 9 rounds of back-to-back calls. To compare two builds, run each build's
+Medians of 9 rounds of back-to-back calls. --triton times the Triton backend's
+launchers (a forward or backward kernel each) on a machine with no GPU, under
+dtkernels.testing.fake_cuda_driver: Triton's whole host path runs (binding,
+specialisation, JIT cache, autotuner, our launcher's allocations) and only the
+hand-off to the driver is skipped, so the times are the host cost of a launch. To compare two builds, run each build's
 checkout in its own process, alternating (results: benchmarks/results/).
 """
 from __future__ import annotations
@@ -49,9 +54,49 @@ def cases():
     ]
 
 
+def triton_cases():
+    from dtkernels.triton import concat_skip as tc
+    from dtkernels.triton import max_pool2d as tm
+    from dtkernels.triton import residual_add as tr
+
+    x = torch.randn(2, 16, 16, 16)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    geo = ((3, 3), (2, 2), (1, 1), (1, 1))
+    _, _, off = tm.max_pool2d(x, *geo, False, False, False, True)
+    _, _, offc = tm.max_pool2d(xc, *geo, False, True, False, True)
+    g = torch.randn(2, 16, 8, 8)
+    gc = g.contiguous(memory_format=torch.channels_last)
+    small, skip = torch.randn(1, 64, 7, 7), torch.randn(1, 32, 14, 14)
+    gup = torch.randn(1, 96, 14, 14)[:, :64]  # the upsampled part's slice of the concat's grad
+    y = torch.randn(1, 64, 14, 14)
+    return [
+        ("max_pool2d k3s2p1 NCHW 2x16x16x16, offsets", lambda: tm.max_pool2d(x, *geo, False, False, False, True)),
+        ("max_pool2d same, channels_last", lambda: tm.max_pool2d(xc, *geo, False, True, False, True)),
+        ("max_pool2d_backward NCHW", lambda: tm.max_pool2d_backward(g, off, x.shape, *geo, False)),
+        ("max_pool2d_backward channels_last", lambda: tm.max_pool2d_backward(gc, offc, x.shape, *geo, True)),
+        ("residual_add 1x64x14x14", lambda: tr.residual_add(y, y, 1.0, True)),
+        ("residual_add_backward", lambda: tr.residual_add_backward(y, y, 1.0)),
+        ("concat_skip nearest 1x64x7x7 + 1x32x14x14", lambda: tc.concat_skip(small, skip, "nearest", 2)),
+        ("concat_skip_backward nearest", lambda: tc.concat_skip_backward(gup, "nearest", 2)),
+    ]
+
+
+def main_triton() -> None:
+    from dtkernels.testing import fake_cuda_driver
+
+    torch.set_num_threads(1)
+    with fake_cuda_driver():
+        print("| Triton launcher (fake driver, no GPU) | host µs per call |")
+        print("|---|---|")
+        for name, fn in triton_cases():
+            print(f"| {name} | {median_us(fn, 2000):.2f} |")
+
+
 def main() -> None:
+    if "--triton" in sys.argv:
+        return main_triton()
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
-    print(f"| call | eager fwd µs | ours fwd µs | × eager | eager fwd+bwd µs | ours fwd+bwd µs | × eager |")
+    print("| call | eager fwd µs | ours fwd µs | × eager | eager fwd+bwd µs | ours fwd+bwd µs | × eager |")
     print("|---|---|---|---|---|---|---|")
     for name, eager, ours, shape, fmt in cases():
         x = torch.randn(shape)

@@ -103,6 +103,118 @@ def cubin_facts(compiled) -> dict:
             "instructions": len(ops), "opcodes": Counter(ops)}
 
 
+class TritonLaunch:
+    """One launch a fake_cuda_driver recorded: the kernel, its compile options and
+    constants, the grid and the runtime arguments as Triton bound them."""
+
+    def __init__(self, name, metadata, grid, args):
+        self.name = name
+        self.metadata = metadata
+        self.grid = grid
+        self.args = args
+
+    def same_as(self, other: "TritonLaunch") -> bool:
+        """The same kernel, compile and grid, and the same arguments as the kernel
+        sees them: tensors by dtype, layout and 16-byte alignment (what Triton
+        specialises on), so that launches on fresh allocations compare."""
+        def norm(a):
+            if isinstance(a, torch.Tensor):
+                return "tensor", a.dtype, tuple(a.shape), a.stride(), a.data_ptr() % 16 == 0
+            return a
+
+        return (self.name == other.name and self.metadata == other.metadata and self.grid == other.grid
+                and [norm(a) for a in self.args] == [norm(a) for a in other.args])
+
+
+# Module-wide, since the JIT caches keep each kernel, its launcher and its handles
+# from one use of fake_cuda_driver to the next: the kernels by the function handle
+# each got (the launcher sees the handle, not the kernel), and the list that the
+# context now open records into.
+_FAKE_KERNELS: dict[int, tuple] = {}
+_FAKE_LAUNCHES: list = [None]
+
+
+@contextlib.contextmanager
+def fake_cuda_driver(arch: int = 90, bench_ms=None):
+    """Context manager: Triton launches run its real host path (argument binding,
+    specialisation, the JIT cache, the autotuner, compilation for sm_<arch>) and
+    stop where the launcher would hand the kernel to the driver; the launch is
+    recorded instead (yields the list of TritonLaunch). Measures and tests the host
+    side of the Triton backend with no GPU. The autotuner "benchmarks" each config
+    by `bench_ms(config_kwargs)` (default: all equal, so it keeps the first).
+
+    CPU-only processes: the kernels it compiles stay in the JIT functions' caches
+    for device 0 with fake handles, so it refuses to run where CUDA is available."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    if torch.cuda.is_available():
+        raise RuntimeError("fake_cuda_driver: a CUDA device is present; real launches would find its fake kernels")
+    launches: list[TritonLaunch] = []
+
+    kernels = _FAKE_KERNELS
+    made = [None]
+
+    class Launcher:
+        def __init__(self, src, metadata):  # _init_handles makes the launcher, then loads
+            made[0] = metadata
+
+        def __call__(self, g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
+            _FAKE_LAUNCHES[0].append(TritonLaunch(*kernels[function], (g0, g1, g2), args))
+
+    class Utils:
+        def load_binary(self, name, kernel, shared, device):
+            handle = len(kernels) + 1
+            kernels[handle] = (name, made[0])
+            return 1, handle, 0, 0, 1024  # module, function, registers, spills, max threads
+
+        def get_device_properties(self, device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+    class Driver:
+        utils = Utils()
+        launcher_cls = Launcher
+
+        def is_active(self):
+            return True
+
+        def get_current_device(self):
+            return 0
+
+        def set_current_device(self, device):
+            pass
+
+        def get_current_stream(self, device):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    # The autotuner "benchmarks" a config by running it once (its compile and one
+    # recorded launch) and taking bench_ms's time for it.
+    orig_bench = triton.runtime.autotuner.Autotuner._bench
+
+    def _bench(self, *args, config, **meta):
+        self.fn.run(*args, **meta, **config.all_kwargs())
+        ms = bench_ms(config.all_kwargs()) if bench_ms else 1.0
+        return [ms, ms, ms]
+
+    prev = driver._active
+    _FAKE_LAUNCHES[0] = launches
+    triton.runtime.autotuner.Autotuner._bench = _bench
+    driver.set_active(Driver())
+    try:
+        yield launches
+    finally:
+        driver.set_active(prev)  # None: Triton finds the real driver on next use
+        _FAKE_LAUNCHES[0] = None  # a fake kernel launched outside the context fails
+        triton.runtime.autotuner.Autotuner._bench = orig_bench
+
+
 def saved_tensor_bytes(fn, exclude=()):
     """Runs fn() and counts what autograd saves for backward meanwhile, through
     torch.autograd.graph.saved_tensors_hooks: the bytes of the distinct storages
