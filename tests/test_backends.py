@@ -416,3 +416,73 @@ def test_fast_divmod_is_exact():
         n = torch.cat([edges, torch.randint(0, top, (500,), generator=g), multiples, multiples + d - 1])
         n = n[(n >= 0) & (n <= top)]
         assert torch.equal(dtk._C._fast_divmod(n, d), n // d), f"divisor {d}"
+
+
+def _triton_launcher_calls():
+    """One call of each Triton launcher kind; two shapes of one kernel (two autotune keys)."""
+    from dtkernels.triton import concat_skip as tc
+    from dtkernels.triton import max_pool2d as tm
+    from dtkernels.triton import residual_add as tr
+
+    geo = ((3, 3), (2, 2), (1, 1), (1, 1))
+    x, x2 = rand(2, 5, 9, 11), rand(1, 3, 16, 7)
+    xc = rand(2, 5, 9, 11, memory_format=torch.channels_last)
+    _, _, off = tm.max_pool2d(x, *geo, False, False, False, True)
+    g = rand(*off.shape)
+    y = rand(3, 4, 5, 6)
+    return {
+        "max_pool2d": lambda: tm.max_pool2d(x, *geo, False, False, True, True),
+        "max_pool2d other shape": lambda: tm.max_pool2d(x2, *geo, False, False, True, True),
+        "max_pool2d channels_last": lambda: tm.max_pool2d(xc, *geo, False, True, False, True),
+        "max_pool2d_backward": lambda: tm.max_pool2d_backward(g, off, x.shape, *geo, False),
+        "residual_add": lambda: tr.residual_add(y, y, 0.5, True),
+        "residual_add other size": lambda: tr.residual_add(y[:2], y[:2], 0.5, True),
+        "concat_skip": lambda: tc.concat_skip(rand(1, 4, 3, 5), rand(1, 2, 6, 10), "nearest", 2),
+    }
+
+
+def _check_triton_fast_path(seed: int = 0) -> None:
+    """test_triton_launches_skip_the_autotuner_once_it_has_picked's body, run in a
+    process with every autotune config (the suite keeps one, conftest.py)."""
+    import random
+
+    import triton
+
+    from dtkernels.testing import fake_cuda_driver
+    from dtkernels.triton import max_pool2d as tm
+
+    autotuner = triton.runtime.autotuner.Autotuner
+    entered = []
+    run = autotuner.run
+    autotuner.run = lambda self, *a, **k: (entered.append(self), run(self, *a, **k))[1]
+    rng = random.Random(seed)  # random config timings: keys pick different configs
+    with fake_cuda_driver(bench_ms=lambda config: rng.random()) as launches:
+        calls = _triton_launcher_calls()
+        picked = {}
+        for name, call in calls.items():  # first calls: the autotuner benchmarks and launches
+            before = len(entered)
+            call()
+            assert len(entered) > before, name
+            picked[name] = launches[-1]
+        del entered[:]
+        for name, call in calls.items():  # again: straight to the JIT function
+            del launches[:]
+            call()
+            assert len(launches) == 1 and launches[0].same_as(picked[name]), name
+        assert not entered
+    # the test has teeth: the two shapes of one kernel picked different configs
+    assert len({tuple(sorted(c.items())) for c in tm._max_pool2d_nchw_kernel._picked.values()}) > 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="the fake driver runs where no GPU is, on compiled (not interpreted) kernels")
+def test_triton_launches_skip_the_autotuner_once_it_has_picked():
+    """After the autotuner has picked a config for a key, the launchers hand Triton
+    the very launch the autotuner would (same compiled kernel, grid and arguments)
+    without entering it; each key keeps its own pick (dtkernels.triton._utils._Tuned).
+    Triton's real host path runs, compiling for sm_90; only the driver is faked."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, DTK_TRITON_AUTOTUNE="1", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", "import test_backends as t; t._check_triton_fast_path()"],
+                       cwd=os.path.join(ROOT, "tests"), env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]

@@ -5,6 +5,8 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
+from .. import _C
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -155,8 +157,6 @@ def empty_in(shape, like: Tensor, memory_format: torch.memory_format, dtype: tor
 def poisoned(t: Tensor) -> Tensor:
     """`t`, filled with NaN (-77 for integers) when the test suite poisons outputs, as
     the native kernels' new_empty does: the one switch for Python-allocated outputs."""
-    from .. import _C
-
     if _C._poison() and t.numel():
         t.fill_(float("nan") if t.is_floating_point() else -77)
     return t

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import align_corners_scale, block_columns, cdiv, column_tiles, configs, is_fp64, linear_source, new_empty
+from ._utils import align_corners_scale, autotune, block_columns, cdiv, column_tiles, configs, is_fp64, linear_source, new_empty
 
 _MODES = {None: 0, "nearest": 1, "bilinear": 2}
 
@@ -60,7 +60,7 @@ def _jit(fn):
 
 # sh, sw: align_corners' scales for float32, float32-exact from the host
 # (align_corners_scale); float64 (interpreter-only) computes its own in linear_source.
-@triton.autotune(configs=_CONFIGS, key=["R", "COLS", "CL", "MODE", "S", "ALIGN"])
+@autotune(configs=_CONFIGS, key=["R", "COLS", "CL", "MODE", "S", "ALIGN"])
 @_jit
 def _concat_skip_kernel(x_ptr, skip_ptr, out_ptr, R, COLS, C, CX, X0, S0, H, W, HI, WI,
                         xs0, xs1, xs2, xs3, ss0, ss1, ss2, ss3, sh: tl.float64, sw: tl.float64,
@@ -100,7 +100,7 @@ def _reads(o, i, n_in, n_out, S: tl.constexpr, FP64: tl.constexpr, ALIGN: tl.con
     return ok & (i0 == i), ok & (i1 == i), l0, l1
 
 
-@triton.autotune(configs=_CONFIGS, key=["R", "COLS", "CL", "MODE", "S", "ALIGN"])
+@autotune(configs=_CONFIGS, key=["R", "COLS", "CL", "MODE", "S", "ALIGN"])
 @_jit
 def _concat_skip_backward_kernel(g_ptr, gx_ptr, R, COLS, C, H, W, HO, WO, gs0, gs1, gs2, gs3,
                                  sh: tl.float64, sw: tl.float64,

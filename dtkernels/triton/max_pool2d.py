@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..ops.max_pool2d import offsets_dtype
 from ..reference import pool_output_size
-from ._utils import block_columns, cdiv, column_tiles, configs, is_fp64, new_empty
+from ._utils import autotune, block_columns, cdiv, column_tiles, configs, is_fp64, new_empty
 
 # Four configs, as many as the flat kernels had: each is a compile of every kernel
 # variant when the autotuner first meets a shape, inside the GPU check's bench budget.
@@ -128,7 +128,7 @@ def _store_results(out_ptr, idx_ptr, off_ptr, o, mask, m, tap, h0, w0, W,
         tl.store(idx_ptr + o, ih.to(tl.int64) * W + w0 + (tap % KW) * DW, mask=mask)
 
 
-@triton.autotune(configs=_CONFIGS, key=["rows", "Wo", "KH", "KW", "SH", "SW"])
+@autotune(configs=_CONFIGS, key=["rows", "Wo", "KH", "KW", "SH", "SW"])
 @triton.jit
 def _max_pool2d_nchw_kernel(x_ptr, out_ptr, idx_ptr, off_ptr, rows, H, W, Ho, Wo,
                             KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -144,7 +144,7 @@ def _max_pool2d_nchw_kernel(x_ptr, out_ptr, idx_ptr, off_ptr, rows, H, W, Ho, Wo
     _store_results(out_ptr, idx_ptr, off_ptr, o, mask, m, tap, h0, w0, W, KW, DH, DW, IDX, OFF)
 
 
-@triton.autotune(configs=_CONFIGS_NHWC, key=["npix", "C", "KH", "KW", "SH", "SW"])
+@autotune(configs=_CONFIGS_NHWC, key=["npix", "C", "KH", "KW", "SH", "SW"])
 @triton.jit
 def _max_pool2d_nhwc_kernel(x_ptr, out_ptr, idx_ptr, off_ptr, npix, C, H, W, Ho, Wo,
                             KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -195,7 +195,7 @@ def _gather_window_grads(g_ptr, off_ptr, orows, ih, iw, Ho, Wo, pix, mask, acc,
     return acc
 
 
-@triton.autotune(configs=_CONFIGS, key=["rows", "W", "KH", "KW", "SH", "SW"])
+@autotune(configs=_CONFIGS, key=["rows", "W", "KH", "KW", "SH", "SW"])
 @triton.jit
 def _max_pool2d_backward_nchw_kernel(g_ptr, off_ptr, gi_ptr, rows, H, W, Ho, Wo,
                                      KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -213,7 +213,7 @@ def _max_pool2d_backward_nchw_kernel(g_ptr, off_ptr, gi_ptr, rows, H, W, Ho, Wo,
     tl.store(gi, acc.to(gi_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_CONFIGS_NHWC, key=["npix", "C", "KH", "KW", "SH", "SW"])
+@autotune(configs=_CONFIGS_NHWC, key=["npix", "C", "KH", "KW", "SH", "SW"])
 @triton.jit
 def _max_pool2d_backward_nhwc_kernel(g_ptr, off_ptr, gi_ptr, npix, C, H, W, Ho, Wo,
                                      KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import as_layout_of, cdiv, configs, is_fp64, new_empty_like
+from ._utils import as_layout_of, autotune, cdiv, configs, is_fp64, new_empty_like
 
 _CONFIGS = configs(
     [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 4), (4096, 8), (8192, 8))],
@@ -15,7 +15,7 @@ _CONFIGS = configs(
 
 # alpha and scale are annotated float64: a plain Python float argument launches as
 # fp32, which would round alpha for float64 tensors (ATen keeps it double there).
-@triton.autotune(configs=_CONFIGS, key=["n"])
+@autotune(configs=_CONFIGS, key=["n"])
 @triton.jit
 def _residual_add_kernel(x_ptr, fx_ptr, out_ptr, n, alpha: tl.float64,
                          RELU: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
@@ -32,7 +32,7 @@ def _residual_add_kernel(x_ptr, fx_ptr, out_ptr, n, alpha: tl.float64,
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_CONFIGS, key=["n"])
+@autotune(configs=_CONFIGS, key=["n"])
 @triton.jit
 def _residual_add_backward_kernel(g_ptr, y_ptr, gin_ptr, n, scale: tl.float64,
                                   FP64: tl.constexpr, BLOCK: tl.constexpr):
