@@ -29,8 +29,8 @@ class _Tuned:
 
     triton.autotune's wrapper rebuilds its key from every argument on each launch
     (dicts of all arguments, each tensor's dtype as a string, the config's
-    keywords): ~11 µs of host time per launch on the 2-core CPU machine, as much as
-    Triton's own JIT launch path (benchmarks/results/cpu-triton-host-20261128.md).
+    keywords): ~10 µs of host time per launch on the 2-core CPU machine, about as much
+    as Triton's own JIT launch path (benchmarks/results/cpu-triton-host-20261128.md).
     Here the first launch with a key goes through the autotuner, which benchmarks
     and picks a config as before; later launches with that key hand the picked
     config straight to the JIT function, as the autotuner itself does. Which config
