@@ -107,7 +107,7 @@ def main_triton() -> None:
     from dtkernels.testing import fake_cuda_driver
 
     torch.set_num_threads(1)
-    with fake_cuda_driver():
+    with fake_cuda_driver(record=False):
         print("| Triton launcher (fake driver, no GPU) | host µs per call |")
         print("|---|---|")
         for name, fn in triton_cases():

@@ -104,26 +104,22 @@ def cubin_facts(compiled) -> dict:
 
 
 class TritonLaunch:
-    """One launch a fake_cuda_driver recorded: the kernel, its compile options and
-    constants, the grid and the runtime arguments as Triton bound them."""
+    """One launch a fake_cuda_driver recorded: the kernel, its compile (metadata:
+    options, constants, specialisation hash), the grid and the runtime arguments as
+    the kernel sees them. Tensors are kept as dtype, layout and 16-byte alignment
+    (what Triton specialises on), not as tensors: a record holds no memory, and
+    launches on fresh allocations compare."""
 
     def __init__(self, name, metadata, grid, args):
         self.name = name
         self.metadata = metadata
         self.grid = grid
-        self.args = args
+        self.args = [("tensor", a.dtype, tuple(a.shape), a.stride(), a.data_ptr() % 16 == 0)
+                     if isinstance(a, torch.Tensor) else a for a in args]
 
     def same_as(self, other: "TritonLaunch") -> bool:
-        """The same kernel, compile and grid, and the same arguments as the kernel
-        sees them: tensors by dtype, layout and 16-byte alignment (what Triton
-        specialises on), so that launches on fresh allocations compare."""
-        def norm(a):
-            if isinstance(a, torch.Tensor):
-                return "tensor", a.dtype, tuple(a.shape), a.stride(), a.data_ptr() % 16 == 0
-            return a
-
         return (self.name == other.name and self.metadata == other.metadata and self.grid == other.grid
-                and [norm(a) for a in self.args] == [norm(a) for a in other.args])
+                and self.args == other.args)
 
 
 # Module-wide, since the JIT caches keep each kernel, its launcher and its handles
@@ -135,12 +131,13 @@ _FAKE_LAUNCHES: list = [None]
 
 
 @contextlib.contextmanager
-def fake_cuda_driver(arch: int = 90, bench_ms=None):
+def fake_cuda_driver(arch: int = 90, bench_ms=None, record: bool = True):
     """Context manager: Triton launches run its real host path (argument binding,
     specialisation, the JIT cache, the autotuner, compilation for sm_<arch>) and
     stop where the launcher would hand the kernel to the driver; the launch is
-    recorded instead (yields the list of TritonLaunch). Measures and tests the host
-    side of the Triton backend with no GPU. The autotuner "benchmarks" each config
+    recorded instead (yields the list of TritonLaunch; with record=False, which
+    timings want, nothing is kept and the list stays empty). Measures and tests the
+    host side of the Triton backend with no GPU. The autotuner "benchmarks" each config
     by `bench_ms(config_kwargs)` (default: all equal, so it keeps the first).
 
     CPU-only processes: the kernels it compiles stay in the JIT functions' caches
@@ -161,7 +158,10 @@ def fake_cuda_driver(arch: int = 90, bench_ms=None):
             made[0] = metadata
 
         def __call__(self, g0, g1, g2, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
-            _FAKE_LAUNCHES[0].append(TritonLaunch(*kernels[function], (g0, g1, g2), args))
+            if _FAKE_LAUNCHES[0] is None:
+                raise RuntimeError("a kernel compiled under fake_cuda_driver was launched outside it")
+            if _FAKE_LAUNCHES[0] is not False:
+                _FAKE_LAUNCHES[0].append(TritonLaunch(*kernels[function], (g0, g1, g2), args))
 
     class Utils:
         def load_binary(self, name, kernel, shared, device):
@@ -204,7 +204,7 @@ def fake_cuda_driver(arch: int = 90, bench_ms=None):
         return [ms, ms, ms]
 
     prev = driver._active
-    _FAKE_LAUNCHES[0] = launches
+    _FAKE_LAUNCHES[0] = launches if record else False
     triton.runtime.autotuner.Autotuner._bench = _bench
     driver.set_active(Driver())
     try:
