@@ -419,7 +419,8 @@ def test_fast_divmod_is_exact():
 
 
 def _triton_launcher_calls():
-    """One call of each Triton launcher kind; two shapes of one kernel (two autotune keys)."""
+    """One call of each Triton launcher kind; two shapes of one kernel (two autotune keys).
+    The set-up's forwards (for the offsets) tune keys of their own: no case repeats one."""
     from dtkernels.triton import concat_skip as tc
     from dtkernels.triton import max_pool2d as tm
     from dtkernels.triton import residual_add as tr
@@ -428,16 +429,22 @@ def _triton_launcher_calls():
     x, x2 = rand(2, 5, 9, 11), rand(1, 3, 16, 7)
     xc = rand(2, 5, 9, 11, memory_format=torch.channels_last)
     _, _, off = tm.max_pool2d(x, *geo, False, False, False, True)
+    _, _, offc = tm.max_pool2d(xc, *geo, False, True, False, True)
     g = rand(*off.shape)
+    gc = g.contiguous(memory_format=torch.channels_last)
     y = rand(3, 4, 5, 6)
+    small, skip, gup = rand(1, 4, 3, 5), rand(1, 2, 6, 10), rand(1, 6, 6, 10)[:, :4]
     return {
         "max_pool2d": lambda: tm.max_pool2d(x, *geo, False, False, True, True),
         "max_pool2d other shape": lambda: tm.max_pool2d(x2, *geo, False, False, True, True),
-        "max_pool2d channels_last": lambda: tm.max_pool2d(xc, *geo, False, True, False, True),
+        "max_pool2d channels_last": lambda: tm.max_pool2d(xc, *geo, False, True, True, True),
         "max_pool2d_backward": lambda: tm.max_pool2d_backward(g, off, x.shape, *geo, False),
+        "max_pool2d_backward channels_last": lambda: tm.max_pool2d_backward(gc, offc, x.shape, *geo, True),
         "residual_add": lambda: tr.residual_add(y, y, 0.5, True),
         "residual_add other size": lambda: tr.residual_add(y[:2], y[:2], 0.5, True),
-        "concat_skip": lambda: tc.concat_skip(rand(1, 4, 3, 5), rand(1, 2, 6, 10), "nearest", 2),
+        "residual_add_backward": lambda: tr.residual_add_backward(y, y, 0.5),
+        "concat_skip": lambda: tc.concat_skip(small, skip, "nearest", 2),
+        "concat_skip_backward": lambda: tc.concat_skip_backward(gup, "bilinear", 2),
     }
 
 
