@@ -2,17 +2,20 @@
 outweighs the kernels: ours against eager PyTorch in the same process.
 
     PYTHONPATH=. python benchmarks/host_overhead.py [threads]
-    PYTHONPATH=. python benchmarks/host_overhead.py --triton
+    PYTHONPATH=. python benchmarks/host_overhead.py --triton [--device cuda]
 
 Medians of 9 rounds of back-to-back calls. --triton times the Triton backend's
 launchers (a forward or backward kernel each) on a machine with no GPU, under
 dtkernels.testing.fake_cuda_driver: Triton's whole host path runs (binding,
 specialisation, JIT cache, autotuner, our launcher's allocations) and only the
-hand-off to the driver is skipped, so the times are the host cost of a launch. To compare two builds, run each build's
-checkout in its own process, alternating (results: benchmarks/results/).
+hand-off to the driver is skipped, so the times are the host cost of a launch.
+With --device cuda it times the same calls on a GPU (the GPU check's "host" step).
+To compare two builds, run each build's checkout in its own process, alternating
+(results: benchmarks/results/).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -54,21 +57,24 @@ def cases():
     ]
 
 
-def triton_cases():
+def triton_cases(dev):
     from dtkernels.triton import concat_skip as tc
     from dtkernels.triton import max_pool2d as tm
     from dtkernels.triton import residual_add as tr
 
-    x = torch.randn(2, 16, 16, 16)
+    def randn(*shape):
+        return torch.randn(*shape, device=dev)
+
+    x = randn(2, 16, 16, 16)
     xc = x.contiguous(memory_format=torch.channels_last)
     geo = ((3, 3), (2, 2), (1, 1), (1, 1))
     _, _, off = tm.max_pool2d(x, *geo, False, False, False, True)
     _, _, offc = tm.max_pool2d(xc, *geo, False, True, False, True)
-    g = torch.randn(2, 16, 8, 8)
+    g = randn(2, 16, 8, 8)
     gc = g.contiguous(memory_format=torch.channels_last)
-    small, skip = torch.randn(1, 64, 7, 7), torch.randn(1, 32, 14, 14)
-    gup = torch.randn(1, 96, 14, 14)[:, :64]  # the upsampled part's slice of the concat's grad
-    y = torch.randn(1, 64, 14, 14)
+    small, skip = randn(1, 64, 7, 7), randn(1, 32, 14, 14)
+    gup = randn(1, 96, 14, 14)[:, :64]  # the upsampled part's slice of the concat's grad
+    y = randn(1, 64, 14, 14)
     return [
         ("max_pool2d k3s2p1 NCHW 2x16x16x16, offsets", lambda: tm.max_pool2d(x, *geo, False, False, False, True)),
         ("max_pool2d same, channels_last", lambda: tm.max_pool2d(xc, *geo, False, True, False, True)),
@@ -81,18 +87,41 @@ def triton_cases():
     ]
 
 
-def triton_op_cases():
+def triton_layers(dev):
+    """One launch of max_pool2d's NCHW forward kernel (2x16x16x16, offsets) through
+    each layer: where a launch's host time goes."""
+    from dtkernels.triton import max_pool2d as tm
+
+    x = torch.randn(2, 16, 16, 16, device=dev)
+    out, _, off = tm.max_pool2d(x, (3, 3), (2, 2), (1, 1), (1, 1), False, False, False, True)
+    k = tm._max_pool2d_nchw_kernel
+    rows, wo = out.numel() // out.shape[-1], out.shape[-1]
+    grid = lambda meta: (tm.cdiv(rows, meta["BLOCK_H"]) * tm.cdiv(wo, meta["BLOCK_W"]),)  # noqa: E731
+    args = (x, out, out, off, rows, 16, 16, 8, 8)
+    flags = dict(WIDE=False, IDX=False, OFF=True, KH=3, KW=3, SH=2, SW=2, PH=1, PW=1, DH=1, DW=1)
+    picked = k.autotuner.best_config.all_kwargs()
+    return [
+        ("launcher (allocations, sizes, then the kernel as below)",
+         lambda: tm.max_pool2d(x, (3, 3), (2, 2), (1, 1), (1, 1), False, False, False, True)),
+        ("kernel through triton.autotune's wrapper", lambda: k.autotuner[grid](*args, **flags)),
+        ("kernel through _Tuned (what the launcher uses)", lambda: k[grid](*args, **flags)),
+        ("kernel through JITFunction.run, config given", lambda: k.fn.run(*args, grid=grid, warmup=False, **flags,
+                                                                           **picked)),
+    ]
+
+
+def triton_op_cases(dev):
     """Public ops through the Triton route: the launch plus the op's checks, the
     registry and the Python kernel bridge, and autograd for fwd+bwd."""
-    x = torch.randn(2, 16, 16, 16)
+    x = torch.randn(2, 16, 16, 16, device=dev)
     xg = x.clone().requires_grad_(True)
-    g = torch.randn(2, 16, 8, 8)
+    g = torch.randn(2, 16, 8, 8, device=dev)
 
     def step():
         dtk.max_pool2d(xg, 3, 2, 1).backward(g)
         xg.grad = None
 
-    y = torch.randn(1, 64, 14, 14)
+    y = torch.randn(1, 64, 14, 14, device=dev)
     return [
         ("dtk.max_pool2d k3s2p1 2x16x16x16", lambda: dtk.max_pool2d(x, 3, 2, 1)),
         ("dtk.max_pool2d same, fwd+bwd", step),
@@ -101,24 +130,41 @@ def triton_op_cases():
 
 
 def main_triton() -> None:
+    """Host µs per Triton call. With --device cuda, on a GPU: launches are queued,
+    not waited for (tiny kernels finish faster than they are issued), and the
+    rounds end with a synchronize outside the timing."""
     from unittest import mock
 
     from dtkernels import backends
     from dtkernels.testing import fake_cuda_driver
 
+    dev = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu"
     torch.set_num_threads(1)
-    with fake_cuda_driver(record=False):
-        print("| Triton launcher (fake driver, no GPU) | host µs per call |")
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def us(fn, calls):
+        r = median_us(fn, calls)
+        sync()
+        return r
+
+    where = "CUDA" if dev == "cuda" else "fake driver, no GPU"
+    with contextlib.ExitStack() as stack:
+        if dev == "cpu":
+            stack.enter_context(fake_cuda_driver(record=False))
+            # The registry runs Triton on CPU tensors only under the interpreter:
+            # let it take the fake driver's compiled kernels instead.
+            stack.enter_context(mock.patch.object(backends, "triton_interpreting", lambda: True))
+            stack.enter_context(mock.patch.object(backends, "available_backends",
+                                                  lambda: ("cpu", "triton", "reference")))
+        print(f"| Triton call ({where}) | host µs per call |")
         print("|---|---|")
-        for name, fn in triton_cases():
-            print(f"| {name} | {median_us(fn, 2000):.2f} |")
-        # The registry runs Triton on CPU tensors only under the interpreter: let it
-        # take the fake driver's compiled kernels instead.
-        with mock.patch.object(backends, "triton_interpreting", lambda: True), \
-                mock.patch.object(backends, "available_backends", lambda: ("cpu", "triton", "reference")), \
-                dtk.use_backend("triton"):
-            for name, fn in triton_op_cases():
-                print(f"| {name} (triton route) | {median_us(fn, 1000):.2f} |")
+        for name, fn in triton_cases(dev):
+            print(f"| {name} | {us(fn, 2000):.2f} |")
+        for name, fn in triton_layers(dev):
+            print(f"| {name} | {us(fn, 2000):.2f} |")
+        with dtk.use_backend("triton"):
+            for name, fn in triton_op_cases(dev):
+                print(f"| {name} (triton route) | {us(fn, 1000):.2f} |")
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for an NVIDIA machine (made for one H100; ~8 minutes: build ~100 s, tests
 # ~95 s, benchmarks up to 200 s, sanitizer ~25 s, profile ~60 s on 2026-11-27; the
-# candidate kernels added after, cuda-* impls in the bench and profile, and the ncu
-# step add perhaps two minutes, a guess):
+# candidate kernels added after, cuda-* impls in the bench and profile, and the host
+# and ncu steps add perhaps two minutes, a guess):
 #   build for this GPU's arch only, run the Triton and CUDA tests against the
 #   reference, quick benchmarks, compute-sanitizer memcheck on a small subset, and a
 #   profile of kernel times.
@@ -20,7 +20,7 @@ mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1 \
   DTK_NO_CLONES=${DTK_NO_CLONES:-1}
 PY=${PYTHON:-python3}
-STEPS=" ${STEPS:-build tests sanitizer bench profile ncu} "  # a rerun can pick steps, e.g. STEPS="build bench"
+STEPS=" ${STEPS:-build tests sanitizer bench profile host ncu} "  # a rerun can pick steps, e.g. STEPS="build bench"
 # A rerun can also narrow them: TEST_PATHS (tests and sanitizer), BENCH_ARGS (e.g.
 # "--ops max_pool2d --backends cuda"), PROFILE_ARGS (e.g. "--filter max_pool2d").
 TEST_PATHS=${TEST_PATHS:-tests}
@@ -71,6 +71,14 @@ fi
 # Wall vs host vs kernel time per call, to tell host-bound calls from slow kernels.
 want profile && step profile ${PROFILE_TIMEOUT:-180} "$OUT/profile.log" $PY benchmarks/gpu_profile.py --md "$OUT/profile.md" ${PROFILE_ARGS:-} \
   && rm -f "$OUT/profile.log"
+# Host µs per Triton call and per layer of a launch (benchmarks/host_overhead.py; ~30 s,
+# a guess): the H100's Triton calls were host-bound, and the CPU machine can only fake
+# the driver (benchmarks/results/cpu-triton-host-20261128.md). Into the summary.
+if want host; then
+  step host ${HOST_TIMEOUT:-90} "$OUT/host.log" $PY benchmarks/host_overhead.py --triton --device cuda
+  grep "^|" "$OUT/host.log" >> "$summary"
+  rm -f "$OUT/host.log"
+fi
 # Hardware counters of the stem forward's kernels (benchmarks/ncu_stem.py; ~30 s, a
 # guess: not yet run): its table goes into the summary, so that no file is added (8 come back).
 if ! want ncu; then :
