@@ -38,6 +38,9 @@ class _Tuned:
     """
 
     def __init__(self, autotuner):
+        # the autotuner runs a config's pre_hook on every launch: those need it
+        if any(c.pre_hook is not None for c in autotuner.configs):
+            raise ValueError("dtkernels autotune: configs with a pre_hook need triton.autotune itself")
         self.autotuner = autotuner
         self.fn = autotuner.fn  # the JITFunction, as for Triton's wrappers
         names = autotuner.arg_names
