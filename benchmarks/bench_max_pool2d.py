@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import dtkernels as dtk
 
-from common import Case, IMPLS, run_pytest_benchmark
+from common import Case, IMPLS, graphed, run_pytest_benchmark
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
@@ -141,6 +141,16 @@ def _cases():
                                 **(_vec_candidates(K2, stem=False) if fmt is NCHW else _nhwc_candidates(K2))},
                         bytes=nb, devices=("cuda",),
                         note="target: >= 0.85 of the copy bandwidth (clone of the same bytes)"))
+    # The same forwards replayed from CUDA graphs, every impl alike: the kernels without
+    # the host's time, which made every Triton call host-bound on the H100
+    # (benchmarks/results/h100-20261127.md, cpu-triton-host-20261128.md).
+    for shape, pool, fmt, label in [(stem, K3, NCHW, "k3s2p1"), (large, K2, NCHW, "k2s2"), (large, K2, CL, "k2s2")]:
+        nb = _nbytes(shape, f16, pool)
+        out.append(Case("max_pool2d", f"{label}-fwd-graph", "x".join(map(str, shape)) + ("-cl" if fmt is CL else ""),
+                        f16, _inputs(shape, f16, fmt, pool, copy_bytes=nb),
+                        baseline=graphed(_fwd(F.max_pool2d, pool)), candidate=graphed(_fwd(dtk.max_pool2d, pool)),
+                        extras={"clone": graphed(lambda i: i["c"].clone())}, bytes=nb, devices=("cuda",),
+                        note="CUDA graph replays: kernel time without the host's"))
     # A ResNet-sized map whose rows (28 outputs) are not a multiple of the vector length
     mid = (8, 64, 56, 56)
     out.append(Case("max_pool2d", "k3s2p1-fwd+bwd", "8x64x56x56", f32, _inputs(mid, f32, NCHW, K3, grad=True),

@@ -95,6 +95,9 @@ def main(argv=None) -> int:
         except AssertionError as e:
             failed += 1
             print(f"  {op:16s} MISMATCH\n{e}")
+        except Exception as e:  # a case that cannot run must not stop the others' checks and timings
+            failed += 1
+            print(f"  {op:16s} FAILED: {type(e).__name__}: {e}")
 
     print("\nSpeed (median of interleaved rounds; × torch > 1 means faster than eager PyTorch):")
     rows: list[dict] = []

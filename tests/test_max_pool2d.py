@@ -601,6 +601,58 @@ def test_bench_vec_candidates_call_the_variant_rightly(monkeypatch):
 
 
 @pytest.mark.skipif(INTERPRET, reason="host code")
+def test_bench_graphed_impls_capture_once_and_replay(monkeypatch):
+    """The bench's "-graph" cases (benchmarks/common.py graphed), which run only on a
+    GPU, with CUDA's graph primitives faked: one eager call and one capture per input
+    set and backend, then replays that return the captured outputs."""
+    import contextlib
+
+    log = []
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    @contextlib.contextmanager
+    def capture(graph):
+        log.append("capture")
+        yield
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_max_pool2d as bench
+    from common import _under
+
+    cases = [c for c in bench.CASES if c.name.endswith("-graph")]
+    assert [c.name for c in cases] == ["k3s2p1-fwd-graph", "k2s2-fwd-graph", "k2s2-fwd-graph"]
+    calls = []
+    fn = bench.graphed(lambda i: (calls.append(dtk.get_backend()), F.max_pool2d(i["x"], 3, 2, 1))[1])
+    sets = [{"x": _data((1, 2, 9, 8), torch.float32, "cpu")} for _ in range(2)]
+    for backend in ("cpu", "reference"):
+        run = _under(backend, fn)
+        for _ in range(3):
+            for i in sets:
+                assert same_bits(run(i), F.max_pool2d(i["x"], 3, 2, 1))
+    # per input set and backend: an eager call, then the call captured; replays after
+    assert calls == ["cpu"] * 4 + ["reference"] * 4
+    assert log.count("capture") == 4 and log.count("replay") == 12
+    # the stem's case as built (the two k2s2 ones differ in shape and format only)
+    stem = cases[0]
+    i = stem.make(torch.device("cpu"))
+    got = _under("cpu", stem.candidate)(i)
+    assert same_bits(got, stem.baseline(i)) and same_bits(got, F.max_pool2d(i["x"], 3, 2, 1))
+    assert stem.extras["clone"](i).numel() * 2 == stem.bytes
+
+
+@pytest.mark.skipif(INTERPRET, reason="host code")
 def test_cuda_vec_forward_keeps_to_its_geometries():
     """The vec forward refuses what it has no kernel for (the CUDA op then runs the
     generic kernel): dilated columns, other column shapes, rows of a partial vector."""
