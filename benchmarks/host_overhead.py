@@ -99,7 +99,7 @@ def triton_layers(dev):
     grid = lambda meta: (tm.cdiv(rows, meta["BLOCK_H"]) * tm.cdiv(wo, meta["BLOCK_W"]),)  # noqa: E731
     args = (x, out, out, off, rows, 16, 16, 8, 8)
     flags = dict(WIDE=False, IDX=False, OFF=True, KH=3, KW=3, SH=2, SW=2, PH=1, PW=1, DH=1, DW=1)
-    picked = k.autotuner.best_config.all_kwargs()
+    picked = k.picked(*args, **flags)  # the launcher above has tuned this key
     return [
         ("launcher (allocations, sizes, then the kernel as below)",
          lambda: tm.max_pool2d(x, (3, 3), (2, 2), (1, 1), (1, 1), False, False, False, True)),

@@ -479,6 +479,8 @@ def _check_triton_fast_path(seed: int = 0) -> None:
         assert not entered
     # the test has teeth: the two shapes of one kernel picked different configs
     assert len({tuple(sorted(c.items())) for c in tm._max_pool2d_nchw_kernel._picked.values()}) > 1
+    t = rand(4)
+    assert tm._max_pool2d_nchw_kernel.picked(t, t, t, t, 12345, 9, 9, 5, 5, KH=3, KW=3, SH=2, SW=2) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",

@@ -51,10 +51,17 @@ class _Tuned:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
-    def _launch(self, grid, args, kwargs):
+    def _key(self, args, kwargs) -> tuple:
         n = len(args)
-        key = (tuple(args[i] if i < n else kwargs[k] for i, k in self._key_args)
-               + tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        return (tuple(args[i] if i < n else kwargs[k] for i, k in self._key_args)
+                + tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+
+    def picked(self, *args, **kwargs) -> dict | None:
+        """The config (keywords) picked for a launch with these arguments, if any yet."""
+        return self._picked.get(self._key(args, kwargs))
+
+    def _launch(self, grid, args, kwargs):
+        key = self._key(args, kwargs)
         picked = self._picked.get(key)
         if picked is None:
             self.autotuner[grid](*args, **kwargs)
