@@ -1,7 +1,7 @@
 """Per-call cost on small tensors, where host time (Python, dispatch, autograd)
 outweighs the kernels: ours against eager PyTorch in the same process.
 
-    PYTHONPATH=. python benchmarks/host_overhead.py [threads]
+    PYTHONPATH=. python benchmarks/host_overhead.py [threads] [--device cuda]
     PYTHONPATH=. python benchmarks/host_overhead.py --triton [--device cuda]
 
 Medians of 9 rounds of back-to-back calls. --triton times the Triton backend's
@@ -9,7 +9,8 @@ launchers (a forward or backward kernel each) on a machine with no GPU, under
 dtkernels.testing.fake_cuda_driver: Triton's whole host path runs (binding,
 specialisation, JIT cache, autotuner, our launcher's allocations) and only the
 hand-off to the driver is skipped, so the times are the host cost of a launch.
-With --device cuda it times the same calls on a GPU (the GPU check's "host" step).
+With --device cuda either mode times its calls on a GPU's host (the GPU check's
+"host" step; without --triton, "ours" is the default route, CUDA C++).
 To compare two builds, run each build's checkout in its own process, alternating
 (results: benchmarks/results/).
 """
@@ -37,9 +38,13 @@ def median_us(fn, calls: int) -> float:
     return sorted(rounds)[4]
 
 
-def cases():
+def _device() -> str:
+    return sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu"
+
+
+def cases(dev="cpu"):
     cl = torch.channels_last
-    skip = torch.randn(1, 32, 14, 14)
+    skip = torch.randn(1, 32, 14, 14, device=dev)
     pool2 = (lambda x: F.max_pool2d(x, 2), lambda x: dtk.max_pool2d(x, 2))
     return [
         ("max_pool2d k2 channels_last 1x512x14x14", *pool2, (1, 512, 14, 14), cl),
@@ -138,7 +143,7 @@ def main_triton() -> None:
     from dtkernels import backends
     from dtkernels.testing import fake_cuda_driver
 
-    dev = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu"
+    dev = _device()
     torch.set_num_threads(1)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
@@ -170,14 +175,23 @@ def main_triton() -> None:
 def main() -> None:
     if "--triton" in sys.argv:
         return main_triton()
-    torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
-    print("| call | eager fwd µs | ours fwd µs | × eager | eager fwd+bwd µs | ours fwd+bwd µs | × eager |")
+    dev = _device()
+    threads = [a for a in sys.argv[1:] if a.isdigit()]
+    torch.set_num_threads(int(threads[0]) if threads else 2)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def us(fn, calls):  # on a GPU: host time, launches queued (see main_triton)
+        r = median_us(fn, calls)
+        sync()
+        return r
+
+    print(f"| call ({dev}) | eager fwd µs | ours fwd µs | × eager | eager fwd+bwd µs | ours fwd+bwd µs | × eager |")
     print("|---|---|---|---|---|---|---|")
-    for name, eager, ours, shape, fmt in cases():
-        x = torch.randn(shape)
+    for name, eager, ours, shape, fmt in cases(dev):
+        x = torch.randn(shape, device=dev)
         if fmt is not None:
             x = x.contiguous(memory_format=fmt)
-        fe, fo = median_us(lambda: eager(x), 1000), median_us(lambda: ours(x), 1000)
+        fe, fo = us(lambda: eager(x), 1000), us(lambda: ours(x), 1000)
         xg = x.detach().requires_grad_(True)
         grad = torch.randn_like(eager(xg))
 
@@ -187,7 +201,7 @@ def main() -> None:
                 xg.grad = None
             return run
 
-        be, bo = median_us(step(eager), 500), median_us(step(ours), 500)
+        be, bo = us(step(eager), 500), us(step(ours), 500)
         print(f"| {name} | {fe:.2f} | {fo:.2f} | {fe / fo:.2f} | {be:.2f} | {bo:.2f} | {be / bo:.2f} |")
 
 
