@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for an NVIDIA machine (made for one H100; ~8 minutes: build ~100 s, tests
 # ~95 s, benchmarks up to 200 s, sanitizer ~25 s, profile ~60 s on 2026-11-27; the
-# candidate kernels added after, cuda-* impls and CUDA-graph cases in the bench and
-# profile, and the host and ncu steps add perhaps two or three minutes, a guess):
+# candidate kernels added after (cuda-* impls in the bench and profile), the bench's
+# CUDA-graph cases, and the host and ncu steps add perhaps two or three minutes, a guess):
 #   build for this GPU's arch only, run the Triton and CUDA tests against the
 #   reference, quick benchmarks, compute-sanitizer memcheck on a small subset, and a
 #   profile of kernel times.
