@@ -27,10 +27,14 @@ import dtkernels as dtk
 
 
 def median_us(fn, calls: int) -> float:
+    """Host µs per call. On a GPU the launches queue, not waited for (tiny kernels
+    finish faster than they are issued); each round starts with the queue drained."""
     for _ in range(30):
         fn()
     rounds = []
     for _ in range(9):
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -135,9 +139,7 @@ def triton_op_cases(dev):
 
 
 def main_triton() -> None:
-    """Host µs per Triton call. With --device cuda, on a GPU: launches are queued,
-    not waited for (tiny kernels finish faster than they are issued), and the
-    rounds end with a synchronize outside the timing."""
+    """Host µs per Triton call (with --device cuda, on a GPU)."""
     from unittest import mock
 
     from dtkernels import backends
@@ -145,13 +147,6 @@ def main_triton() -> None:
 
     dev = _device()
     torch.set_num_threads(1)
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-
-    def us(fn, calls):
-        r = median_us(fn, calls)
-        sync()
-        return r
-
     where = "CUDA" if dev == "cuda" else "fake driver, no GPU"
     with contextlib.ExitStack() as stack:
         if dev == "cpu":
@@ -164,12 +159,12 @@ def main_triton() -> None:
         print(f"| Triton call ({where}) | host µs per call |")
         print("|---|---|")
         for name, fn in triton_cases(dev):
-            print(f"| {name} | {us(fn, 2000):.2f} |")
+            print(f"| {name} | {median_us(fn, 2000):.2f} |")
         for name, fn in triton_layers(dev):
-            print(f"| {name} | {us(fn, 2000):.2f} |")
+            print(f"| {name} | {median_us(fn, 2000):.2f} |")
         with dtk.use_backend("triton"):
             for name, fn in triton_op_cases(dev):
-                print(f"| {name} (triton route) | {us(fn, 1000):.2f} |")
+                print(f"| {name} (triton route) | {median_us(fn, 1000):.2f} |")
 
 
 def main() -> None:
@@ -178,20 +173,13 @@ def main() -> None:
     dev = _device()
     threads = [a for a in sys.argv[1:] if a.isdigit()]
     torch.set_num_threads(int(threads[0]) if threads else 2)
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-
-    def us(fn, calls):  # on a GPU: host time, launches queued (see main_triton)
-        r = median_us(fn, calls)
-        sync()
-        return r
-
     print(f"| call ({dev}) | eager fwd µs | ours fwd µs | × eager | eager fwd+bwd µs | ours fwd+bwd µs | × eager |")
     print("|---|---|---|---|---|---|---|")
     for name, eager, ours, shape, fmt in cases(dev):
         x = torch.randn(shape, device=dev)
         if fmt is not None:
             x = x.contiguous(memory_format=fmt)
-        fe, fo = us(lambda: eager(x), 1000), us(lambda: ours(x), 1000)
+        fe, fo = median_us(lambda: eager(x), 1000), median_us(lambda: ours(x), 1000)
         xg = x.detach().requires_grad_(True)
         grad = torch.randn_like(eager(xg))
 
@@ -201,7 +189,7 @@ def main() -> None:
                 xg.grad = None
             return run
 
-        be, bo = us(step(eager), 500), us(step(ours), 500)
+        be, bo = median_us(step(eager), 500), median_us(step(ours), 500)
         print(f"| {name} | {fe:.2f} | {fo:.2f} | {fe / fo:.2f} | {be:.2f} | {bo:.2f} | {be / bo:.2f} |")
 
 
