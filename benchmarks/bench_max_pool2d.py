@@ -62,20 +62,26 @@ def _vec_candidates(pool, stem=True):
     without grad: the stem's with 0 (the default), 1 or 2 output rows per thread item,
     rows compiled in for 1 and 2, launched with as many blocks as fit at once (the
     default) or with a block per 256 items ("-full"); and for any vec geometry,
-    16-bit values compared in pairs ("-pairs"). "-offsets": the stem's forward with
-    the window offsets, as under autograd."""
+    16-bit values compared in pairs ("-pairs"), and the input read through shared-memory
+    tiles of up to 32 or 16 KiB of input rows per block ("cuda-tile-32k", "-16k";
+    pool_tile_load, pool_tile_outputs). "-offsets": the stem's forward with the window
+    offsets, as under autograd."""
     variant = getattr(dtk._C, "_cuda_max_pool2d_vec_variant", None)
     if variant is None:
         return {}
     k, s, p = pool[0], pool[1] if len(pool) > 1 else pool[0], pool[2] if len(pool) > 2 else 0
 
-    def call(rows, full, pairs, offsets=False):
-        return lambda i: variant(i["x"], [k, k], [s, s], [p, p], [1, 1], False, rows, full, pairs, False, offsets)
+    def call(rows, full, pairs, offsets=False, tile_kib=0):
+        return lambda i: variant(i["x"], [k, k], [s, s], [p, p], [1, 1], False, rows, full, pairs, False, offsets,
+                                 tile_kib * 1024)
+    tiles = {"cuda-tile-32k": call(0, False, False, tile_kib=32),
+             "cuda-tile-32k-pairs": call(0, False, True, tile_kib=32)}
     if not stem:
-        return {"cuda-vec-r0": call(0, False, False), "cuda-vec-r0-pairs": call(0, False, True)}
+        return {"cuda-vec-r0": call(0, False, False), "cuda-vec-r0-pairs": call(0, False, True), **tiles}
     out = {f"cuda-vec-r{rows}" + ("-full" if full else ""): call(rows, full, False)
            for rows in (0, 1, 2) for full in (False, True)}
     out.update({f"cuda-vec-r{rows}-pairs": call(rows, False, True) for rows in (0, 1, 2)})
+    out.update({**tiles, "cuda-tile-16k": call(0, False, False, tile_kib=16)})
     # the training forward: with the int8 offsets that backward keeps (not the yardstick's bytes)
     out.update({"cuda-vec-r0-offsets": call(0, False, False, True),
                 "cuda-vec-r0-pairs-offsets": call(0, False, True, True)})

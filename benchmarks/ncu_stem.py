@@ -15,6 +15,8 @@ left alone (--clock-control none), as on the bench. Rows:
 - cuda-vec-r{0,1,2}-pairs: the same, 16-bit values compared in pairs (values only);
 - cuda-vec-r0[-pairs]-offsets: the default and the pairs with the window offsets (the
   training forward);
+- cuda-tile-{32k,16k}[-pairs]: the input read through shared-memory tiles of up to 32 or
+  16 KiB of input rows per block, each input byte once from L2;
 - dtk-cuda, torch: the op and ATen's kernel on the same input;
 - copy: an elementwise copy of as many bytes (read + write) as the stem forward
   moves, the yardstick of the bandwidth target;
@@ -71,8 +73,9 @@ def child(order_path: str) -> None:
     variant = dtk._C._cuda_max_pool2d_vec_variant
     runs = []
 
-    def vec(rows, full, pairs=False, offsets=False):
-        return lambda: variant(x, [3, 3], [2, 2], [1, 1], [1, 1], False, rows, full, pairs, False, offsets)
+    def vec(rows, full, pairs=False, offsets=False, tile_kib=0):
+        return lambda: variant(x, [3, 3], [2, 2], [1, 1], [1, 1], False, rows, full, pairs, False, offsets,
+                               tile_kib * 1024)
 
     for rows in (0, 1, 2):
         for full in (False, True):
@@ -80,6 +83,8 @@ def child(order_path: str) -> None:
     runs += [(f"cuda-vec-r{rows}-pairs", vec(rows, False, True)) for rows in (0, 1, 2)]
     runs += [("cuda-vec-r0-offsets", vec(0, False, False, True)),
              ("cuda-vec-r0-pairs-offsets", vec(0, False, True, True))]
+    runs += [("cuda-tile-32k", vec(0, False, tile_kib=32)), ("cuda-tile-16k", vec(0, False, tile_kib=16)),
+             ("cuda-tile-32k-pairs", vec(0, False, True, tile_kib=32))]
     runs += [("dtk-cuda", lambda: dtk.max_pool2d(x, 3, 2, 1)),
              ("torch", lambda: F.max_pool2d(x, 3, 2, 1)),
              ("copy", lambda: torch.neg(src, out=dst)),  # a vectorized_elementwise_kernel

@@ -143,12 +143,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         for (const auto& kv : dtkernels::Route::registry()) names.push_back(kv.first);
         return names;
       });
+  namespace py = pybind11;
   m.def("_emulate_cuda_max_pool2d_forward_vec", &dtkernels::cpu::emulate_cuda_forward_vec,
-        "Test aid: the CUDA NCHW max_pool2d vec forward's per-thread code, run on the host.");
+        "Test aid: the CUDA NCHW max_pool2d vec forward's per-thread code, run on the host.",
+        py::arg("input"), py::arg("kernel_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("ceil_mode"), py::arg("return_indices"), py::arg("return_offsets"), py::arg("rows"),
+        py::arg("pairs"), py::arg("tile_bytes") = 0);
 #ifdef DTK_WITH_CUDA
   m.def("_cuda_max_pool2d_vec_variant", &dtkernels::cuda::max_pool2d_vec_variant,
         "Benchmark and test aid: the CUDA NCHW max_pool2d vec forward with a given number of output rows "
-        "per thread item and grid, 16-bit values compared in pairs or not.");
+        "per thread item and grid, 16-bit values compared in pairs or not, through shared-memory tiles or not.",
+        py::arg("input"), py::arg("kernel_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("ceil_mode"), py::arg("rows"), py::arg("full_grid"), py::arg("pairs"), py::arg("return_indices"),
+        py::arg("return_offsets"), py::arg("tile_bytes") = 0);
   m.def("_cuda_max_pool2d_nhwc_variant", &dtkernels::cuda::max_pool2d_nhwc_variant,
         "Benchmark and test aid: the CUDA channels_last max_pool2d forward (out, indices, offsets), 16-bit "
         "channels compared in pairs or not.",
@@ -170,7 +177,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         for (int64_t i = 0; i < n.numel(); ++i) dst[i] = f.div(static_cast<uint32_t>(src[i]));
         return q;
       }, "Test aid: FastDivmod's quotients (the CUDA kernels' index divisions) for int64 numerators below 2^31.");
-  namespace py = pybind11;
   m.def("_emulate_cuda_concat_skip", &dtkernels::cpu::emulate_cuda_concat_skip,
         "Test aid: the CUDA concat_skip forward's per-thread code, run on the host.",
         py::arg("x"), py::arg("skip"), py::arg("upsample"), py::arg("scale_factor"),

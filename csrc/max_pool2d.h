@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -811,29 +812,26 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_vec_pairs_row(const uint32_t (&wd)[S
   }
 }
 
-// Thread item q of the vec forward (see pool_vec_items). Writes out, and when given
-// the int8 offsets and ATen's int64 indices. `packed`: Wo % V == 0 and the outputs
-// aligned, so every group is whole and stores as one pack. `blocks` divides by the
-// items' blocks of output rows. RH = 0: rows are any geometry, scanned in a loop.
-// RH > 0: the caller checked that the rows are the columns' (K, S, PAD, dilation 1),
-// so the (RH - 1) * S + K input rows of RH output rows unroll (their loads can issue
-// together), and output rows that share an input row load it once.
+// V outputs of each of R output rows (RH > 0: RH, else 1) from oh0, ow0 of one plane,
+// whose input row ih lies at xp + (ih - row0) * W (row0 > 0: the rows a shared-memory
+// tile holds, which are all the rows these windows read inside the input). orow: the
+// first output row's number among all planes' rows. Writes out, and when given the int8
+// offsets and ATen's int64 indices. `packed`: Wo % V == 0 and the outputs aligned, so
+// every group is whole and stores as one pack. RH = 0: rows are any geometry, scanned
+// in a loop. RH > 0: the caller checked that the rows are the columns' (K, S, PAD,
+// dilation 1), so the (RH - 1) * S + K input rows of RH output rows unroll (their loads
+// can issue together), and output rows that share an input row load it once; rows
+// outside the input are clamped to its edge rows (row0 must be 0).
 // PAIRS (16-bit T): compare values two at a time (see pool_vec_pairs_row), 1 for the
 // values only (taken without indices and offsets), 2 with their taps too; an item that
 // reads a NaN falls back to the scan.
 template <typename T, int K, int S, int PAD, int RH = 0, int PAIRS = 0>
-C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, T* out, int64_t* idx, int8_t* off,
-                                                        const PoolDims& g, const FastDivmod& groups,
-                                                        const FastDivmod& blocks, bool packed) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_vec_outputs(const T* xp, int row0, int oh0, int ow0, int64_t orow, T* out,
+                                                        int64_t* idx, int8_t* off, const PoolDims& g, bool packed) {
   using A = at::opmath_type<T>;
   using Shape = PoolVec<T, K, S, PAD>;
   constexpr int P = Shape::P, V = Shape::V, L = Shape::L, NV = Shape::NV, R = RH > 0 ? RH : 1;
   static_assert(PAIRS == 0 || sizeof(T) == 2, "pairs of 16-bit values");
-  const uint32_t r = groups.div(q);
-  const int ow0 = static_cast<int>(q - r * groups.d) * V;
-  const uint32_t plane = blocks.div(r);
-  const int oh0 = static_cast<int>(r - plane * blocks.d) * R;
-  const T* xp = x + static_cast<int64_t>(plane) * g.H * g.W;
   const int b = ow0 * S;  // a multiple of P
   const T ninf = static_cast<T>(-std::numeric_limits<A>::infinity());
   // Loads input row ih's vectors; those outside the row read as -inf. RH > 0: rows
@@ -841,7 +839,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, 
   // address, unconditional, so that the loads of all rows can issue before any fold.
   const auto load = [&](int ih, Pack<T, P>(&buf)[NV]) {
     const bool row_in = ih >= 0 && ih < g.H;
-    const T* row = xp + static_cast<int64_t>(RH > 0 ? (ih < 0 ? 0 : row_in ? ih : g.H - 1) : ih) * g.W;
+    const T* row = xp + static_cast<int64_t>((RH > 0 ? (ih < 0 ? 0 : row_in ? ih : g.H - 1) : ih) - row0) * g.W;
     DTK_UNROLL
     for (int u = 0; u < NV; ++u) {
       const int c = b + (u - L) * P;
@@ -934,7 +932,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, 
       if constexpr (RH == 0) {
         const auto rows = [&](auto check) {
           const int ih0 = oh0 * g.sh - g.ph + i0 * g.dh;
-          const T* row = xp + static_cast<int64_t>(ih0) * g.W;
+          const T* row = xp + static_cast<int64_t>(ih0 - row0) * g.W;
           const int64_t step = static_cast<int64_t>(g.dh) * g.W;
           for (int i = i0, ih = ih0; i < g.kh && ih < g.H; ++i, ih += g.dh, row += step) {
             uint32_t wd[NW], rw[W2], rt[W2];
@@ -951,7 +949,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, 
           uint32_t wd[NW], rw[W2], rt[W2];
           const int ih = oh0 * S - PAD + u;
           const bool row_in = ih >= 0 && ih < g.H;
-          load_words(xp + static_cast<int64_t>(ih < 0 ? 0 : row_in ? ih : g.H - 1) * g.W, row_in, std::true_type{}, wd);
+          const int at = (ih < 0 ? 0 : row_in ? ih : g.H - 1) - row0;
+          load_words(xp + static_cast<int64_t>(at) * g.W, row_in, std::true_type{}, wd);
           pool_vec_pairs_row<T, K, S, PAD, TAPS>(wd, rw, rt, nan);
           DTK_UNROLL
           for (int t = 0; t < R; ++t)
@@ -997,7 +996,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, 
   for (int t = 0; t < R; ++t) {
     const int oh = oh0 + t;
     if (RH > 1 && oh >= g.Ho) break;
-    const int64_t o = (R == 1 ? static_cast<int64_t>(r) : static_cast<int64_t>(plane) * g.Ho + oh) * g.Wo + ow0;
+    const int64_t o = (orow + t) * g.Wo + ow0;
     // the value of output v of row t: the pairs' when they made it, else the scan's
     const auto value = [&](int v) {
       if constexpr (PAIRS > 0) {
@@ -1031,6 +1030,108 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, 
         if (ow0 + v < g.Wo)
           idx[o + v] = static_cast<int64_t>(h0 + (tap[t][v] / K) * g.dh) * g.W + (ow0 + v) * S - PAD + tap[t][v] % K;
     }
+  }
+}
+
+// Thread item q of the vec forward (see pool_vec_items): its plane, first output row
+// and first output column, then pool_vec_outputs from the input in global memory.
+// `blocks` divides by the items' blocks of output rows.
+template <typename T, int K, int S, int PAD, int RH = 0, int PAIRS = 0>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, T* out, int64_t* idx, int8_t* off,
+                                                        const PoolDims& g, const FastDivmod& groups,
+                                                        const FastDivmod& blocks, bool packed) {
+  constexpr int V = PoolVec<T, K, S, PAD>::V, R = RH > 0 ? RH : 1;
+  const uint32_t r = groups.div(q);
+  const int ow0 = static_cast<int>(q - r * groups.d) * V;
+  const uint32_t plane = blocks.div(r);
+  const int oh0 = static_cast<int>(r - plane * blocks.d) * R;
+  const int64_t orow = R == 1 ? static_cast<int64_t>(r) : static_cast<int64_t>(plane) * g.Ho + oh0;
+  pool_vec_outputs<T, K, S, PAD, RH, PAIRS>(x + static_cast<int64_t>(plane) * g.H * g.W, 0, oh0, ow0, orow, out, idx,
+                                            off, g, packed);
+}
+
+// ---- A candidate for the NCHW forward: the input through a shared-memory tile ---------------
+//
+// A block takes th output rows of one plane. Its threads first copy the input rows those
+// windows read (clipped to the input; contiguous in NCHW) into shared memory with 16-byte
+// loads, several in flight per thread: each input byte crosses from L2 once, where the
+// vec forward reads the vectors its neighbours read too and the input rows that two
+// output rows share twice. Then each thread item computes V outputs of a row from the
+// tile (pool_vec_outputs, RH = 0). The vec forward's geometries; not yet measured on a
+// GPU (the op's kernels do not use it; benchmarks/ and the tests ask for it).
+constexpr int kPoolTileThreads = 256;
+
+struct PoolTilePlan {
+  int64_t th = 0, tiles = 0, blocks = 0, bytes = 0;  // th = 0: no tile fits the budget
+};
+
+// Output rows per tile for tiles of at most `budget` bytes, balanced across a plane's
+// tiles; each block's shared memory (bytes) and the blocks for `planes` planes.
+template <typename T>
+inline PoolTilePlan pool_tile_plan(const PoolDims& g, int64_t planes, int64_t budget) {
+  const int64_t row = static_cast<int64_t>(g.W) * sizeof(T), fit = budget / row;
+  const int64_t span = static_cast<int64_t>(g.kh - 1) * g.dh + 1;  // a window's input rows
+  PoolTilePlan p;
+  if (fit >= g.H) p.th = g.Ho;
+  else if (fit >= span) p.th = std::min<int64_t>((fit - span) / g.sh + 1, g.Ho);
+  else return p;
+  p.tiles = (g.Ho + p.th - 1) / p.th;
+  p.th = (g.Ho + p.tiles - 1) / p.tiles;
+  p.bytes = std::min<int64_t>((p.th - 1) * g.sh + span, g.H) * row;
+  p.blocks = planes * p.tiles;
+  return p;
+}
+
+struct PoolTile {  // block b's: its plane, output rows [oh0, oh1), input rows [lo, hi)
+  uint32_t plane;
+  int oh0, oh1, lo, hi;
+};
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE PoolTile pool_tile(uint32_t b, const PoolDims& g, int th, const FastDivmod& tiles) {
+  PoolTile t;
+  t.plane = tiles.div(b);
+  t.oh0 = static_cast<int>(b - t.plane * tiles.d) * th;
+  t.oh1 = t.oh0 + th < g.Ho ? t.oh0 + th : g.Ho;
+  const int lo = t.oh0 * g.sh - g.ph, hi = (t.oh1 - 1) * g.sh - g.ph + (g.kh - 1) * g.dh + 1;
+  t.lo = lo > 0 ? lo : 0;  // ATen's output size keeps every window's first row below H
+  t.hi = hi < g.H ? hi : g.H;
+  return t;
+}
+
+// Thread tid of n copies its 16-byte vectors of tile t's input rows to `tile`, B loads
+// issued before their stores.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_tile_load(int tid, int n, const T* x, T* tile, const PoolDims& g,
+                                                      const PoolTile& t) {
+  constexpr int P = 16 / static_cast<int>(sizeof(T)), B = 4;
+  using Vec = Pack<T, P>;
+  const Vec* src = reinterpret_cast<const Vec*>(x + (static_cast<int64_t>(t.plane) * g.H + t.lo) * g.W);
+  Vec* dst = reinterpret_cast<Vec*>(tile);
+  const int nv = (t.hi - t.lo) * (g.W / P);
+  for (int v = tid; v < nv; v += B * n) {
+    Vec r[B];
+    DTK_UNROLL
+    for (int k = 0; k < B; ++k)
+      if (v + k * n < nv) r[k] = src[v + k * n];
+    DTK_UNROLL
+    for (int k = 0; k < B; ++k)
+      if (v + k * n < nv) dst[v + k * n] = r[k];
+  }
+}
+
+// Thread tid of n computes its items of tile t (V outputs of a row each; `groups`
+// divides by the groups of V in an output row) from the tile.
+template <typename T, int K, int S, int PAD, int PAIRS = 0>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_tile_outputs(int tid, int n, const T* tile, T* out, int64_t* idx,
+                                                         int8_t* off, const PoolDims& g, const PoolTile& t,
+                                                         const FastDivmod& groups, bool packed) {
+  constexpr int V = PoolVec<T, K, S, PAD>::V;
+  const uint32_t items = static_cast<uint32_t>(t.oh1 - t.oh0) * groups.d;
+  for (uint32_t q = tid; q < items; q += n) {
+    const uint32_t r = groups.div(q);
+    const int oh = t.oh0 + static_cast<int>(r);
+    pool_vec_outputs<T, K, S, PAD, 0, PAIRS>(tile, t.lo, oh, static_cast<int>(q - r * groups.d) * V,
+                                             static_cast<int64_t>(t.plane) * g.Ho + oh, out, idx, off, g, packed);
   }
 }
 
@@ -1069,12 +1170,14 @@ at::Tensor emulate_cuda_max_pool2d_backward(const at::Tensor& grad_out, const at
                                             std::vector<int64_t> dilation, bool channels_last);
 // The CUDA NCHW "vec" forward with `rows` output rows per thread item
 // (pool_forward_vec per item; see with_pool_vec_kernel), comparing 16-bit values in
-// pairs where asked (PAIRS), run on the host: (out, indices, offsets) as _max_pool2d
-// gives them; an error for a geometry or dtype it lacks.
+// pairs where asked (PAIRS), or (tile_bytes > 0) through shared-memory tiles of at
+// most that many bytes (each block's threads load, then compute), run on the host:
+// (out, indices, offsets) as _max_pool2d gives them; an error for a geometry or dtype
+// it lacks.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool return_indices,
-    bool return_offsets, int64_t rows, bool pairs);
+    bool return_offsets, int64_t rows, bool pairs, int64_t tile_bytes);
 // The CUDA NCHW "rows" backward (pool_backward_columns per thread item) run on the host.
 at::Tensor emulate_cuda_backward_rows(const at::Tensor& grad_out, const at::Tensor& offsets,
                                       std::vector<int64_t> input_size, std::vector<int64_t> kernel_size,
@@ -1085,12 +1188,12 @@ at::Tensor emulate_cuda_backward_rows(const at::Tensor& grad_out, const at::Tens
 namespace cuda {
 // Benchmark and test aid (CUDA builds): the NCHW vec forward with `rows` output rows
 // per thread item, with full_grid a block per 256 items, with pairs 16-bit values
-// compared in pairs; an error where that kernel does not run (the op would take
-// another).
+// compared in pairs, with tile_bytes > 0 through shared-memory tiles of at most that
+// many bytes; an error where that kernel does not run (the op would take another).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, int64_t rows, bool full_grid,
-    bool pairs, bool return_indices, bool return_offsets);
+    bool pairs, bool return_indices, bool return_offsets, int64_t tile_bytes);
 // Benchmark and test aid (CUDA builds): the channels_last forward, with pairs 16-bit
 // channels compared two at a time (an error where the packs are not whole, or where
 // taps are asked for windows of more than 2^16 taps).

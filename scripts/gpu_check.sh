@@ -97,7 +97,7 @@ fi
 for f in "$OUT/profile.md" "$OUT/gpu_bench.md"; do
   [ -f "$f" ] || continue
   echo "- candidates in $(basename "$f"):" >> "$summary"
-  grep -E "\| (cuda-vec-|cuda-nhwc|cuda-adjoint-|dtk-cuda|clone)" "$f" | grep -E "k3s2p1-fwd[ -]|k2s2-fwd( \| | )64x128x128x128|bilinear" | grep -v -- "-fwd-graph" | sed 's/^/  /' >> "$summary"
+  grep -E "\| (cuda-vec-|cuda-tile-|cuda-nhwc|cuda-adjoint-|dtk-cuda|clone)" "$f" | grep -E "k3s2p1-fwd[ -]|k2s2-fwd( \| | )64x128x128x128|bilinear" | grep -v -- "-fwd-graph" | sed 's/^/  /' >> "$summary"
 done
 # Every impl's forward replayed from CUDA graphs (kernels without host time; Triton's included)
 if [ -f "$OUT/gpu_bench.md" ]; then

@@ -449,6 +449,18 @@ def _vec_cases(rows):
     return _stem_cases(40, seed=10 + rows) + _STEM_EXTRA, _STEM_EXTRA
 
 
+def _vec_input(shape, dtype, n, edges):
+    """_data for the vec forward's host tests; edges: rows and columns of -inf at the
+    edges, so that windows there are all -inf (they report their first tap inside the
+    input)."""
+    x = _data(shape, dtype, "cpu", seed=n)
+    if edges:
+        x[..., :3, :] = -INF
+        x[..., :, :5] = -INF
+        x[..., -2:] = -INF
+    return x
+
+
 @pytest.mark.skipif(INTERPRET, reason="host code; the Triton run needs not repeat it")
 @pytest.mark.parametrize("rows", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
@@ -463,11 +475,7 @@ def test_cuda_vec_forward_code_on_the_host(dtype, rows):
     cases, extra = _vec_cases(rows)
     for n, (shape, k, s, p, d, cm) in enumerate(cases + extra):
         k, s, p, d = mp.normalize_args(k, s, p, d)
-        x = _data(shape, dtype, "cpu", seed=n)
-        if n >= len(cases):  # all -inf windows at the edges report their first tap inside the input
-            x[..., :3, :] = -INF
-            x[..., :, :5] = -INF
-            x[..., -2:] = -INF
+        x = _vec_input(shape, dtype, n, edges=n >= len(cases))
         want = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, True, True)
         got = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, True, True, rows, False)
         for a, b in zip(got, want):
@@ -476,11 +484,55 @@ def test_cuda_vec_forward_code_on_the_host(dtype, rows):
         assert same_bits(alone[0], want[0]) and alone[1].numel() == alone[2].numel() == 0
 
 
+def _tile_budgets(shape, k, s, d, dtype):
+    """Shared-memory budgets for the tiled vec forward: one window's input rows (a tile
+    per output row), room for two output rows and half a row more, the whole plane, and
+    the most a launch takes (48 KiB)."""
+    H, row = shape[-2], shape[-1] * torch.empty((), dtype=dtype).element_size()
+    span = min((k[0] - 1) * d[0] + 1, H)
+    return [span * row, (span + s[0]) * row + row // 2, H * row, 48 * 1024]
+
+
+@pytest.mark.skipif(INTERPRET, reason="host code")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=["f32", "f16", "bf16", "f64"])
+def test_cuda_vec_tile_code_on_the_host(dtype):
+    """The vec forward through shared-memory tiles (a candidate: pool_tile_load, then
+    pool_tile_outputs in csrc/max_pool2d.h), run on the host block by block (every
+    thread's loads into a NaN-poisoned tile, then every thread's items), gives the CPU
+    kernel's values, int64 indices and offsets bit for bit: tiles of one output row,
+    of a few with the input rows they share loaded by both, of whole planes; -inf
+    edges, NaN and ties; and 16-bit values in pairs. A budget below one window's rows
+    is an error."""
+    cases = _vec_forward_cases(40, seed=5) + _VEC_EXTRA
+    for n, (shape, k, s, p, d, cm) in enumerate(cases + _VEC_EXTRA):
+        k, s, p, d = mp.normalize_args(k, s, p, d)
+        x = _vec_input(shape, dtype, n, edges=n >= len(cases))
+        if dtype in (torch.float16, torch.bfloat16):
+            x = _nan_payloads(_signed_zeros(x, n), n)
+        want = torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, True, True)
+        for budget in _tile_budgets(shape, k, s, d, dtype):
+            where = f"case {shape} k={k} s={s} p={p} d={d} ceil={cm} budget={budget}"
+            for pairs in (False, True) if dtype in (torch.float16, torch.bfloat16) else (False,):
+                got = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, True, True, 0, pairs, budget)
+                assert all(same_bits(a, b) for a, b in zip(got, want)), where
+                got = dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, False, False, 0, pairs, budget)
+                assert same_bits(got[0], want[0]) and got[1].numel() == got[2].numel() == 0, where
+    x = _data((1, 2, 14, 112), dtype, "cpu")
+    small = _tile_budgets(x.shape, (3, 3), (2, 2), (1, 1), dtype)[0] - 1
+    with pytest.raises(RuntimeError, match="one window's rows do not fit a tile"):
+        dtk._C._emulate_cuda_max_pool2d_forward_vec(x, [3, 3], [2, 2], [1, 1], [1, 1], False, False, False, 0, False,
+                                                    small)
+    with pytest.raises(RuntimeError, match="tiles take rows 0"):
+        dtk._C._emulate_cuda_max_pool2d_forward_vec(x, [3, 3], [2, 2], [1, 1], [1, 1], False, False, False, 1, False,
+                                                    32768)
+
+
 def _signed_zeros(x, seed):
     """About half of x's zeros made -0.0: equal values that only the scan's order tells
     apart (the maximum keeps the first)."""
-    g = torch.Generator().manual_seed(seed)
-    neg = (x == 0) & (torch.rand(x.shape, generator=g) < 0.5)
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU, used on x's device
+    neg = (x == 0) & (torch.rand(x.shape, generator=g) < 0.5).to(x.device)
     return torch.where(neg, torch.full_like(x, -0.0), x)
 
 
@@ -491,7 +543,7 @@ def _nan_payloads(x, seed):
     lo = 0x7C01 if x.dtype == torch.float16 else 0x7F81
     bits = torch.randint(lo, 0x8000, x.shape, generator=g, dtype=torch.int32)
     bits = torch.where(torch.rand(x.shape, generator=g) < 0.5, bits, bits - 0x10000).to(torch.int16)
-    return torch.where(x.isnan(), bits.view(x.dtype), x)
+    return torch.where(x.isnan(), bits.view(x.dtype).to(x.device), x)
 
 
 @pytest.mark.skipif(INTERPRET, reason="host code")
@@ -565,11 +617,12 @@ def test_bench_vec_candidates_call_the_variant_rightly(monkeypatch):
     values and ask for the kernel its name says."""
     calls = []
 
-    def variant(x, k, s, p, d, cm, rows, full_grid, pairs, return_indices, return_offsets):
+    def variant(x, k, s, p, d, cm, rows, full_grid, pairs, return_indices, return_offsets, tile_bytes):
         assert isinstance(full_grid, bool) and isinstance(pairs, bool) and not return_indices
-        calls.append(f"cuda-vec-r{rows}" + "-full" * full_grid + "-pairs" * pairs + "-offsets" * return_offsets)
+        kernel = f"cuda-tile-{tile_bytes // 1024}k" if tile_bytes else f"cuda-vec-r{rows}" + "-full" * full_grid
+        calls.append(kernel + "-pairs" * pairs + "-offsets" * return_offsets)
         return dtk._C._emulate_cuda_max_pool2d_forward_vec(x, k, s, p, d, cm, return_indices, return_offsets, rows,
-                                                           pairs)
+                                                           pairs, tile_bytes)
 
     def nhwc_variant(x, k, s, p, d, cm, pairs, return_indices, return_offsets):
         assert isinstance(pairs, bool) and not return_indices
@@ -583,7 +636,8 @@ def test_bench_vec_candidates_call_the_variant_rightly(monkeypatch):
     x = _signed_zeros(_data((2, 8, 10, 32), torch.float16, "cpu", specials=False), 0)
     for pool, stem in [((3, 2, 1), True), ((2,), False)]:
         impls = bench._vec_candidates(pool, stem=stem)
-        assert len(impls) == (11 if stem else 2) and sum("-pairs" in n for n in impls) == (4 if stem else 1)
+        assert len(impls) == (14 if stem else 4) and sum("-pairs" in n for n in impls) == (5 if stem else 2)
+        assert sum(n.startswith("cuda-tile-") for n in impls) == (3 if stem else 2)
         want = F.max_pool2d(x, *pool)
         for name, fn in impls.items():
             assert same_bits(fn({"x": x})[0], want) and calls[-1] == name, (name, calls[-1])
@@ -742,14 +796,14 @@ def test_cuda_forward_matches_the_cpu(dtype):
     assert_cuda_matches_cpu(torch.ops.dtkernels._max_pool2d, _forward_args(dtype, cl, channels_last=True), "max_pool2d_kernel")
 
 
-def _vec_variant(x, k, s, p, d, cm, rows, full_grid, pairs=False, taps=None):
+def _vec_variant(x, k, s, p, d, cm, rows, full_grid, pairs=False, taps=None, tile_bytes=0):
     """The CUDA vec forward with `rows` output rows per thread item, comparing 16-bit
-    values in pairs where asked (the stem's candidates; _C._cuda_max_pool2d_vec_variant),
-    or on the CPU the CPU kernel; taps: with indices and offsets (by default when not
-    in pairs)."""
+    values in pairs where asked, through shared-memory tiles of at most tile_bytes
+    where asked (the candidates; _C._cuda_max_pool2d_vec_variant), or on the CPU the
+    CPU kernel; taps: with indices and offsets (by default when not in pairs)."""
     want = not pairs if taps is None else taps
     if x.is_cuda:
-        return dtk._C._cuda_max_pool2d_vec_variant(x, k, s, p, d, cm, rows, full_grid, pairs, want, want)
+        return dtk._C._cuda_max_pool2d_vec_variant(x, k, s, p, d, cm, rows, full_grid, pairs, want, want, tile_bytes)
     return torch.ops.dtkernels._max_pool2d(x, k, s, p, d, cm, False, want, want)
 
 
@@ -779,6 +833,31 @@ def test_cuda_vec_variants_match_the_cpu(dtype, rows):
     if dtype == torch.float32:
         with pytest.raises(RuntimeError, match="or pairs for this dtype"):
             dtk._C._cuda_max_pool2d_vec_variant(x, [2, 2], [2, 2], [0, 0], [1, 1], False, 0, False, True, False, True)
+
+
+@pytest.mark.cuda
+@_NEEDS_CUDA_KERNELS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+def test_cuda_vec_tile_matches_the_cpu(dtype):
+    """The vec forward through shared-memory tiles (a candidate), with the budgets of
+    test_cuda_vec_tile_code_on_the_host (a tile per output row to whole planes), gives
+    the CPU kernel's values, indices and offsets bit for bit, and for 16-bit types in
+    pairs too (NaN payloads, signed zeros); budgets over 48 KiB or below one window's
+    rows are errors."""
+    cases = _vec_forward_cases(30, seed=5) + _VEC_EXTRA
+    args = [(x, k, s, p, d, cm, 0, False, False, None, budget)
+            for x, k, s, p, d, cm, *_ in _forward_args(dtype, cases)
+            for budget in _tile_budgets(x.shape, k, s, d, dtype)]
+    assert_cuda_matches_cpu(_vec_variant, args, "max_pool2d_tile_kernel")
+    if dtype != torch.float32:
+        args = [(_nan_payloads(_signed_zeros(a[0], n), n), *a[1:8], True, taps, a[10])
+                for n, a in enumerate(args) for taps in (False, True)]
+        assert_cuda_matches_cpu(_vec_variant, args, "max_pool2d_tile_kernel")
+    x = _data((1, 2, 14, 112), dtype, "cuda")
+    for budget in (48 * 1024 + 1, _tile_budgets(x.shape, (3, 3), (2, 2), (1, 1), dtype)[0] - 1):
+        with pytest.raises(RuntimeError, match="or tiles of this size"):
+            dtk._C._cuda_max_pool2d_vec_variant(x, [3, 3], [2, 2], [1, 1], [1, 1], False, 0, False, False, False,
+                                                False, budget)
 
 
 def _nhwc_variant(x, k, s, p, d, cm, pairs, return_indices=False, return_offsets=False):
@@ -840,6 +919,11 @@ def test_cuda_kernels_memcheck():
     cases = [((1, 2, 1, 8), 3, 2, 1, 1, False), ((2, 3, 15, 24), 3, 2, 1, 1, True), ((1, 2, 6, 40), 3, 2, 1, 1, False)]
     for rows in (1, 2):
         args = [(x, k, s, p, d, cm, rows, False) for x, k, s, p, d, cm, *_ in _forward_args(torch.float16, cases)]
+        assert_cuda_matches_cpu(_vec_variant, args)
+    # shared-memory tiles of one output row to whole planes, values alone and in pairs
+    for x, k, s, p, d, cm, *_ in _forward_args(torch.float16, cases):
+        budgets = _tile_budgets(x.shape, k, s, d, torch.float16)
+        args = [(x, k, s, p, d, cm, 0, False, pairs, True, b) for b in budgets for pairs in (False, True)]
         assert_cuda_matches_cpu(_vec_variant, args)
     # 16-bit pairs: word loads at both ends of a row, the scan for items that read NaN
     for rows in (0, 1, 2):

@@ -963,7 +963,7 @@ at::Tensor emulate_cuda_max_pool2d_backward(const at::Tensor& grad_out, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool return_indices,
-    bool return_offsets, int64_t rows, bool pairs) {
+    bool return_offsets, int64_t rows, bool pairs, int64_t tile_bytes) {
   PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, false, return_indices,
                                   return_offsets);
   PoolOutputs& res = f.res;
@@ -983,11 +983,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
       int8_t* off = return_offsets ? res.offsets.mutable_data_ptr<int8_t>() : nullptr;
       const bool packed = g.Wo % PoolVec<T, K, S, PAD>::V == 0;  // CPU outputs are 64-byte aligned
       int64_t* idx = return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr;
+      const T* x = f.x.const_data_ptr<T>();
       const auto run = [&](auto pairs_) {  // the pairs' mode, as the CUDA launcher picks it
-        for (uint32_t q = 0; q < static_cast<uint32_t>(it.n); ++q)  // one CUDA thread item each
-          pool_forward_vec<T, K, S, PAD, RH, decltype(pairs_)::value>(q, f.x.const_data_ptr<T>(), out, idx, off, g,
-                                                                      d_groups, d_blocks, packed);
+        constexpr int PAIRS = decltype(pairs_)::value;
+        if (tile_bytes == 0) {
+          for (uint32_t q = 0; q < static_cast<uint32_t>(it.n); ++q)  // one CUDA thread item each
+            pool_forward_vec<T, K, S, PAD, RH, PAIRS>(q, x, out, idx, off, g, d_groups, d_blocks, packed);
+          return;
+        }
+        if constexpr (RH == 0) {  // each block: every thread's loads into the tile, then every thread's items
+          const PoolTilePlan tp = pool_tile_plan<T>(g, res.out.numel() / (g.Ho * g.Wo), tile_bytes);
+          TORCH_CHECK(tp.th > 0, "emulate_cuda_forward_vec: one window's rows do not fit a tile of ", tile_bytes,
+                      " bytes");
+          const FastDivmod d_tiles(static_cast<uint32_t>(tp.tiles));
+          constexpr int n = kPoolTileThreads;
+          // poisoned: the items must read only rows the loads wrote
+          std::vector<T> tile(tp.bytes / sizeof(T), static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+          for (uint32_t blk = 0; blk < static_cast<uint32_t>(tp.blocks); ++blk) {
+            const PoolTile t = pool_tile(blk, g, static_cast<int>(tp.th), d_tiles);
+            TORCH_CHECK(static_cast<int64_t>((t.hi - t.lo) * g.W * sizeof(T)) <= tp.bytes,
+                        "emulate_cuda_forward_vec: a tile's rows overflow its shared memory");
+            std::fill(tile.begin(), tile.end(), static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+            for (int tid = 0; tid < n; ++tid) pool_tile_load<T>(tid, n, x, tile.data(), g, t);
+            for (int tid = 0; tid < n; ++tid)
+              pool_tile_outputs<T, K, S, PAD, PAIRS>(tid, n, tile.data(), out, idx, off, g, t, d_groups, packed);
+          }
+        }
       };
+      TORCH_CHECK(tile_bytes == 0 || rows == 0, "emulate_cuda_forward_vec: tiles take rows 0");
       if (!pairs) {
         run(std::integral_constant<int, 0>{});
         return true;

@@ -92,22 +92,57 @@ __global__ void __launch_bounds__(kThreads)
     pool_forward_vec<T, K, S, PAD, RH, PAIRS>(q, x, out, idx, off, g, groups, blocks, packed);
 }
 
+// The vec forward through a shared-memory tile of input rows per block (a candidate:
+// pool_tile_load, then pool_tile_outputs; csrc/max_pool2d.h).
+template <typename T, int K, int S, int PAD, int PAIRS>
+__global__ void __launch_bounds__(kPoolTileThreads)
+    max_pool2d_tile_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __restrict__ idx,
+                           int8_t* __restrict__ off, Geo g, int th, FastDivmod tiles, FastDivmod groups, bool packed) {
+  extern __shared__ __align__(16) unsigned char pool_tile_smem[];
+  T* tile = reinterpret_cast<T*>(pool_tile_smem);
+  const PoolTile t = pool_tile(blockIdx.x, g, th, tiles);
+  pool_tile_load<T>(threadIdx.x, blockDim.x, x, tile, g, t);
+  __syncthreads();
+  pool_tile_outputs<T, K, S, PAD, PAIRS>(threadIdx.x, blockDim.x, tile, out, idx, off, g, t, groups, packed);
+}
+
 // Launches the vec forward with `rows` output rows per thread item when the input is
 // 16-byte aligned and there is such a kernel for this geometry; false otherwise (the
 // rows kernel then runs). full_grid: a block per 256 items instead of as many blocks
-// as fit at once; pairs: 16-bit values compared in pairs, which takes a 16-bit type
-// (candidates, like rows > 0).
+// as fit at once; pairs: 16-bit values compared in pairs, which takes a 16-bit type;
+// tile_bytes > 0 (rows 0 only): through shared-memory tiles of at most that many bytes
+// (up to 48 KiB), false when one window's rows do not fit (candidates, like rows > 0).
 template <typename T>
 bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& g, int64_t planes,
-                        cudaStream_t stream, int rows = 0, bool full_grid = false, bool pairs = false) {
+                        cudaStream_t stream, int rows = 0, bool full_grid = false, bool pairs = false,
+                        int64_t tile_bytes = 0) {
   if (!aligned_to(x, 16)) return false;
   if (pairs && sizeof(T) != 2) return false;
+  if (tile_bytes > 0 && (rows != 0 || tile_bytes > 48 * 1024)) return false;
   return with_pool_vec_kernel<T>(g, rows, [&](auto k, auto s, auto p, auto rh) {
     constexpr int K = decltype(k)::value, S = decltype(s)::value, PAD = decltype(p)::value;
     constexpr int RH = decltype(rh)::value, V = PoolVec<T, K, S, PAD>::V;
     const PoolVecItems it = pool_vec_items<T, K, S, PAD, RH>(g, planes);
     if (it.n >= (int64_t(1) << 31)) return false;
     const bool packed = g.Wo % V == 0 && aligned_to(out, sizeof(Pack<T, V>)) && (off == nullptr || aligned_to(off, V));
+    if (tile_bytes > 0) {
+      const PoolTilePlan tp = pool_tile_plan<T>(g, planes, tile_bytes);
+      if (tp.th == 0 || tp.blocks >= (int64_t(1) << 31)) return false;
+      const auto launch_tile = [&](auto kernel) {
+        kernel<<<static_cast<unsigned>(tp.blocks), kPoolTileThreads, tp.bytes, stream>>>(
+            x, out, idx, static_cast<int8_t*>(off), g, static_cast<int>(tp.th),
+            FastDivmod(static_cast<uint32_t>(tp.tiles)), FastDivmod(static_cast<uint32_t>(it.groups)), packed);
+      };
+      if constexpr (sizeof(T) == 2) {
+        if (pairs) {
+          if (idx == nullptr && off == nullptr) launch_tile(max_pool2d_tile_kernel<T, K, S, PAD, 1>);
+          else launch_tile(max_pool2d_tile_kernel<T, K, S, PAD, 2>);
+          return true;
+        }
+      }
+      launch_tile(max_pool2d_tile_kernel<T, K, S, PAD, 0>);
+      return true;
+    }
     const auto launch = [&](auto kernel) {
       const unsigned grid = full_grid ? grid_for(it.n, kThreads, 1 << 20) : resident_grid(kernel, it.n, kThreads);
       kernel<<<grid, kThreads, 0, stream>>>(x, out, idx, static_cast<int8_t*>(off), g,
@@ -136,6 +171,12 @@ bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& 
 // cuda-vec-*).
 constexpr int kStemRows = 0;
 constexpr bool kStemFullGrid = false;
+// Shared-memory tiles of at most this many bytes of input rows for the stem's forward
+// (launch_vec_forward's tile_bytes; the bench's cuda-tile-*), 0 for none: 0 until an
+// H100 has measured them. The op falls back to the vec kernel where a tile cannot hold
+// one window's rows.
+constexpr int64_t kStemTileBytes = 0;
+static_assert(kStemTileBytes == 0 || kStemRows == 0, "tiles take one output row per thread item");
 // Whether the op's 16-bit forwards compare values in pairs: NCHW (the vec forward) and
 // channels_last, with or without offsets and indices. false until an H100 has
 // measured them (impls cuda-vec-*-pairs*, cuda-nhwc-pairs*).
@@ -205,9 +246,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
       O* off = return_offsets ? static_cast<O*>(res.offsets.data_ptr()) : nullptr;
       if (channels_last) {
         launch_nhwc_forward<T, O>(xp, op, idx, off, g, res.out.numel(), stream, kNhwcPairs);
-      } else if (!launch_vec_forward<T>(xp, op, idx, off, g, res.out.numel() / (g.Ho * g.Wo), stream,
-                                        pool_is_stem(g) ? kStemRows : 0, pool_is_stem(g) && kStemFullGrid,
-                                        kVecPairs)) {
+      } else if (const int64_t planes = res.out.numel() / (g.Ho * g.Wo);
+                 !(kStemTileBytes > 0 && pool_is_stem(g) &&
+                   launch_vec_forward<T>(xp, op, idx, off, g, planes, stream, 0, false, kVecPairs, kStemTileBytes)) &&
+                 !launch_vec_forward<T>(xp, op, idx, off, g, planes, stream, pool_is_stem(g) ? kStemRows : 0,
+                                        pool_is_stem(g) && kStemFullGrid, kVecPairs)) {
         const int64_t n = pool_rows_items(res.out.numel(), g.Wo);
         max_pool2d_rows_kernel<T, O, kPoolRowsV>
             <<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n);
@@ -310,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_nhwc_variant(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, int64_t rows, bool full_grid,
-    bool pairs, bool return_indices, bool return_offsets) {
+    bool pairs, bool return_indices, bool return_offsets, int64_t tile_bytes) {
   return run_variant("_cuda_max_pool2d_vec_variant", input, kernel_size, stride, padding, dilation, ceil_mode, false,
                      return_indices, return_offsets, [&](auto t, PoolForward& f, const Geo& g) {
     using T = decltype(t);
@@ -319,10 +362,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
         f.x.const_data_ptr<T>(), res.out.mutable_data_ptr<T>(),
         return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr,
         return_offsets ? res.offsets.data_ptr() : nullptr, g, res.out.numel() / (g.Ho * g.Wo),
-        c10::cuda::getCurrentCUDAStream(), static_cast<int>(rows), full_grid, pairs);
+        c10::cuda::getCurrentCUDAStream(), static_cast<int>(rows), full_grid, pairs, tile_bytes);
     TORCH_CHECK(ok, "_cuda_max_pool2d_vec_variant: no vec kernel with ", rows,
                 " output rows per thread item for this geometry, or the input is not 16-byte aligned",
-                pairs ? ", or pairs for this dtype" : "");
+                pairs ? ", or pairs for this dtype" : "",
+                tile_bytes > 0 ? ", or tiles of this size (rows 0 only, up to 48 KiB, one window's rows)" : "");
   });
 }
 
