@@ -1059,16 +1059,19 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void pool_forward_vec(uint32_t q, const T* x, 
 // output rows share twice. Then each thread item computes V outputs of a row from the
 // tile (pool_vec_outputs, RH = 0). The vec forward's geometries; not yet measured on a
 // GPU (the op's kernels do not use it; benchmarks/ and the tests ask for it).
-constexpr int kPoolTileThreads = 256;
+constexpr int kPoolTileThreads = 256;  // the most threads a block has
 
 struct PoolTilePlan {
   int64_t th = 0, tiles = 0, blocks = 0, bytes = 0;  // th = 0: no tile fits the budget
+  int threads = 0;
 };
 
 // Output rows per tile for tiles of at most `budget` bytes, balanced across a plane's
-// tiles; each block's shared memory (bytes) and the blocks for `planes` planes.
+// tiles; each block's shared memory (bytes), the blocks for `planes` planes, and the
+// threads of a block: whole warps, as few as take its items (`groups` per output row)
+// in as few rounds as 256 threads would (the stem's 392 items: 2 rounds of 224).
 template <typename T>
-inline PoolTilePlan pool_tile_plan(const PoolDims& g, int64_t planes, int64_t budget) {
+inline PoolTilePlan pool_tile_plan(const PoolDims& g, int64_t planes, int64_t budget, int64_t groups) {
   const int64_t row = static_cast<int64_t>(g.W) * sizeof(T), fit = budget / row;
   const int64_t span = static_cast<int64_t>(g.kh - 1) * g.dh + 1;  // a window's input rows
   PoolTilePlan p;
@@ -1079,6 +1082,8 @@ inline PoolTilePlan pool_tile_plan(const PoolDims& g, int64_t planes, int64_t bu
   p.th = (g.Ho + p.tiles - 1) / p.tiles;
   p.bytes = std::min<int64_t>((p.th - 1) * g.sh + span, g.H) * row;
   p.blocks = planes * p.tiles;
+  const int64_t items = p.th * groups, rounds = (items + kPoolTileThreads - 1) / kPoolTileThreads;
+  p.threads = static_cast<int>(std::min<int64_t>(((items + rounds - 1) / rounds + 31) / 32 * 32, kPoolTileThreads));
   return p;
 }
 

@@ -992,11 +992,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
           return;
         }
         if constexpr (RH == 0) {  // each block: every thread's loads into the tile, then every thread's items
-          const PoolTilePlan tp = pool_tile_plan<T>(g, res.out.numel() / (g.Ho * g.Wo), tile_bytes);
+          const PoolTilePlan tp = pool_tile_plan<T>(g, res.out.numel() / (g.Ho * g.Wo), tile_bytes, it.groups);
           TORCH_CHECK(tp.th > 0, "emulate_cuda_forward_vec: one window's rows do not fit a tile of ", tile_bytes,
                       " bytes");
           const FastDivmod d_tiles(static_cast<uint32_t>(tp.tiles));
-          constexpr int n = kPoolTileThreads;
+          const int n = tp.threads;
           // poisoned: the items must read only rows the loads wrote
           std::vector<T> tile(tp.bytes / sizeof(T), static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
           for (uint32_t blk = 0; blk < static_cast<uint32_t>(tp.blocks); ++blk) {

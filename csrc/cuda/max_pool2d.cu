@@ -126,10 +126,10 @@ bool launch_vec_forward(const T* x, T* out, int64_t* idx, void* off, const Geo& 
     if (it.n >= (int64_t(1) << 31)) return false;
     const bool packed = g.Wo % V == 0 && aligned_to(out, sizeof(Pack<T, V>)) && (off == nullptr || aligned_to(off, V));
     if (tile_bytes > 0) {
-      const PoolTilePlan tp = pool_tile_plan<T>(g, planes, tile_bytes);
+      const PoolTilePlan tp = pool_tile_plan<T>(g, planes, tile_bytes, it.groups);
       if (tp.th == 0 || tp.blocks >= (int64_t(1) << 31)) return false;
       const auto launch_tile = [&](auto kernel) {
-        kernel<<<static_cast<unsigned>(tp.blocks), kPoolTileThreads, tp.bytes, stream>>>(
+        kernel<<<static_cast<unsigned>(tp.blocks), tp.threads, tp.bytes, stream>>>(
             x, out, idx, static_cast<int8_t*>(off), g, static_cast<int>(tp.th),
             FastDivmod(static_cast<uint32_t>(tp.tiles)), FastDivmod(static_cast<uint32_t>(it.groups)), packed);
       };
