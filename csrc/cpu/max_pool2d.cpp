@@ -997,12 +997,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulate_cuda_forward_vec(
                       " bytes");
           const FastDivmod d_tiles(static_cast<uint32_t>(tp.tiles));
           const int n = tp.threads;
-          // poisoned: the items must read only rows the loads wrote
-          std::vector<T> tile(tp.bytes / sizeof(T), static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+          std::vector<T> tile(tp.bytes / sizeof(T));
           for (uint32_t blk = 0; blk < static_cast<uint32_t>(tp.blocks); ++blk) {
             const PoolTile t = pool_tile(blk, g, static_cast<int>(tp.th), d_tiles);
             TORCH_CHECK(static_cast<int64_t>((t.hi - t.lo) * g.W * sizeof(T)) <= tp.bytes,
                         "emulate_cuda_forward_vec: a tile's rows overflow its shared memory");
+            // poisoned: the items must read only rows this block's loads wrote
             std::fill(tile.begin(), tile.end(), static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
             for (int tid = 0; tid < n; ++tid) pool_tile_load<T>(tid, n, x, tile.data(), g, t);
             for (int tid = 0; tid < n; ++tid)

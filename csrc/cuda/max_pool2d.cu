@@ -224,21 +224,39 @@ __global__ void max_pool2d_backward_rows_kernel(const T* __restrict__ go, const 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
-                                                          at::IntArrayRef stride, at::IntArrayRef padding,
-                                                          at::IntArrayRef dilation, bool ceil_mode,
-                                                          bool channels_last, bool return_indices,
-                                                          bool return_offsets) {
+// A forward's shared frame (the op's and the benchmark variants'): the checks, outputs
+// and device geometry, then launch(T{}, f, g) for the input's dtype; (out, indices,
+// offsets).
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(
+    const char* name, const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode, bool channels_last, bool return_indices,
+    bool return_offsets, Launch launch) {
+  TORCH_CHECK(input.is_cuda(), name, ": expected a CUDA tensor, got one on ", input.device());
   c10::cuda::CUDAGuard guard(input.device());
   PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, channels_last,
                                   return_indices, return_offsets);
   PoolOutputs& res = f.res;
   if (res.out.numel() == 0) return {res.out, res.indices, res.offsets};
   const Geo g = device_geo(f.g);
-  int64_t* idx = return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr;
-  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "max_pool2d_cuda", [&] {
-    using T = scalar_t;
+    launch(scalar_t{}, f, g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {res.out, res.indices, res.offsets};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation, bool ceil_mode,
+                                                          bool channels_last, bool return_indices,
+                                                          bool return_offsets) {
+  return run_forward("max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode, channels_last,
+                     return_indices, return_offsets, [&](auto t, PoolForward& f, const Geo& g) {
+    using T = decltype(t);
+    PoolOutputs& res = f.res;
+    int64_t* idx = return_indices ? res.indices.mutable_data_ptr<int64_t>() : nullptr;
+    auto stream = c10::cuda::getCurrentCUDAStream();
     const T* xp = f.x.const_data_ptr<T>();
     T* op = res.out.mutable_data_ptr<T>();
     with_offset_type(res.offsets.element_size(), [&](auto o_type) {
@@ -255,10 +273,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d(const at::Tensor& inpu
         max_pool2d_rows_kernel<T, O, kPoolRowsV>
             <<<grid_for(n, kThreads, 8), kThreads, 0, stream>>>(xp, op, idx, off, g, n);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {res.out, res.indices, res.offsets};
 }
 
 at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& offsets, at::IntArrayRef input_size,
@@ -305,34 +321,13 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& off
   return b.grad_input;
 }
 
-// The variants' shared frame: the checks, outputs and device geometry of a forward,
-// then launch(T{}, f, g) for the input's dtype; (out, indices, offsets).
-template <typename Launch>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_variant(
-    const char* name, const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
-    std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool channels_last,
-    bool return_indices, bool return_offsets, Launch launch) {
-  TORCH_CHECK(input.is_cuda(), name, ": expected a CUDA tensor, got one on ", input.device());
-  c10::cuda::CUDAGuard guard(input.device());
-  PoolForward f = prepare_forward(input, kernel_size, stride, padding, dilation, ceil_mode, channels_last,
-                                  return_indices, return_offsets);
-  PoolOutputs& res = f.res;
-  if (res.out.numel() == 0) return {res.out, res.indices, res.offsets};
-  const Geo g = device_geo(f.g);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.x.scalar_type(), "max_pool2d_variant", [&] {
-    launch(scalar_t{}, f, g);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {res.out, res.indices, res.offsets};
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_nhwc_variant(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, bool pairs, bool return_indices,
     bool return_offsets) {
-  return run_variant("_cuda_max_pool2d_nhwc_variant", input, kernel_size, stride, padding, dilation, ceil_mode, true,
+  return run_forward("_cuda_max_pool2d_nhwc_variant", input, kernel_size, stride, padding, dilation, ceil_mode, true,
                      return_indices, return_offsets, [&](auto t, PoolForward& f, const Geo& g) {
     using T = decltype(t);
     PoolOutputs& res = f.res;
@@ -354,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> max_pool2d_vec_variant(
     const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
     std::vector<int64_t> padding, std::vector<int64_t> dilation, bool ceil_mode, int64_t rows, bool full_grid,
     bool pairs, bool return_indices, bool return_offsets, int64_t tile_bytes) {
-  return run_variant("_cuda_max_pool2d_vec_variant", input, kernel_size, stride, padding, dilation, ceil_mode, false,
+  return run_forward("_cuda_max_pool2d_vec_variant", input, kernel_size, stride, padding, dilation, ceil_mode, false,
                      return_indices, return_offsets, [&](auto t, PoolForward& f, const Geo& g) {
     using T = decltype(t);
     PoolOutputs& res = f.res;
