@@ -1,8 +1,8 @@
 """Per-call cost on small tensors, where host time (Python, dispatch, autograd)
 outweighs the kernels: ours against eager PyTorch in the same process.
 
-    PYTHONPATH=. python benchmarks/host_overhead.py [threads] [--device cuda]
-    PYTHONPATH=. python benchmarks/host_overhead.py --triton [--device cuda]
+    python benchmarks/host_overhead.py [threads] [--device cuda]
+    python benchmarks/host_overhead.py --triton [--device cuda]
 
 Medians of 9 rounds of back-to-back calls. --triton times the Triton backend's
 launchers (a forward or backward kernel each) on a machine with no GPU, under
@@ -19,11 +19,14 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dtkernels, built in place (the GPU check)
 
-import dtkernels as dtk
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import dtkernels as dtk  # noqa: E402
 
 
 def median_us(fn, calls: int) -> float:

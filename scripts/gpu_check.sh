@@ -23,7 +23,7 @@ mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1 \
   DTK_NO_CLONES=${DTK_NO_CLONES:-1}
 PY=${PYTHON:-python3}
-STEPS=" ${STEPS:-build tests sanitizer bench profile host ncu} "  # a rerun can pick steps, e.g. STEPS="build bench"
+STEPS=" ${STEPS:-build tests sanitizer bench profile ncu host} "  # a rerun can pick steps, e.g. STEPS="build bench"
 # A rerun can also narrow them: TEST_PATHS (tests and sanitizer), BENCH_ARGS (e.g.
 # "--ops max_pool2d --backends cuda"), PROFILE_ARGS (e.g. "--filter max_pool2d").
 TEST_PATHS=${TEST_PATHS:-tests}
@@ -86,6 +86,18 @@ fi
 # Wall vs host vs kernel time per call, to tell host-bound calls from slow kernels.
 want profile && step profile ${PROFILE_TIMEOUT:-180} "$OUT/profile.log" $PY benchmarks/gpu_profile.py --md "$OUT/profile.md" ${PROFILE_ARGS:-} \
   && rm -f "$OUT/profile.log"
+# Hardware counters of the stem forward's kernels (benchmarks/ncu_stem.py; ~30 s, a
+# guess: not yet run; before the host step, which the open target needs less): its
+# table goes into the summary, so that no file is added (8 come back).
+if ! want ncu; then :
+elif command -v ncu >/dev/null; then
+  step ncu ${NCU_TIMEOUT:-120} "$OUT/ncu.log" $PY benchmarks/ncu_stem.py --md "$OUT/ncu.md" \
+    || { echo '```'; tail -n 15 "$OUT/ncu.log"; echo '```'; } >> "$summary"
+  [ -f "$OUT/ncu.md" ] && cat "$OUT/ncu.md" >> "$summary"
+  rm -f "$OUT/ncu.md" "$OUT/ncu.log"
+else
+  echo "- ncu: not found" >> "$summary"
+fi
 # Host µs per call (benchmarks/host_overhead.py; ~40 s, a guess), into the summary: the
 # default route (CUDA C++) against eager on tiny tensors, then per Triton call and per
 # layer of a launch. The H100's Triton calls were host-bound, the CUDA C++ stem forward's
@@ -95,17 +107,6 @@ if want host; then
   step host ${HOST_TIMEOUT:-120} "$OUT/host.log" bash -c "$PY benchmarks/host_overhead.py --device cuda && $PY benchmarks/host_overhead.py --triton --device cuda"
   [ -f "$OUT/host.log" ] && grep "^|" "$OUT/host.log" >> "$summary"
   rm -f "$OUT/host.log"
-fi
-# Hardware counters of the stem forward's kernels (benchmarks/ncu_stem.py; ~30 s, a
-# guess: not yet run): its table goes into the summary, so that no file is added (8 come back).
-if ! want ncu; then :
-elif command -v ncu >/dev/null; then
-  step ncu ${NCU_TIMEOUT:-120} "$OUT/ncu.log" $PY benchmarks/ncu_stem.py --md "$OUT/ncu.md" \
-    || { echo '```'; tail -n 15 "$OUT/ncu.log"; echo '```'; } >> "$summary"
-  [ -f "$OUT/ncu.md" ] && cat "$OUT/ncu.md" >> "$summary"
-  rm -f "$OUT/ncu.md" "$OUT/ncu.log"
-else
-  echo "- ncu: not found" >> "$summary"
 fi
 # The candidate kernels against the defaults (benchmarks/results/cuda-candidates-20261127.md),
 # kernel times first, so that the summary alone can decide.

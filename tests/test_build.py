@@ -95,6 +95,32 @@ def test_ncu_stem_reads_ncus_raw_csv():
     assert "could not be matched" in n.table(rows, ["one launch"])  # counts differ: no names guessed
 
 
+def _gpu_check_scripts() -> list[str]:
+    """The Python scripts scripts/gpu_check.sh runs ($PY benchmarks/<name>.py)."""
+    text = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    return sorted(set(re.findall(r"\$PY (benchmarks/\w+\.py)", text)))
+
+
+def test_gpu_check_runs_some_scripts():
+    assert {"benchmarks/demo.py", "benchmarks/host_overhead.py"} <= set(_gpu_check_scripts())
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="host code")
+@pytest.mark.parametrize("script", _gpu_check_scripts())
+def test_gpu_check_scripts_find_the_build_in_place(script, tmp_path):
+    """The GPU check builds in place (no install) and runs `$PY benchmarks/x.py` from
+    the repository root, where Python puts only benchmarks/ on sys.path: each script
+    must find this checkout's dtkernels itself. Loaded here (not run) from another
+    directory and without PYTHONPATH, so only the script's own path setup can find it."""
+    probe = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='gpu_check_probe'); "
+             "import dtkernels; print(dtkernels.__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", probe, str(ROOT / script)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert Path(p.stdout.strip().splitlines()[-1]).resolve().is_relative_to(ROOT), p.stdout
+
+
 def _sass_loops(sass: str, mangled: str) -> list[list[str]]:
     """The loop bodies (instructions from a backward branch's target to the branch) of
     the SASS function whose mangled name contains `mangled`, innermost first."""
