@@ -547,6 +547,37 @@ def _nan_payloads(x, seed):
 
 
 @pytest.mark.skipif(INTERPRET, reason="host code")
+def test_float16_f16c_split_matches_the_clones():
+    """On a CPU with F16C, float16 rows are split into float by vcvtph2ps; the generic
+    clones convert with c10's algorithm. Same values, indices and offsets, bit for bit
+    (NaN payloads and signs, -0): column strides 1 and 2 (the F16C paths) and 3, rows
+    around the 8- and 16-lane tails, odd widths, whole planes and rows, channels_last
+    with few channels (pixels of C elements)."""
+    if not dtk._C._set_cpu_f16c(True):
+        pytest.skip("this CPU has no F16C")
+    cases = [((2, 3, 9, W), k, s, p, False) for W in (7, 16, 17, 33, 112) for k, s, p in
+             ((2, 2, 0), (3, 2, 1), (3, 1, 1), (3, 3, 0))]
+    cases += [((1, 2, 5, 130), 2, 2, 0, True), ((2, 4, 6, 19), 3, 1, 1, True), ((2, 4, 6, 40), 2, 2, 0, True)]
+    results = {}
+    try:
+        for on in (True, False):
+            assert dtk._C._set_cpu_f16c(on) == on
+            out = []
+            for n, (shape, k, s, p, cl) in enumerate(cases):
+                x = _nan_payloads(_signed_zeros(_data(shape, torch.float16, "cpu", seed=n), n), n)
+                x = x.contiguous(memory_format=CL) if cl else x
+                for ceil_mode in (False, True):
+                    out += list(torch.ops.dtkernels._max_pool2d(x, [k, k], [s, s], [p, p], [1, 1], ceil_mode, cl,
+                                                                True, True))
+            results[on] = out
+    finally:
+        dtk._C._set_cpu_f16c(True)
+    assert len(results[True]) == len(results[False])
+    for a, b in zip(results[True], results[False]):
+        assert same_bits(a, b)
+
+
+@pytest.mark.skipif(INTERPRET, reason="host code")
 @pytest.mark.parametrize("rows", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_cuda_vec_pairs_code_on_the_host(dtype, rows):
