@@ -432,7 +432,7 @@ DTK_F16C void half_to_float_f16c(float* DTK_RESTRICT d, const c10::Half* DTK_RES
   for (; k + 8 <= n; k += 8) storeu(d + k, load_half_f16c(row + k));
   for (; k < n; ++k) d[k] = static_cast<float>(row[k]);
 }
-// Pixels 2t into d[t] and 2t + 1 into d1[t], t < W / 2 (the caller takes an odd W's last).
+// Pixels 2t into d[t] and 2t + 1 into d1[t] (split_pixels' column stride 2).
 DTK_F16C void half_split2_f16c(float* DTK_RESTRICT d, float* DTK_RESTRICT d1, const c10::Half* DTK_RESTRICT row,
                                int64_t W) {
   const int64_t h = W / 2;
@@ -446,6 +446,7 @@ DTK_F16C void half_split2_f16c(float* DTK_RESTRICT d, float* DTK_RESTRICT d1, co
     d[t] = static_cast<float>(row[2 * t]);
     d1[t] = static_cast<float>(row[2 * t + 1]);
   }
+  if (W & 1) d[h] = static_cast<float>(row[W - 1]);
 }
 #endif
 
@@ -460,15 +461,8 @@ DTK_INLINE void split_pixels(const T* DTK_RESTRICT row, A* DTK_RESTRICT d, int64
   constexpr bool k16 = sizeof(T) == 2;
 #if DTK_HAVE_F16C
   if constexpr (std::is_same_v<T, c10::Half>) {
-    if ((sw == 1 || (sw == 2 && B == 1)) && cpu_f16c()) {
-      if (sw == 1) {
-        half_to_float_f16c(d, row, W * B);
-      } else {
-        half_split2_f16c(d, d + stride, row, W);
-        if (W & 1) d[W / 2] = static_cast<A>(row[W - 1]);
-      }
-      return;
-    }
+    if (sw == 1 && cpu_f16c()) return half_to_float_f16c(d, row, W * B);
+    if (sw == 2 && B == 1 && cpu_f16c()) return half_split2_f16c(d, d + stride, row, W);
   }
 #endif
   if (sw == 1) {
